@@ -1,0 +1,39 @@
+# Every target does its own set-up: on a fresh machine `make demo` and `make test` are all a newcomer needs.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(STAMP)
+
+# torch first: the CPU wheel where no NVIDIA GPU is present, so nothing pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# On this kind of machine pip's local index serves the CPU wheel of 2.13.0; on a CUDA machine PyPI's build is CUDA.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,export]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		recipes/sft.py --output_dir runs/demo-sft --overwrite
+
+test: install
+	$(PY) -m pytest -q -ra tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: install
+	$(VENV)/bin/ruff check finetune data_formats recipes tests benchmarks
+
+bench: install
+	$(PY) benchmarks/sft_throughput.py
+
+clean:
+	rm -rf runs build *.egg-info
