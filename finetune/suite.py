@@ -1,0 +1,224 @@
+"""The bundled instruction suite: small tasks with answers a program can check.
+
+Every prompt carries enough information to recompute its answer, so :func:`verify` needs only the prompt and the
+response. That makes the same function usable as an evaluation metric after SFT, as the scorer in rejection
+sampling and as the reward in PPO.
+
+The suite is generated deterministically from a fixed seed; the shipped files under ``data_formats/samples/`` are
+its output (``python -m finetune.suite --write`` regenerates them, and a test checks they are up to date).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+SEED = 1234
+NUM_EVAL = 200
+
+WORDS = (
+    "apple bird cake door egg fish goat hat ink jam kite lamp moon nest owl pen queen rose sun tree "
+    "umbrella vase wolf box yarn zebra bread cloud drum flag grape horse iron juice king leaf milk nut "
+    "ocean pear quilt river snake tiger violin whale anchor basket candle dragon engine forest garden "
+    "hammer island jacket kettle ladder mirror needle orange pillow rabbit saddle tomato valley window "
+    "arrow bottle carpet desert eagle feather guitar helmet igloo jungle koala lemon magnet noodle "
+    "parrot rocket silver turtle unicorn wagon yogurt zipper banana cherry donkey falcon ginger honey "
+    "insect jelly lizard melon nickel olive peanut radish spider tulip velvet walnut bucket castle "
+    "dolphin button cactus pepper planet"
+).split()
+
+# A fixed table: the lookup task is only fair if the facts are part of what the model sees in training.
+CAPITALS = {
+    "France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Germany": "Berlin", "Japan": "Tokyo",
+    "Egypt": "Cairo", "Peru": "Lima", "Kenya": "Nairobi", "Norway": "Oslo", "Greece": "Athens",
+    "Cuba": "Havana", "Chile": "Santiago", "Poland": "Warsaw", "Ireland": "Dublin", "Austria": "Vienna",
+    "Portugal": "Lisbon", "Sweden": "Stockholm", "Finland": "Helsinki", "Canada": "Ottawa", "Russia": "Moscow",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task family: how to phrase a prompt, recognise it again, and answer it."""
+
+    name: str
+    pattern: re.Pattern[str]
+
+    def answer(self, match: re.Match[str]) -> str:
+        """Recompute the expected answer from a prompt that matched :attr:`pattern`."""
+        arg = match.group(1)
+        if self.name == "add":
+            a, b = (int(x) for x in match.groups())
+            return str(a + b)
+        if self.name == "reverse":
+            return " ".join(reversed(arg.split()))
+        if self.name == "sort":
+            return " ".join(sorted(arg.split()))
+        if self.name == "count":
+            return str(len(arg))
+        if self.name == "upper":
+            return arg.upper()
+        if self.name == "capital":
+            return CAPITALS[arg]
+        raise AssertionError(self.name)
+
+
+TASKS = (
+    Task("add", re.compile(r"^What is (\d+) \+ (\d+)\?$")),
+    Task("reverse", re.compile(r"^Reverse the words: ([a-z ]+)$")),
+    Task("sort", re.compile(r"^Sort the words alphabetically: ([a-z ]+)$")),
+    Task("count", re.compile(r"^How many letters are in the word '([a-z]+)'\?$")),
+    Task("upper", re.compile(r"^Write in capital letters: ([a-z]+)$")),
+    Task("capital", re.compile(r"^What is the capital of ([A-Za-z]+)\?$")),
+    Task("capital", re.compile(r"^Name the capital city of ([A-Za-z]+)\.$")),
+    Task("capital", re.compile(r"^Which city is the capital of ([A-Za-z]+)\?$")),
+)
+
+# How many prompts of each family the suite holds; the small families hold every prompt there is.
+FAMILY_SIZES = {"add": 400, "reverse": 850, "sort": 850, "count": len(WORDS), "upper": len(WORDS), "capital": 60}
+CAPITAL_PHRASINGS = ("What is the capital of {}?", "Name the capital city of {}.", "Which city is the capital of {}?")
+
+
+def expected_answer(prompt: str) -> str | None:
+    """The correct answer to a suite prompt, or ``None`` if the prompt is not one of the suite's tasks."""
+    prompt = prompt.strip()
+    for task in TASKS:
+        match = task.pattern.match(prompt)
+        if match and (task.name != "capital" or match.group(1) in CAPITALS):
+            return task.answer(match)
+    return None
+
+
+def normalise(text: str) -> str:
+    """Collapse whitespace and drop one trailing full stop, so '12.' and ' 12 ' count as '12'."""
+    text = " ".join(text.split())
+    return text[:-1] if text.endswith(".") else text
+
+
+def verify(prompt: str, response: str) -> bool:
+    """Whether ``response`` answers the suite ``prompt`` correctly (False for prompts outside the suite)."""
+    answer = expected_answer(prompt)
+    return answer is not None and normalise(response) == answer
+
+
+def task_name(prompt: str) -> str | None:
+    """Which task family a prompt belongs to."""
+    for task in TASKS:
+        if task.pattern.match(prompt.strip()):
+            return task.name
+    return None
+
+
+def _family_prompts(rng: random.Random, name: str, size: int) -> list[str]:
+    if name == "add":
+        pool = [f"What is {a} + {b}?" for a in range(20) for b in range(20)]
+    elif name == "count":
+        pool = [f"How many letters are in the word '{w}'?" for w in WORDS]
+    elif name == "upper":
+        pool = [f"Write in capital letters: {w}" for w in WORDS]
+    elif name == "capital":
+        pool = [p.format(c) for c in sorted(CAPITALS) for p in CAPITAL_PHRASINGS]
+    else:
+        verb = "Reverse the words:" if name == "reverse" else "Sort the words alphabetically:"
+        unique: dict[str, None] = {}
+        while len(unique) < size:
+            unique[f"{verb} {' '.join(rng.sample(WORDS, 3))}"] = None
+        pool = list(unique)
+    return rng.sample(pool, size)
+
+
+def plausible_wrong_answer(prompt: str, rng: random.Random) -> str:
+    """A wrong answer of the right shape: off by one, wrong order, another capital. Used as 'rejected'."""
+    name, answer = task_name(prompt), expected_answer(prompt)
+    assert name is not None and answer is not None, prompt
+    if name in ("add", "count"):
+        return str(int(answer) + rng.choice((-2, -1, 1, 2)) if int(answer) > 1 else int(answer) + 1)
+    if name in ("reverse", "sort"):
+        words = answer.split()
+        while " ".join(words) == answer:
+            rng.shuffle(words)
+        return " ".join(words)
+    if name == "upper":
+        return answer.lower() if rng.random() < 0.5 else answer.capitalize()
+    return rng.choice([c for c in sorted(CAPITALS.values()) if c != answer])
+
+
+def generate(seed: int = SEED, num_eval: int = NUM_EVAL) -> dict[str, list[dict]]:
+    """The suite as ``{"train": [...], "eval": [...]}`` of ``{"task", "prompt", "answer", "wrong"}`` records.
+
+    Prompts are unique across both splits, so eval accuracy measures answering, not recall of the same line
+    (a capital asked in eval is asked in other words in train).
+    """
+    rng = random.Random(seed)
+    records = []
+    for name, size in FAMILY_SIZES.items():
+        for prompt in _family_prompts(rng, name, size):
+            answer = expected_answer(prompt)
+            records.append({"task": name, "prompt": prompt, "answer": answer, "wrong": plausible_wrong_answer(prompt, rng)})
+    rng.shuffle(records)
+    return {"train": records[num_eval:], "eval": records[:num_eval]}
+
+
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data_formats" / "samples"
+
+
+def as_formats(split: list[dict]) -> dict[str, list[dict]]:
+    """One split rendered in each shipped data format (records as plain JSON objects)."""
+    meta = [{"task": r["task"], "answer": r["answer"]} for r in split]
+    return {
+        "alpaca": [{"instruction": r["prompt"], "input": "", "output": r["answer"], **m} for r, m in zip(split, meta)],
+        "sharegpt": [
+            {"conversations": [{"from": "human", "value": r["prompt"]}, {"from": "gpt", "value": r["answer"]}], **m}
+            for r, m in zip(split, meta)
+        ],
+        "messages": [
+            {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}], **m}
+            for r, m in zip(split, meta)
+        ],
+        "preference": [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["answer"]}],
+                "rejected": [{"role": "assistant", "content": r["wrong"]}],
+                **m,
+            }
+            for r, m in zip(split, meta)
+        ],
+    }
+
+
+def sample_files() -> dict[str, list[dict]]:
+    """File name -> records, for every bundled sample file (``suite_<format>_<split>.jsonl``)."""
+    files: dict[str, list[dict]] = {}
+    for split_name, split in generate().items():
+        for fmt, records in as_formats(split).items():
+            files[f"suite_{fmt}_{split_name}.jsonl"] = records
+    return files
+
+
+def sample_path(fmt: str = "messages", split: str = "train") -> Path:
+    """Path of a shipped sample file, e.g. ``sample_path("preference", "eval")``."""
+    return SAMPLES_DIR / f"suite_{fmt}_{split}.jsonl"
+
+
+def write_samples(directory: Path = SAMPLES_DIR) -> list[Path]:
+    """Regenerate the shipped sample files."""
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, records in sample_files().items():
+        path = directory / name
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python -m finetune.suite --write")
+    for path in write_samples():
+        print(path)
