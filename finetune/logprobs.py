@@ -1,0 +1,282 @@
+"""Log-probabilities, entropies and masked statistics: the tensor maths shared by SFT, DPO, PPO and evaluation.
+
+Every function here is pure: tensors in, tensors out, no model, trainer or config object.
+
+Alignment convention. ``token_logprobs`` and ``chunked_token_logprobs`` take labels that are ALREADY aligned with
+the logits / hidden states (position ``t`` of the logits scores ``labels[:, t]``). ``sequence_logprobs`` and
+``finetune.losses.sft_loss`` take the raw model output together with ``labels == input_ids`` (prompt and padding set
+to ``ignore_index``), as Hugging Face causal LMs do, and apply the causal shift themselves with
+``shift_for_causal_lm``: the logits at position ``t`` predict the token at ``t + 1``.
+
+Masks are 0/1 tensors (bool or float) of the same shape as the values they mask; "masked positions" below means
+positions where the mask is 1, i.e. the positions that count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "chunked_token_logprobs",
+    "entropy_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "sequence_logprobs",
+    "shift_for_causal_lm",
+    "token_logprobs",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (bf16, fp16, fp32) is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gather_logprobs(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """``log_softmax(logits)[label]`` as ``logits[label] - logsumexp(logits)``, 0 where ``label == ignore_index``.
+
+    Args:
+        logits: ``[N, V]`` in any floating dtype; upcast to float32 here, one call's worth at a time.
+        labels: ``[N]`` token ids aligned with ``logits``.
+        ignore_index: label value that marks positions to skip.
+
+    Returns:
+        ``[N]`` float32 (float64 for float64 logits) log-probabilities.
+    """
+    logits = logits.to(_compute_dtype(logits.dtype))
+    ignored = labels == ignore_index
+    safe_labels = labels.masked_fill(ignored, 0)
+    chosen = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    return (chosen - logits.logsumexp(dim=-1)).masked_fill(ignored, 0.0)
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Log-probability of each label token under ``logits``; labels must already be aligned (no shift here).
+
+    Computed as ``logits.gather(label) - logits.logsumexp()`` one batch row at a time, so at most one row of
+    ``[T, V]`` float32 temporaries exists at once instead of a full ``[B, T, V]`` float32 ``log_softmax`` copy.
+    (With autograd on, each row's float32 upcast of bf16/fp16 logits is kept for the backward; use
+    ``chunked_token_logprobs`` when that is too much.)
+
+    Args:
+        logits: ``[B, T, V]`` logits in any floating dtype.
+        labels: ``[B, T]`` token ids, ``labels[:, t]`` scored by ``logits[:, t]``. Use ``shift_for_causal_lm`` first
+            when ``labels`` are the model's input ids.
+        ignore_index: label value whose positions get log-prob 0 (the HF / PyTorch convention, -100).
+
+    Returns:
+        ``[B, T]`` float32 per-token log-probs (float64 for float64 logits), 0 at ignored positions.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)} (want [B, T, V] / [B, T])"
+        )
+    rows = [_gather_logprobs(row, row_labels, ignore_index) for row, row_labels in zip(logits, labels, strict=True)]
+    if not rows:
+        return logits.new_zeros(labels.shape, dtype=_compute_dtype(logits.dtype))
+    return torch.stack(rows)
+
+
+def shift_for_causal_lm(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Align a causal LM's logits with its labels: the logits at position ``t`` predict the token at ``t + 1``.
+
+    Args:
+        logits: ``[B, T, V]`` model output.
+        labels: ``[B, T]`` the input ids with non-trained positions set to the ignore index.
+
+    Returns:
+        ``(logits[:, :-1], labels[:, 1:])``: ``[B, T-1, V]`` and ``[B, T-1]`` views (no copy).
+    """
+    return logits[:, :-1], labels[:, 1:]
+
+
+def sequence_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = -100, average: bool = False) -> Tensor:
+    """Log-probability of each sequence's trained tokens, with the causal shift done here.
+
+    ``labels`` is what a Hugging Face causal LM takes as ``labels``: the input ids, with the prompt and padding set to
+    ``ignore_index``. The logits at position ``t`` score ``labels[:, t + 1]`` (see ``shift_for_causal_lm``), so the
+    last position's logits are never used and the first label is never scored. This is the quantity DPO, rejection
+    sampling and evaluation need (``log pi(response | prompt)``).
+
+    Args:
+        logits: ``[B, T, V]`` model output for ``input_ids`` of shape ``[B, T]``.
+        labels: ``[B, T]`` unshifted labels.
+        ignore_index: label value of positions that do not count.
+        average: if True, divide the sum by the number of counted tokens (the per-token mean that IPO and
+            length-normalised variants use); a row with no counted token gives 0.
+
+    Returns:
+        ``[B]`` float32 sum (or mean) of per-token log-probs over positions whose shifted label is not ignored.
+    """
+    shifted_logits, shifted_labels = shift_for_causal_lm(logits, labels)
+    per_token = token_logprobs(shifted_logits, shifted_labels, ignore_index)
+    total = per_token.sum(dim=-1)
+    if not average:
+        return total
+    counts = (shifted_labels != ignore_index).sum(dim=-1).clamp(min=1)
+    return total / counts
+
+
+def chunked_token_logprobs(
+    hidden_states: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    chunk_size: int = 1024,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Per-token log-probs straight from the final hidden states, never building the full ``[B, T, V]`` logits.
+
+    The ``B * T`` token positions are flattened and processed ``chunk_size`` at a time: each chunk computes its
+    ``[chunk_size, V]`` logits (``hidden @ weight.T``, upcast to float32), gathers the label log-probs and drops the
+    logits. Each chunk runs under ``torch.utils.checkpoint`` (``use_reentrant=False``), so autograd stores only the
+    chunk's inputs and recomputes its logits during the backward, one chunk at a time: peak memory is one chunk of
+    logits, in the forward and in the backward. Gradients flow to both ``hidden_states`` and ``lm_head_weight`` (so
+    it works with LoRA on the base model and with a trainable or tied head). This is the same idea as litgpt's
+    ``chunked_cross_entropy`` and Liger's fused linear cross entropy, in plain PyTorch.
+
+    Args:
+        hidden_states: ``[B, T, H]`` final hidden states (after the final norm), ALREADY aligned with ``labels``:
+            for a causal LM pass ``hidden[:, :-1]`` with ``labels[:, 1:]``.
+        lm_head_weight: ``[V, H]`` output projection (``model.lm_head.weight``); no bias.
+        labels: ``[B, T]`` token ids; ``ignore_index`` positions give 0.
+        chunk_size: token positions per chunk; need not divide ``B * T``.
+        ignore_index: label value of positions to skip.
+
+    Returns:
+        ``[B, T]`` float32 (float64 for float64 inputs) per-token log-probs, equal to
+        ``token_logprobs(hidden_states @ lm_head_weight.T, labels)``.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    batch, seq, hidden = hidden_states.shape
+    if labels.shape != (batch, seq):
+        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden_states {tuple(hidden_states.shape)}")
+    flat_hidden = hidden_states.reshape(-1, hidden)
+    flat_labels = labels.reshape(-1)
+    use_checkpoint = torch.is_grad_enabled() and (hidden_states.requires_grad or lm_head_weight.requires_grad)
+    chunks = []
+    for start in range(0, flat_labels.numel(), chunk_size):
+        args = (flat_hidden[start : start + chunk_size], lm_head_weight, flat_labels[start : start + chunk_size])
+        if use_checkpoint:
+            chunks.append(checkpoint(_chunk_logprobs, *args, ignore_index, use_reentrant=False))
+        else:
+            chunks.append(_chunk_logprobs(*args, ignore_index))
+    if not chunks:
+        return hidden_states.new_zeros((batch, seq), dtype=_compute_dtype(hidden_states.dtype))
+    return torch.cat(chunks).view(batch, seq)
+
+
+def _chunk_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """One chunk of ``chunked_token_logprobs``: ``[n, H]`` hidden, ``[V, H]`` weight, ``[n]`` labels -> ``[n]``."""
+    return _gather_logprobs(hidden @ weight.t(), labels, ignore_index)
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
+    """Entropy (nats) of the categorical distribution at each position, ``-sum_v p_v log p_v``.
+
+    Rows of the flattened logits are processed ``chunk_size`` at a time in float32, so the float32 temporaries never
+    cover the whole ``[..., V]`` tensor.
+
+    Args:
+        logits: ``[..., V]`` logits in any floating dtype.
+        chunk_size: flattened positions per chunk.
+
+    Returns:
+        ``[...]`` float32 (float64 for float64 logits) entropies.
+    """
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    parts = []
+    for chunk in flat.split(chunk_size, dim=0):
+        logp = chunk.to(_compute_dtype(chunk.dtype)).log_softmax(dim=-1)
+        parts.append(-(logp.exp() * logp).sum(dim=-1))
+    if not parts:
+        return logits.new_zeros(logits.shape[:-1], dtype=_compute_dtype(logits.dtype))
+    return torch.cat(parts).view(logits.shape[:-1])
+
+
+def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``values`` where ``mask`` is 1.
+
+    Args:
+        values: ``[...]`` tensor.
+        mask: 0/1 tensor (bool or numeric) of the same shape.
+        dim: dimension to reduce; None reduces everything to a scalar.
+
+    Returns:
+        Scalar, or ``values`` reduced over ``dim``.
+    """
+    masked = torch.where(mask.bool(), values, torch.zeros_like(values))  # where, not *, so NaN/inf padding is dropped
+    return masked.sum() if dim is None else masked.sum(dim=dim)
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``values`` over positions where ``mask`` is 1; 0 where no position counts.
+
+    Args:
+        values: ``[...]`` tensor.
+        mask: 0/1 tensor (bool or numeric) of the same shape.
+        dim: dimension to reduce; None reduces everything to a scalar.
+
+    Returns:
+        Scalar, or ``values`` reduced over ``dim``. An empty mask (or an empty row along ``dim``) gives 0, not NaN,
+        so an all-padding micro-batch cannot poison a loss.
+    """
+    count = masked_sum(torch.ones_like(values), mask, dim)
+    return masked_sum(values, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of ``values`` over all positions where ``mask`` is 1.
+
+    Args:
+        values: ``[...]`` tensor.
+        mask: 0/1 tensor (bool or numeric) of the same shape.
+        unbiased: apply Bessel's correction ``n / (n - 1)``.
+
+    Returns:
+        Scalar variance.
+
+    Raises:
+        ValueError: if the mask is empty, or holds a single position with ``unbiased=True`` (division by zero).
+            The check reads the count back to the host.
+    """
+    count = masked_sum(torch.ones_like(values), mask)
+    n = int(count.item())
+    if n == 0 or (unbiased and n == 1):
+        raise ValueError(f"masked_var over {n} position(s) (unbiased={unbiased}) is undefined")
+    centered = values - masked_mean(values, mask)
+    variance = masked_mean(centered**2, mask)
+    if unbiased:
+        variance = variance * (count / (count - 1))
+    return variance
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise ``values`` to zero mean and unit (unbiased) std over the positions where ``mask`` is 1.
+
+    PPO whitens advantages this way over all response tokens of the batch (``shift_mean=True``), and sometimes
+    rewards with the mean kept (``shift_mean=False``): see "The N Implementation Details of RLHF with PPO"
+    (https://iclr-blogposts.github.io/2024/blog/the-n-implementation-details-of-rlhf-with-ppo/). The statistics come
+    only from masked positions, so padding never changes the result, and the output is set to 0 outside the mask so
+    padding contributes nothing if the caller sums it.
+
+    Args:
+        values: ``[...]`` tensor, e.g. ``[B, T]`` advantages.
+        mask: 0/1 tensor (bool or numeric) of the same shape, with at least two positions set.
+        shift_mean: subtract the mean (True) or only rescale around the existing mean (False).
+        eps: added to the variance before the square root.
+
+    Returns:
+        Tensor shaped like ``values``: ``(values - mean) / sqrt(var + eps)`` (``+ mean`` when ``shift_mean`` is
+        False) at masked positions, 0 elsewhere.
+    """
+    mean = masked_mean(values, mask)
+    whitened = (values - mean) * torch.rsqrt(masked_var(values, mask) + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
