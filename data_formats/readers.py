@@ -1,0 +1,406 @@
+"""Per-format record parsers: one source record (a dict) in, one canonical record out, or a located error.
+
+Each reader consumes the fields that make up the conversation or pair and keeps every other field of the record in
+``meta``, so that task labels, ids and reference answers survive a conversion.
+"""
+
+from __future__ import annotations
+
+from .canonical import (
+    MESSAGE_ROLE_NAMES,
+    Conversation,
+    Found,
+    PreferencePair,
+    Turn,
+    Where,
+    describe,
+    validate_messages,
+)
+
+CONVERSATION_FORMATS = ("alpaca", "sharegpt", "messages")
+PREFERENCE_FORMATS = ("preference", "hh")
+FORMATS = CONVERSATION_FORMATS + PREFERENCE_FORMATS
+
+# Fields a record of each format cannot do without (checked against a CSV header before reading rows).
+REQUIRED_FIELDS = {
+    "alpaca": ("instruction", "output"),
+    "sharegpt": ("conversations",),
+    "messages": ("messages",),
+    "preference": ("chosen", "rejected"),
+    "hh": ("chosen", "rejected"),
+}
+
+MISSING = Found("nothing (the field is missing)")
+
+# ShareGPT dumps spell the speakers several ways; the canonical three are what error messages list.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "system": "system",
+}
+SHAREGPT_ROLE_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
+MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+HH_ROLE_NAMES = {"system": "system", "user": "Human", "assistant": "Assistant"}
+HH_HUMAN = "\n\nHuman:"
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def article(fmt: str) -> str:
+    """``an alpaca`` / ``a sharegpt``: format names in running text."""
+    return f"an {fmt}" if fmt in ("alpaca", "hh") else f"a {fmt}"
+
+
+def guess_format(record) -> str | None:
+    """The format a record's keys point to, or ``None`` (see :func:`detect_format`)."""
+    if not isinstance(record, dict):
+        return None
+    if "conversations" in record:
+        return "sharegpt"
+    if "messages" in record:
+        return "messages"
+    if "chosen" in record or "rejected" in record:
+        if record.get("prompt") is not None:
+            return "preference"
+        # Without a prompt field, plain-string sides are HH transcripts; message lists are full conversations.
+        side = record.get("chosen", record.get("rejected"))
+        return "hh" if isinstance(side, str) else "preference"
+    if "instruction" in record:
+        return "alpaca"
+    return None
+
+
+def detect_format(record: dict, where: Where | None = None) -> str:
+    """Name the format of one record from its keys.
+
+    ``conversations`` -> sharegpt, ``messages`` -> messages, ``chosen``/``rejected`` with a ``prompt`` or with
+    message lists -> preference, ``chosen``/``rejected`` strings without a prompt -> hh, ``instruction`` -> alpaca.
+
+    Args:
+        record: One source record.
+        where: Its position, for the error; defaults to an anonymous ``<record>``.
+
+    Returns:
+        One of ``alpaca``, ``sharegpt``, ``messages``, ``preference``, ``hh``.
+
+    Raises:
+        DataFormatError: When the record is not an object or its keys match no format.
+    """
+    where = where or Where("<record>")
+    if not isinstance(record, dict):
+        raise where.error(None, "a JSON object (one record)", record)
+    fmt = guess_format(record)
+    if fmt is None:
+        raise where.error(
+            None,
+            "a record in a known format: alpaca (instruction, input, output), sharegpt (conversations), "
+            "messages (messages), preference (prompt, chosen, rejected) or hh (chosen, rejected transcripts)",
+            record,
+        )
+    return fmt
+
+
+def _meta(record: dict, consumed: tuple[str, ...]) -> dict:
+    return {k: v for k, v in record.items() if k not in consumed}
+
+
+def _required_str(record: dict, key: str, where: Where, why: str) -> str:
+    if key not in record or record[key] is None:
+        raise where.error(key, f"a string ({why})", MISSING)
+    value = record[key]
+    if not isinstance(value, str):
+        raise where.error(key, "a string", value)
+    return value
+
+
+def _optional_str(record: dict, key: str, where: Where) -> str:
+    # Missing and null both mean "none": parquet and hub datasets fill absent columns with null.
+    value = record.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise where.error(key, "a string", value)
+    return value
+
+
+def parse_message_list(
+    value,
+    where: Where,
+    container: str,
+    *,
+    role_key: str = "role",
+    content_key: str = "content",
+    roles: dict[str, str] = MESSAGE_ROLES,
+    roles_text: str = "one of system, user, assistant",
+) -> tuple[list[dict[str, str]], list[Turn]]:
+    """Turn a list of role/content objects into canonical messages, checking each item's shape.
+
+    Args:
+        value: The field's value, which should be a list of objects.
+        where: The record's position.
+        container: The field's path, e.g. ``conversations``.
+        role_key: Key holding the speaker (``from`` for ShareGPT).
+        content_key: Key holding the text (``value`` for ShareGPT).
+        roles: Accepted speaker spellings -> canonical role.
+        roles_text: How the accepted speakers are listed in errors.
+
+    Returns:
+        The canonical messages and, per message, where its role and content live in the record.
+
+    Raises:
+        DataFormatError: When the value is not a list, an item is not an object, or a role or content is wrong.
+    """
+    if not isinstance(value, list):
+        raise where.error(container, f"a list of {{{role_key}, {content_key}}} objects", value)
+    messages, turns = [], []
+    for i, item in enumerate(value):
+        path = f"{container}[{i}]"
+        if not isinstance(item, dict):
+            raise where.error(path, f"an object with '{role_key}' and '{content_key}'", item)
+        if item.get(role_key) is None:
+            raise where.error(f"{path}.{role_key}", roles_text, MISSING)
+        raw = item[role_key]
+        if not isinstance(raw, str) or raw not in roles:
+            raise where.error(f"{path}.{role_key}", roles_text, raw)
+        if item.get(content_key) is None:
+            raise where.error(f"{path}.{content_key}", "a string", MISSING)
+        content = item[content_key]
+        if not isinstance(content, str):
+            raise where.error(f"{path}.{content_key}", "a string", content)
+        messages.append({"role": roles[raw], "content": content})
+        turns.append(Turn(f"{path}.{role_key}", f"{path}.{content_key}", raw))
+    return messages, turns
+
+
+def read_alpaca(record: dict, where: Where) -> Conversation:
+    """Alpaca: ``instruction``, optional ``input``, ``output``, optional ``system``.
+
+    The user turn is the instruction, followed by a blank line and the input when the input is non-empty.
+    """
+    instruction = _required_str(record, "instruction", where, "alpaca records need instruction and output")
+    extra = _optional_str(record, "input", where)
+    output = _required_str(record, "output", where, "alpaca records need instruction and output")
+    system = _optional_str(record, "system", where)
+
+    messages, turns = [], []
+    if system:
+        messages.append({"role": "system", "content": system})
+        turns.append(Turn("system", "system", "system"))
+    messages.append({"role": "user", "content": instruction + ("\n\n" + extra if extra.strip() else "")})
+    turns.append(Turn("instruction", "instruction", "user"))
+    messages.append({"role": "assistant", "content": output})
+    turns.append(Turn("output", "output", "assistant"))
+    validate_messages(messages, where, container="instruction", turns=turns)
+    return Conversation(messages, where.origin, _meta(record, ("instruction", "input", "output", "system")))
+
+
+def read_sharegpt(record: dict, where: Where) -> Conversation:
+    """ShareGPT: ``conversations`` of ``{from: human|gpt|system, value}``; optional record-level ``system``.
+
+    ``user``/``assistant`` (and the ``chatgpt``/``bing``/``bard`` of raw ShareGPT dumps) are accepted as speakers.
+    """
+    if record.get("conversations") is None:
+        raise where.error("conversations", "a list of {from, value} objects", MISSING)
+    messages, turns = parse_message_list(
+        record["conversations"],
+        where,
+        "conversations",
+        role_key="from",
+        content_key="value",
+        roles=SHAREGPT_ROLES,
+        roles_text="one of human, gpt, system",
+    )
+    # Some ShareGPT variants (LLaMA-Factory's) put the system prompt beside the turns instead of among them.
+    system = _optional_str(record, "system", where)
+    if system:
+        if messages and messages[0]["role"] == "system":
+            raise where.error(
+                "system", "a record-level system prompt or a leading system turn, not both", Found("both")
+            )
+        messages.insert(0, {"role": "system", "content": system})
+        turns.insert(0, Turn("system", "system", "system"))
+    validate_messages(messages, where, container="conversations", turns=turns, role_names=SHAREGPT_ROLE_NAMES)
+    return Conversation(messages, where.origin, _meta(record, ("conversations", "system")))
+
+
+def read_messages(record: dict, where: Where) -> Conversation:
+    """Chat messages: ``messages`` of ``{role: system|user|assistant, content}``."""
+    if record.get("messages") is None:
+        raise where.error("messages", "a list of {role, content} objects", MISSING)
+    messages, turns = parse_message_list(record["messages"], where, "messages")
+    validate_messages(messages, where, container="messages", turns=turns, role_names=MESSAGE_ROLE_NAMES)
+    return Conversation(messages, where.origin, _meta(record, ("messages",)))
+
+
+def _side(record: dict, name: str, where: Where):
+    """``chosen`` or ``rejected`` as canonical messages: a string is one assistant reply."""
+    if record.get(name) is None:
+        raise where.error(name, "a string or a list of messages (preference records need chosen and rejected)", MISSING)
+    value = record[name]
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}], [Turn(name, name, "assistant")]
+    if isinstance(value, list):
+        return parse_message_list(value, where, name)
+    raise where.error(name, "a string or a list of messages", value)
+
+
+def _reply(messages, turns, name: str, where: Where) -> list[dict[str, str]]:
+    """Check that what is left of a side after the prompt is exactly one non-empty assistant message."""
+    if not messages:
+        raise where.error(name, "an assistant reply after the prompt", Found("nothing after the prompt"))
+    for message, turn in zip(messages, turns, strict=True):
+        if message["role"] != "assistant":
+            raise where.error(
+                turn.role_field,
+                f"'assistant' ({name} holds the assistant reply, or the whole conversation starting with the prompt)",
+                turn.raw_role,
+            )
+    if len(messages) > 1:
+        raise where.error(turns[1].role_field, "a single assistant reply", Found(f"{len(messages)} assistant messages"))
+    if not messages[0]["content"].strip():
+        raise where.error(turns[0].content_field, "a non-empty assistant reply", messages[0]["content"])
+    return messages
+
+
+def _different(chosen, rejected, where: Where) -> None:
+    if chosen[0]["content"].strip() == rejected[0]["content"].strip():
+        raise where.error("rejected", "a reply different from chosen", Found("the same text as chosen"))
+
+
+def read_preference(record: dict, where: Where) -> PreferencePair:
+    """Preference: ``prompt`` + ``chosen`` + ``rejected``, each a string or a list of messages.
+
+    Accepted shapes: TRL's conversational form (prompt a message list ending on a user turn, chosen/rejected one
+    assistant message each); plain strings; chosen/rejected as full conversations that repeat the prompt; and, with
+    no ``prompt`` field, chosen/rejected full conversations whose common prefix is the prompt (TRL's implicit prompt).
+    """
+    chosen, chosen_turns = _side(record, "chosen", where)
+    rejected, rejected_turns = _side(record, "rejected", where)
+    consumed = ("prompt", "chosen", "rejected")
+
+    if record.get("prompt") is not None:
+        value = record["prompt"]
+        if isinstance(value, str):
+            prompt, prompt_turns = [{"role": "user", "content": value}], [Turn("prompt", "prompt", "user")]
+        elif isinstance(value, list):
+            prompt, prompt_turns = parse_message_list(value, where, "prompt")
+        else:
+            raise where.error("prompt", "a string or a list of messages", value)
+        validate_messages(prompt, where, ends_on="user", container="prompt", turns=prompt_turns)
+        n = len(prompt)
+        # A side that repeats the prompt before its reply is the "full conversation" shape: cut the prompt off.
+        if len(chosen) > n and chosen[:n] == prompt:
+            chosen, chosen_turns = chosen[n:], chosen_turns[n:]
+        if len(rejected) > n and rejected[:n] == prompt:
+            rejected, rejected_turns = rejected[n:], rejected_turns[n:]
+        chosen = _reply(chosen, chosen_turns, "chosen", where)
+        rejected = _reply(rejected, rejected_turns, "rejected", where)
+        _different(chosen, rejected, where)
+        return PreferencePair(prompt, chosen, rejected, where.origin, _meta(record, consumed))
+
+    if not isinstance(record["chosen"], list) or not isinstance(record["rejected"], list):
+        raise where.error(
+            "prompt",
+            "a string or a list of messages (only full chosen/rejected conversations can leave the prompt out)",
+            MISSING,
+        )
+    if chosen == rejected:
+        raise where.error("rejected", "a conversation different from chosen", Found("the same messages as chosen"))
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise where.error(
+            "prompt",
+            "a 'prompt' field, or chosen and rejected conversations that start with the same prompt",
+            Found("no prompt field, and chosen and rejected differ from their first message"),
+        )
+    if n < len(chosen) and n < len(rejected) and chosen[n - 1]["role"] != "user":
+        # They part after a shared assistant turn: the prompts themselves differ, which is not a comparison.
+        raise where.error(
+            f"rejected[{n}]",
+            f"the same message as chosen[{n}] (without a 'prompt' field, chosen and rejected must be the same "
+            "conversation up to the last user turn)",
+            rejected[n]["content"],
+        )
+    prompt = chosen[:n]
+    validate_messages(prompt, where, ends_on="user", container="chosen", turns=chosen_turns[:n])
+    chosen = _reply(chosen[n:], chosen_turns[n:], "chosen", where)
+    rejected = _reply(rejected[n:], rejected_turns[n:], "rejected", where)
+    _different(chosen, rejected, where)
+    return PreferencePair(prompt, chosen, rejected, where.origin, _meta(record, consumed))
+
+
+def _split_hh(record: dict, name: str, where: Where) -> tuple[str, str]:
+    """An HH transcript -> (everything before the last Assistant turn, that turn's reply)."""
+    if record.get(name) is None:
+        raise where.error(name, "an HH transcript string (hh records need chosen and rejected)", MISSING)
+    text = record[name]
+    if not isinstance(text, str):
+        raise where.error(name, "an HH transcript string ('\\n\\nHuman: ...\\n\\nAssistant: ...')", text)
+    if text.startswith("Human:"):  # some copies drop the leading blank line
+        text = "\n\n" + text
+    cut = text.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise where.error(name, "a transcript with a '\\n\\nAssistant:' turn (the reply)", text)
+    return text[:cut], text[cut + len(HH_ASSISTANT) :].strip()
+
+
+def _hh_prompt(text: str, where: Where) -> list[dict[str, str]]:
+    """The turns of an HH prompt (the part before the final Assistant turn)."""
+    if not text.startswith(HH_HUMAN):
+        raise where.error("chosen", "a transcript starting with '\\n\\nHuman:'", text)
+    messages, turns = [], []
+    rest = text
+    while rest:
+        speaker = "user" if rest.startswith(HH_HUMAN) else "assistant"
+        rest = rest[len(HH_HUMAN if speaker == "user" else HH_ASSISTANT) :]
+        # The turn runs to the next speaker marker, whichever comes first.
+        ends = [i for i in (rest.find(HH_HUMAN), rest.find(HH_ASSISTANT)) if i >= 0]
+        end = min(ends) if ends else len(rest)
+        messages.append({"role": speaker, "content": rest[:end].strip()})
+        turns.append(Turn("chosen", "chosen", HH_ROLE_NAMES[speaker]))
+        rest = rest[end:]
+    validate_messages(messages, where, ends_on="user", container="chosen", turns=turns, role_names=HH_ROLE_NAMES)
+    return messages
+
+
+def read_hh(record: dict, where: Where) -> PreferencePair:
+    """Anthropic HH: ``chosen``/``rejected`` transcripts ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``.
+
+    The last Assistant turn of each is its reply; everything before it is the prompt and must be the same in both.
+    """
+    chosen_prompt, chosen_reply = _split_hh(record, "chosen", where)
+    rejected_prompt, rejected_reply = _split_hh(record, "rejected", where)
+    if chosen_prompt != rejected_prompt:
+        at = next(
+            (i for i, (a, b) in enumerate(zip(chosen_prompt, rejected_prompt, strict=False)) if a != b),
+            min(len(chosen_prompt), len(rejected_prompt)),
+        )
+        raise where.error(
+            "rejected",
+            "the same prompt as chosen (everything before the last '\\n\\nAssistant:' must match)",
+            Found(f"a prompt that differs from character {at}: {describe(rejected_prompt[at : at + 40])}"),
+        )
+    prompt = _hh_prompt(chosen_prompt, where)
+    if not chosen_reply:
+        raise where.error("chosen", "a non-empty reply after the last '\\n\\nAssistant:'", record["chosen"][-80:])
+    if not rejected_reply:
+        raise where.error("rejected", "a non-empty reply after the last '\\n\\nAssistant:'", record["rejected"][-80:])
+    chosen = [{"role": "assistant", "content": chosen_reply}]
+    rejected = [{"role": "assistant", "content": rejected_reply}]
+    _different(chosen, rejected, where)
+    return PreferencePair(prompt, chosen, rejected, where.origin, _meta(record, ("chosen", "rejected")))
+
+
+READERS = {
+    "alpaca": read_alpaca,
+    "sharegpt": read_sharegpt,
+    "messages": read_messages,
+    "preference": read_preference,
+    "hh": read_hh,
+}

@@ -1,0 +1,484 @@
+"""data_formats: every reader, source and writer producing and keeping the canonical form (errors are in
+test_data_formats_errors.py)."""
+
+import csv
+import json
+import os
+import pickle
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import data_formats
+from data_formats import (
+    Conversation,
+    DataFormatError,
+    PreferencePair,
+    convert,
+    detect_format,
+    load_conversations,
+    load_preferences,
+    write,
+)
+from data_formats.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "data_formats" / "samples"
+
+
+def jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def system(text):
+    return {"role": "system", "content": text}
+
+
+ALPACA = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "task": "add", "answer": "5"}
+SHAREGPT = {
+    "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Hi"},
+        {"from": "gpt", "value": "Hello."},
+        {"from": "user", "value": "Name a colour."},
+        {"from": "assistant", "value": "Red."},
+    ],
+    "id": "abc",
+}
+MESSAGES = {"messages": [system("Be brief."), user("Hi"), assistant("Hello.")], "task": "greet"}
+PREFERENCE = {
+    "prompt": [system("Be brief."), user("2+2?")],
+    "chosen": [assistant("4")],
+    "rejected": [assistant("5")],
+    "task": "add",
+}
+HH = {
+    "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\nAssistant: 4",
+    "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\nAssistant: 22",
+}
+
+
+# ---------------------------------------------------------------- readers
+
+
+def test_alpaca_joins_instruction_and_input_and_keeps_meta(tmp_path):
+    (conv,) = load_conversations(jsonl(tmp_path / "a.jsonl", [ALPACA]))
+    assert conv.messages == [user("Add the numbers.\n\n2 and 3"), assistant("5")]
+    assert conv.meta == {"task": "add", "answer": "5"}
+    assert conv.origin == f"{tmp_path / 'a.jsonl'}:1"
+
+
+def test_alpaca_without_input_and_with_system(tmp_path):
+    records = [
+        {"instruction": "Say hi.", "input": "", "output": "hi", "system": "You are terse."},
+        {"instruction": "Say bye.", "output": "bye", "input": None, "system": ""},
+        {"instruction": "Say yo.", "input": "   ", "output": "yo"},
+    ]
+    a, b, c = load_conversations(jsonl(tmp_path / "a.jsonl", records))
+    assert a.messages == [system("You are terse."), user("Say hi."), assistant("hi")]
+    assert b.messages == [user("Say bye."), assistant("bye")]
+    assert c.messages == [user("Say yo."), assistant("yo")]
+
+
+def test_sharegpt_maps_speakers_including_user_assistant_aliases(tmp_path):
+    (conv,) = load_conversations(jsonl(tmp_path / "s.jsonl", [SHAREGPT]))
+    assert conv.messages == [
+        system("Be brief."),
+        user("Hi"),
+        assistant("Hello."),
+        user("Name a colour."),
+        assistant("Red."),
+    ]
+    assert conv.meta == {"id": "abc"}
+
+
+def test_sharegpt_record_level_system_prompt(tmp_path):
+    record = {
+        "system": "Be kind.",
+        "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}],
+    }
+    (conv,) = load_conversations([record])
+    assert conv.messages == [system("Be kind."), user("Hi"), assistant("Hey")]
+    assert conv.meta == {}
+
+
+def test_messages_multi_turn_with_system(tmp_path):
+    (conv,) = load_conversations(jsonl(tmp_path / "m.jsonl", [MESSAGES]))
+    assert conv.messages == MESSAGES["messages"]
+    assert conv.meta == {"task": "greet"}
+
+
+def test_message_items_extra_keys_are_ignored():
+    record = {"messages": [{"role": "user", "content": "Hi", "name": "x"}, {"role": "assistant", "content": "Yo"}]}
+    assert load_conversations([record])[0].messages == [user("Hi"), assistant("Yo")]
+
+
+def test_preference_trl_conversational(tmp_path):
+    (pair,) = load_preferences(jsonl(tmp_path / "p.jsonl", [PREFERENCE]))
+    assert pair == PreferencePair(
+        [system("Be brief."), user("2+2?")],
+        [assistant("4")],
+        [assistant("5")],
+        f"{tmp_path / 'p.jsonl'}:1",
+        {"task": "add"},
+    )
+
+
+def test_preference_plain_strings():
+    (pair,) = load_preferences([{"prompt": "2+2?", "chosen": "4", "rejected": "5"}])
+    assert (pair.prompt, pair.chosen, pair.rejected) == ([user("2+2?")], [assistant("4")], [assistant("5")])
+    assert pair.origin == "<memory>[0]"
+
+
+def test_preference_full_conversations_repeating_the_prompt():
+    record = {
+        "prompt": "2+2?",
+        "chosen": [user("2+2?"), assistant("4")],
+        "rejected": [user("2+2?"), assistant("5")],
+    }
+    (pair,) = load_preferences([record])
+    assert (pair.prompt, pair.chosen, pair.rejected) == ([user("2+2?")], [assistant("4")], [assistant("5")])
+
+
+def test_preference_implicit_prompt_is_the_common_prefix():
+    record = {
+        "chosen": [user("Hi"), assistant("Hello"), user("2+2?"), assistant("4")],
+        "rejected": [user("Hi"), assistant("Hello"), user("2+2?"), assistant("5")],
+        "score_chosen": 9.0,
+    }
+    (pair,) = load_preferences([record])
+    assert pair.prompt == [user("Hi"), assistant("Hello"), user("2+2?")]
+    assert (pair.chosen, pair.rejected) == ([assistant("4")], [assistant("5")])
+    assert pair.meta == {"score_chosen": 9.0}
+
+
+def test_hh_transcripts_split_into_prompt_and_replies(tmp_path):
+    (pair,) = load_preferences(jsonl(tmp_path / "hh.jsonl", [HH]))
+    assert pair.prompt == [user("Hi there"), assistant("Hello!"), user("What is 2+2?")]
+    assert (pair.chosen, pair.rejected) == ([assistant("4")], [assistant("22")])
+
+
+def test_hh_without_leading_blank_line():
+    record = {"chosen": "Human: Hi\n\nAssistant: Hello", "rejected": "Human: Hi\n\nAssistant: Go away"}
+    assert load_preferences([record])[0].prompt == [user("Hi")]
+
+
+@pytest.mark.parametrize(
+    "record, fmt",
+    [
+        (ALPACA, "alpaca"),
+        (SHAREGPT, "sharegpt"),
+        (MESSAGES, "messages"),
+        (PREFERENCE, "preference"),
+        ({"chosen": [user("a"), assistant("b")], "rejected": [user("a"), assistant("c")]}, "preference"),
+        (HH, "hh"),
+    ],
+    ids=["alpaca", "sharegpt", "messages", "preference", "preference-implicit-prompt", "hh"],
+)
+def test_detect_format(record, fmt):
+    assert detect_format(record) == fmt
+
+
+def test_detect_format_rejects_unknown_keys():
+    with pytest.raises(DataFormatError, match="keys text, label"):
+        detect_format({"text": "x", "label": 1})
+
+
+def test_explicit_format_skips_detection(tmp_path):
+    assert load_conversations(jsonl(tmp_path / "m.jsonl", [MESSAGES]), format="messages")[0].messages[1] == user("Hi")
+    assert load_preferences([HH], format="hh")[0].chosen == [assistant("4")]
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_json_list_origin_is_index(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([ALPACA, ALPACA]))
+    convs = load_conversations(path)
+    assert [c.origin for c in convs] == [f"{path}[0]", f"{path}[1]"]
+
+
+def test_json_object_holding_one_list(tmp_path):
+    path = tmp_path / "wrapped.json"
+    path.write_text(json.dumps({"data": [MESSAGES]}))
+    assert load_conversations(str(path))[0].messages == MESSAGES["messages"]
+
+
+def test_jsonl_skips_blank_lines_and_counts_them_in_line_numbers(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n" + json.dumps(ALPACA) + "\n\n   \n" + json.dumps(ALPACA) + "\n")
+    assert [c.origin for c in load_conversations(path)] == [f"{path}:2", f"{path}:5"]
+
+
+def test_jsonl_with_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(ALPACA).encode() + b"\r\n")
+    assert len(load_conversations(path)) == 1
+
+
+def test_parquet_with_message_lists(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist([MESSAGES, {"messages": [user("a"), assistant("b")], "task": None}]), path)
+    first, second = load_conversations(path)
+    assert first.messages == MESSAGES["messages"] and first.origin == f"{path}[0]"
+    assert second.messages == [user("a"), assistant("b")]
+
+
+def test_parquet_preferences(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist([PREFERENCE]), path)
+    assert load_preferences(path)[0].chosen == [assistant("4")]
+
+
+def test_csv_alpaca_and_json_cells(tmp_path):
+    path = tmp_path / "a.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["instruction", "input", "output", "task"])
+        w.writerow(["Add, please", "1\n2", "3", "add"])
+    (conv,) = load_conversations(path)
+    assert conv.messages == [user("Add, please\n\n1\n2"), assistant("3")]
+    assert conv.meta == {"task": "add"} and conv.origin == f"{path}[0]"
+
+    path = tmp_path / "m.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["messages"])
+        w.writerow([json.dumps(MESSAGES["messages"])])
+    assert load_conversations(path)[0].messages == MESSAGES["messages"]
+
+
+def test_csv_preference_cells_with_lists_or_text(tmp_path):
+    path = tmp_path / "p.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "chosen", "rejected"])
+        w.writerow(["[1, 2] sorted?", json.dumps([assistant("yes")]), "no"])
+    (pair,) = load_preferences(path)
+    assert pair.prompt == [user("[1, 2] sorted?")]
+    assert (pair.chosen, pair.rejected) == ([assistant("yes")], [assistant("no")])
+
+
+def test_memory_source_origins():
+    convs = load_conversations([ALPACA, ALPACA])
+    assert [c.origin for c in convs] == ["<memory>[0]", "<memory>[1]"]
+
+
+def test_hub_id_goes_through_load_dataset(monkeypatch):
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return [MESSAGES]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    (conv,) = load_conversations("someone/chats")
+    assert calls == [("someone/chats", "train")]
+    assert conv.origin == "someone/chats:train[0]"
+    load_conversations("someone/chats", split="test")
+    assert calls[-1] == ("someone/chats", "test")
+
+
+@pytest.mark.slow
+def test_datasets_save_to_disk_directories(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([MESSAGES]).save_to_disk(str(tmp_path / "single"))
+    assert load_conversations(tmp_path / "single")[0].origin == f"{tmp_path / 'single'}[0]"
+
+    dd = datasets.DatasetDict(
+        train=datasets.Dataset.from_list([ALPACA, ALPACA]), test=datasets.Dataset.from_list([ALPACA])
+    )
+    dd.save_to_disk(str(tmp_path / "dict"))
+    assert len(load_conversations(tmp_path / "dict")) == 2
+    (conv,) = load_conversations(tmp_path / "dict", split="test")
+    assert conv.origin == f"{tmp_path / 'dict'}:test[0]" and conv.meta == {"task": "add", "answer": "5"}
+    with pytest.raises(DataFormatError, match="one of train, test") as info:
+        load_conversations(tmp_path / "dict", split="validation")
+    assert (info.value.file, info.value.record, info.value.field) == (str(tmp_path / "dict"), None, None)
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason="no bundled samples")
+@pytest.mark.parametrize("name", sorted(p.name for p in SAMPLES.glob("*.jsonl")) if SAMPLES.is_dir() else [])
+def test_bundled_samples_load(name):
+    path = SAMPLES / name
+    records = load_preferences(path) if "preference" in name else load_conversations(path)
+    assert records and all(r.meta for r in records)
+
+
+# ---------------------------------------------------------------- writers and round trips
+
+
+def test_alpaca_to_sharegpt_and_back(tmp_path):
+    convs = load_conversations(
+        jsonl(tmp_path / "a.jsonl", [ALPACA, {"instruction": "Hi", "output": "Yo", "system": "S"}])
+    )
+    assert write(convs, tmp_path / "s.jsonl", to="sharegpt") == 2
+    rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert rows[0] == {
+        "conversations": [{"from": "human", "value": "Add the numbers.\n\n2 and 3"}, {"from": "gpt", "value": "5"}],
+        "task": "add",
+        "answer": "5",
+    }
+    again = load_conversations(tmp_path / "s.jsonl")
+    assert [c.messages for c in again] == [c.messages for c in convs]
+    assert [c.meta for c in again] == [c.meta for c in convs]
+
+
+def test_sharegpt_to_messages_and_back(tmp_path):
+    convs = load_conversations([SHAREGPT])
+    write(convs, tmp_path / "m.jsonl")
+    again = load_conversations(tmp_path / "m.jsonl")
+    assert again[0].messages == convs[0].messages and again[0].meta == {"id": "abc"}
+    write(again, tmp_path / "s.jsonl", to="sharegpt")
+    assert json.loads((tmp_path / "s.jsonl").read_text())["conversations"][0] == {
+        "from": "system",
+        "value": "Be brief.",
+    }
+
+
+def test_messages_to_alpaca_and_back(tmp_path):
+    convs = load_conversations([{"messages": [system("S"), user("Q"), assistant("A")], "task": "t"}])
+    write(convs, tmp_path / "a.jsonl", to="alpaca")
+    row = json.loads((tmp_path / "a.jsonl").read_text())
+    assert row == {"instruction": "Q", "input": "", "output": "A", "system": "S", "task": "t"}
+    assert load_conversations(tmp_path / "a.jsonl")[0].messages == convs[0].messages
+
+
+def test_preferences_round_trip_from_hh(tmp_path):
+    pairs = load_preferences([HH, {**HH, "rejected": HH["rejected"].replace("22", "five"), "id": 7}])
+    assert write(pairs, tmp_path / "p.jsonl", to="preference") == 2
+    row = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[1])
+    assert set(row) == {"prompt", "chosen", "rejected", "id"}
+    again = load_preferences(tmp_path / "p.jsonl")
+    assert [(p.prompt, p.chosen, p.rejected, p.meta) for p in again] == [
+        (p.prompt, p.chosen, p.rejected, p.meta) for p in pairs
+    ]
+
+
+def test_write_is_atomic_and_keeps_the_old_file_on_error(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    multi = Conversation([user("a"), assistant("b"), user("c"), assistant("d")], "x.jsonl:3")
+    with pytest.raises(DataFormatError):
+        write([Conversation([user("a"), assistant("b")]), multi], out, to="alpaca")
+    assert out.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+def test_write_creates_parent_directories_and_accepts_generators(tmp_path):
+    out = tmp_path / "deep" / "dir" / "m.jsonl"
+    assert write((c for c in load_conversations([MESSAGES])), out) == 1
+    assert json.loads(out.read_text())["messages"] == MESSAGES["messages"]
+
+
+# ---------------------------------------------------------------- error object, CLI, packaging
+
+
+def test_error_message_matches_the_contract(tmp_path):
+    path = tmp_path / "data.jsonl"
+    good = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
+    bad = {
+        "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "bot", "value": "c"}]
+    }
+    jsonl(path, [good] * 11 + [bad])
+    with pytest.raises(DataFormatError) as info:
+        load_conversations(path)
+    assert (
+        str(info.value)
+        == f"{path}, line 12, field 'conversations[2].from': expected one of human, gpt, system; got 'bot'"
+    )
+    e = info.value
+    assert (e.file, e.record, e.field, e.expected) == (
+        str(path),
+        12,
+        "conversations[2].from",
+        "one of human, gpt, system",
+    )
+    assert isinstance(e, ValueError)
+
+
+def test_error_constructor_positional_and_pickle():
+    e = DataFormatError("x.jsonl", None, None, "one of the bundled files: a.jsonl")
+    assert str(e) == "x.jsonl: expected one of the bundled files: a.jsonl"
+    copy = pickle.loads(pickle.dumps(DataFormatError("d.json", 3, "output", "a string", "a number (1)")))
+    assert str(copy) == "d.json, record 3, field 'output': expected a string; got a number (1)"
+
+
+def test_convert_function_and_cli(tmp_path, capsys):
+    src = jsonl(tmp_path / "a.jsonl", [ALPACA, ALPACA])
+    assert convert(src, tmp_path / "m.jsonl", "messages") == 2
+    assert main(["convert", str(src), str(tmp_path / "s.jsonl"), "--to", "sharegpt", "--from", "alpaca"]) == 0
+    assert "wrote 2 sharegpt records" in capsys.readouterr().out
+    assert load_conversations(tmp_path / "s.jsonl")[1].meta == {"task": "add", "answer": "5"}
+    hh = jsonl(tmp_path / "hh.jsonl", [HH])
+    assert convert(hh, tmp_path / "p.jsonl", "preference", "hh") == 1
+
+
+def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl"), "--to", "messages"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "missing.jsonl" in err
+    hh = jsonl(tmp_path / "hh.jsonl", [HH])
+    assert main(["convert", str(hh), str(tmp_path / "o.jsonl"), "--to", "messages"]) == 2
+    assert "--to preference" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry(tmp_path):
+    src = jsonl(tmp_path / "a.jsonl", [ALPACA])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run(
+        [sys.executable, "-m", "data_formats", "convert", str(src), str(tmp_path / "o.jsonl"), "--to", "messages"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "data_formats", "convert", str(tmp_path / "nope.jsonl"), "o.jsonl", "--to", "messages"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_import_does_not_pull_torch_transformers_or_datasets():
+    code = (
+        "import sys, data_formats; "
+        "bad = [m for m in ('torch', 'transformers', 'datasets', 'pyarrow') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_public_api():
+    assert set(data_formats.__all__) >= {
+        "Conversation",
+        "PreferencePair",
+        "DataFormatError",
+        "load_conversations",
+        "load_preferences",
+        "detect_format",
+        "write",
+        "convert",
+    }
