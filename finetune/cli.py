@@ -1,0 +1,168 @@
+"""The ``finetune`` console script.
+
+Every subcommand is a :class:`Command` listed in :data:`COMMANDS`: a name, a one-line help, a function that adds its
+arguments and a function that runs it and returns the exit status. Adding one (``export``, ``chat``, ``eval``,
+``bench``) is writing those two functions and appending a line to :data:`COMMANDS`; nothing else changes.
+
+A user error (bad data, unknown template, missing file or model) prints one ``error: ...`` line on stderr and exits
+with status 2, without a traceback.
+
+    finetune render data.jsonl --template llama3 --json --limit 5
+    finetune convert alpaca.jsonl messages.jsonl --to messages
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem with what the user asked for (not a bug): reported as one ``error:`` line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand of ``finetune``."""
+
+    name: str
+    """What the user types after ``finetune``."""
+    help: str
+    """One line for ``finetune --help``."""
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    """Adds the subcommand's arguments to its parser."""
+    run: Callable[[argparse.Namespace], int]
+    """Runs it on the parsed arguments; returns the exit status."""
+
+
+# ----------------------------------------------------------------------------------------------------------- render
+
+
+def _render_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", help="a data file or directory that data_formats reads (alpaca, sharegpt, messages)")
+    parser.add_argument("--template", required=True, help="llama3, llama2, vicuna_v1.1, alpaca, chatml or tokenizer")
+    parser.add_argument("--model", default="tiny", help="model name, directory or hub id whose tokenizer to use")
+    parser.add_argument("--json", action="store_true", help="one JSON object per record instead of the text")
+    parser.add_argument("--limit", type=_count, default=None, metavar="N", help="render only the first N records")
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more; got {text!r}")
+    return int(text)
+
+
+def _render(args: argparse.Namespace) -> int:
+    """Print each conversation as the template renders it, or (``--json``) its text, trained text and counts."""
+    import data_formats
+
+    from .templates import IGNORE_INDEX, get_template, render, template_class, trained_text
+
+    template_class(args.template)  # an unknown name fails before anything is loaded
+    conversations = data_formats.load_conversations(args.data)
+    if args.limit is not None:
+        conversations = conversations[: args.limit]
+    tokenizer = _load_tokenizer(args.model)
+    template = get_template(args.template, tokenizer)
+    for conv in conversations:
+        input_ids, labels = render(template, conv.messages, tokenizer)
+        text = template.text(conv.messages)
+        trained = sum(label != IGNORE_INDEX for label in labels)
+        if args.json:
+            record = {
+                "origin": conv.origin,
+                "text": text,
+                "trained_text": trained_text(input_ids, labels, tokenizer),
+                "num_tokens": len(input_ids),
+                "num_trained_tokens": trained,
+            }
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(f"==> {conv.origin}: {len(input_ids)} tokens, {trained} trained <==")
+            print(text)
+    return 0
+
+
+def _load_tokenizer(model: str):
+    from .models import load_tokenizer
+
+    try:
+        return load_tokenizer(model)
+    except (OSError, ValueError) as error:  # transformers raises either for a path or id it cannot load
+        raise UserError(f"cannot load a tokenizer from {model!r}: {error}") from error
+
+
+# ---------------------------------------------------------------------------------------------------------- convert
+
+
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="a .jsonl/.json/.parquet/.csv file, a save_to_disk directory or a hub dataset id")
+    parser.add_argument("output", help="the .jsonl file to write")
+    parser.add_argument("--to", required=True, help="output format: messages, sharegpt, alpaca or preference")
+    parser.add_argument("--from", dest="from_format", default="auto", help="input format (default: auto-detect)")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    """Rewrite a data file in another format through ``data_formats.convert``."""
+    import data_formats
+
+    count = data_formats.convert(args.input, args.output, args.to, from_format=args.from_format)
+    print(f"wrote {count} {args.to} records to {args.output}")
+    return 0
+
+
+COMMANDS: list[Command] = [
+    Command(
+        "render",
+        "show how a chat template renders a data file, and which tokens are trained",
+        _render_arguments,
+        _render,
+    ),
+    Command("convert", "convert a data file to JSON Lines in another format", _convert_arguments, _convert),
+]
+"""The subcommands, in the order ``finetune --help`` lists them."""
+
+
+def build_parser(commands: list[Command] = COMMANDS) -> argparse.ArgumentParser:
+    """The argument parser with one subparser per command; the chosen command lands in ``args.command``."""
+    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune LLaMA models: data, templates, export.")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for command in commands:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(command=command)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the input is wrong rather than the code: reported in one line, exit status 2."""
+    from data_formats import DataFormatError
+
+    from .templates import TemplateError
+
+    # DataFormatError also covers conversations whose roles break the rules.
+    return (UserError, DataFormatError, TemplateError, OSError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``finetune ARGV``; returns the exit status (0 ok, 2 user error; argparse's own status for bad usage)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error argparse has already printed
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USER_ERROR
+    try:
+        return args.command.run(args)
+    except _user_errors() as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
