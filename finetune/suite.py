@@ -120,12 +120,30 @@ def _family_prompts(rng: random.Random, name: str, size: int) -> list[str]:
     elif name == "capital":
         pool = [p.format(c) for c in sorted(CAPITALS) for p in CAPITAL_PHRASINGS]
     else:
-        verb = "Reverse the words:" if name == "reverse" else "Sort the words alphabetically:"
         unique: dict[str, None] = {}
         while len(unique) < size:
-            unique[f"{verb} {' '.join(rng.sample(WORDS, 3))}"] = None
+            unique[_random_words_prompt(rng, name)] = None
         pool = list(unique)
     return rng.sample(pool, size)
+
+
+def pretraining_prompts(count: int, seed: int, exclude: set[str]) -> list[tuple[str, str]]:
+    """``count`` (prompt, answer) pairs drawn from the task families, none in ``exclude``; repeats allowed, since
+    some families hold fewer prompts than a pretraining corpus wants."""
+    rng = random.Random(seed)
+    families = list(FAMILY_SIZES)
+    pairs = []
+    while len(pairs) < count:
+        name = families[len(pairs) % len(families)]
+        prompt = _family_prompts(rng, name, 1)[0] if name not in ("reverse", "sort") else _random_words_prompt(rng, name)
+        if prompt not in exclude:
+            pairs.append((prompt, expected_answer(prompt)))
+    return pairs
+
+
+def _random_words_prompt(rng: random.Random, name: str) -> str:
+    verb = "Reverse the words:" if name == "reverse" else "Sort the words alphabetically:"
+    return f"{verb} {' '.join(rng.sample(WORDS, 3))}"
 
 
 def plausible_wrong_answer(prompt: str, rng: random.Random) -> str:

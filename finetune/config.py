@@ -1,0 +1,363 @@
+"""Typed run configuration: dataclasses with a docstring per field, loaded from YAML plus ``--section.key=value``.
+
+One path for every recipe: defaults live in the dataclasses below, a YAML file (``--config``) overrides them, and
+command-line overrides come last. An unknown key anywhere is an error naming the key and the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake; recipes print it as one line and exit with status 2."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Base model: ``tiny`` (the embedded LLaMA), a local directory, or a hub id such as ``meta-llama/Meta-Llama-3-8B``."""
+    dtype: str = "auto"
+    """Weights and compute dtype: ``auto`` (bf16 on a GPU that has it, else float32), ``bfloat16``, ``float16``, ``float32``."""
+    attn_implementation: str = "sdpa"
+    """Attention backend passed to transformers: ``sdpa``, ``eager``, ``flash_attention_2``."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+
+
+@dataclass
+class AdapterConfig:
+    method: str = "lora"
+    """``lora`` (bf16/fp32 base), ``qlora`` (base in 4-bit NF4 with double quantisation), or ``full`` (no adapter)."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEAR_MODULES))
+    """Modules that get LoRA: by default every linear layer of the LLaMA block."""
+
+    def __post_init__(self):
+        if self.method not in ("lora", "qlora", "full"):
+            raise ConfigError(f"adapter.method must be one of lora, qlora, full; got {self.method!r}")
+        if self.r <= 0:
+            raise ConfigError(f"adapter.r must be positive; got {self.r}")
+
+
+@dataclass
+class DataConfig:
+    train: str = "bundled:suite_messages_train.jsonl"
+    """Training data: a json/jsonl/parquet/csv file, a ``datasets`` directory, a hub id, or ``bundled:FILE``."""
+    eval: str | None = "bundled:suite_messages_eval.jsonl"
+    """Held-out data, same forms as ``train``; ``null`` for none."""
+    format: str = "auto"
+    """Data format: ``auto`` (detected), ``alpaca``, ``sharegpt``, ``messages``, ``preference``, ``hh``."""
+    split: str | None = None
+    """Split to take from a hub id or a saved ``DatasetDict`` (default ``train``)."""
+    eval_split: str | None = None
+    """Split for ``eval`` when it is a hub id or ``DatasetDict`` (e.g. ``test``)."""
+    template: str = "llama3"
+    """Chat template: ``llama3``, ``llama2``, ``vicuna_v1.1``, ``alpaca``, ``chatml``, or ``tokenizer`` (the model's own)."""
+    max_length: int = 512
+    """Longest sequence in tokens; longer conversations are truncated and the truncated tokens are reported."""
+    packing: bool = True
+    """Pack conversations best-fit-decreasing into rows of ``max_length`` without padding, positions restarting per
+    conversation so none attends to another."""
+    max_train_samples: int | None = None
+    """Use only the first N training records (for quick runs)."""
+    max_eval_samples: int | None = None
+    """Use only the first N eval records."""
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 1e-3
+    """Peak learning rate of AdamW."""
+    num_epochs: float = 3.0
+    """Epochs over the training data (ignored when ``max_steps`` is set)."""
+    max_steps: int = -1
+    """Optimizer steps to take; -1 derives them from ``num_epochs``."""
+    per_device_batch_size: int = 8
+    """Rows per device per micro-batch (a row is a packed sequence when packing)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step. Global batch = per_device_batch_size x accumulation x processes."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps with linear warm-up before the cosine decay."""
+    lr_scheduler: str = "cosine"
+    """Learning-rate schedule after warm-up: ``cosine``, ``linear``, ``constant``."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    optim: str = "adamw_torch"
+    """Optimizer name as transformers knows it; ``paged_adamw_8bit`` for QLoRA on a GPU."""
+    seed: int = 42
+    """Seed for initialisation, shuffling and dropout: the same seed repeats a CPU run exactly."""
+    logging_steps: int = 5
+    """Log every N optimizer steps."""
+    save_steps: int = 100
+    """Write a checkpoint every N optimizer steps."""
+    save_total_limit: int | None = 2
+    """Keep at most this many checkpoints (the newest)."""
+    eval_steps: int | None = None
+    """Evaluate the loss every N steps; ``null`` evaluates only at the end."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1); got {self.warmup_ratio}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate must be positive; got {self.learning_rate}")
+        # A NaN shows up in the logged loss; logging at every save step means no checkpoint is written after one.
+        if self.logging_steps <= 0 or self.save_steps % self.logging_steps:
+            raise ConfigError(
+                f"train.save_steps ({self.save_steps}) must be a multiple of train.logging_steps ({self.logging_steps})"
+            )
+
+
+@dataclass
+class EvalConfig:
+    verifier: str | None = "finetune.suite:verify"
+    """``module:function`` taking (prompt, response) -> bool, for verifier accuracy of greedy answers; ``null`` for none."""
+    max_new_tokens: int = 32
+    """Longest generated answer when measuring verifier accuracy."""
+    num_samples: int | None = 200
+    """Eval prompts to generate answers for (``null`` for all)."""
+    batch_size: int = 32
+    """Prompts generated together."""
+    before_training: bool = True
+    """Also measure the untrained model, to report before and after."""
+
+
+@dataclass
+class RunConfig:
+    """Fields every stage has."""
+
+    output_dir: str = "runs/sft"
+    """Where the run writes config, metrics, checkpoints and the final adapter."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in ``output_dir``."""
+    overwrite: bool = False
+    """Delete a non-empty ``output_dir`` first."""
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    """Supervised fine-tuning (``recipes/sft.py``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if self.adapter.method == "qlora" and self.model.dtype == "float16":
+            raise ConfigError("adapter.method=qlora trains in bf16 or fp32 compute; set model.dtype to auto or bfloat16")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (parsed from source; shown by ``--help``)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(inspect.getsource(klass).lstrip())
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and, for strings from the command line, convert) ``value`` against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if not value.startswith("[") else yaml.safe_load(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list; got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true or false; got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer; got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number; got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string; got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and values of the wrong type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping; got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{path}'{_nearest(key, list(fields))}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value or {}, path)
+        else:
+            kwargs[key] = _coerce(value, tp, path)
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    """The resolved config as plain data (what ``config.yaml`` in a run directory holds)."""
+    return dataclasses.asdict(config)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--{dotted}: '{p}' is not a section")
+    node[leaf] = value
+
+
+def _help(cls: type, prefix: str = "") -> list[str]:
+    lines = []
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += _help(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  --{prefix}{f.name}={default!r}\n      {docs.get(f.name, '')}")
+    return lines
+
+
+def parse_args(cls: type, argv: list[str] | None = None) -> Any:
+    """Parse ``--config FILE``, ``--output_dir DIR``, ``--resume``, ``--overwrite`` and ``--a.b=c`` into ``cls``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(f"{cls.__doc__ or cls.__name__}\n\nOptions (YAML keys, or --section.key=value):\n" + "\n".join(_help(cls)))
+        raise SystemExit(0)
+    tree: dict = {}
+    overrides: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --section.key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if key in ("resume", "overwrite"):
+                value = "true"
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                i += 1
+                value = argv[i]
+            else:
+                raise ConfigError(f"--{key} needs a value (--{key}=VALUE)")
+        if key == "config":
+            path = Path(value)
+            if not path.is_file():
+                raise ConfigError(f"--config: no such file {value}")
+            try:
+                loaded = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{value}: not valid YAML: {e}") from None
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{value}: expected a mapping of sections at the top level")
+            tree = _merge(tree, loaded)
+        else:
+            # YAML parsing gives ints, bools and nulls; strings like 1e-4 are converted by the field's type.
+            overrides.append((key, yaml.safe_load(value) if value != "" else ""))
+        i += 1
+    for key, value in overrides:
+        _set_dotted(tree, key, value)
+    return from_dict(cls, tree)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml(cls: type, path: str | Path) -> Any:
+    """Load one YAML file into ``cls`` (used by tests that check every shipped config)."""
+    return parse_args(cls, ["--config", str(path)])
+
+
+# Stage name -> its config class; a shipped YAML's file name starts with its stage (``sft_qlora.yaml``).
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig}
+
+
+def config_class_for(path: str | Path) -> type:
+    """The config class of a shipped YAML, from the stage its file name starts with."""
+    stage = Path(path).stem.split("_")[0]
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"{path}: file name should start with a stage ({', '.join(STAGE_CONFIGS)})")
+    return STAGE_CONFIGS[stage]

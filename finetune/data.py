@@ -1,0 +1,110 @@
+"""From a data source to tokenised training rows, counting everything that is cut or skipped.
+
+Reading and validation are ``data_formats``' job; this module resolves the toolkit's source names, renders each
+conversation through the chat template and truncates to the configured length, and reports what that cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import data_formats
+
+BUNDLED_PREFIX = "bundled:"
+SAMPLES_DIR = Path(data_formats.__file__).resolve().parent / "samples"
+
+
+def resolve_source(source: str) -> str:
+    """``bundled:FILE`` -> the shipped sample file; anything else unchanged."""
+    if source.startswith(BUNDLED_PREFIX):
+        path = SAMPLES_DIR / source[len(BUNDLED_PREFIX) :]
+        if not path.is_file():
+            shipped = ", ".join(sorted(p.name for p in SAMPLES_DIR.glob("*.jsonl")))
+            raise data_formats.DataFormatError(str(path), None, None, f"one of the bundled files: {shipped}")
+        return str(path)
+    return source
+
+
+def load_conversations(source: str, format: str = "auto", split: str | None = None, limit: int | None = None):
+    """Conversations from any source the config accepts (see ``DataConfig.train``)."""
+    conversations = data_formats.load_conversations(resolve_source(source), format=format, split=split)
+    return conversations[:limit] if limit is not None else conversations
+
+
+def load_preferences(source: str, format: str = "auto", split: str | None = None, limit: int | None = None):
+    """Preference pairs from any source the config accepts."""
+    pairs = data_formats.load_preferences(resolve_source(source), format=format, split=split)
+    return pairs[:limit] if limit is not None else pairs
+
+
+@dataclass
+class TokenReport:
+    """What tokenisation kept, cut and skipped; printed by the recipes and stored in ``summary.json``."""
+
+    records: int = 0
+    """Conversations read."""
+    kept: int = 0
+    """Conversations that became training rows."""
+    tokens: int = 0
+    """Tokens kept."""
+    trained_tokens: int = 0
+    """Kept tokens that carry a loss (assistant tokens)."""
+    truncated_records: int = 0
+    """Conversations longer than max_length, cut to it."""
+    truncated_tokens: int = 0
+    """Tokens removed by that cut."""
+    skipped_records: int = 0
+    """Conversations with no trained token left after the cut (the assistant reply lay beyond max_length)."""
+    skipped_origins: list[str] = field(default_factory=list)
+    """Where the skipped conversations came from (file:line), the first 20."""
+
+    def describe(self, name: str) -> str:
+        text = (
+            f"{name}: {self.kept}/{self.records} conversations, {self.tokens} tokens ({self.trained_tokens} trained); "
+            f"{self.truncated_records} truncated (-{self.truncated_tokens} tokens), {self.skipped_records} skipped"
+        )
+        if self.skipped_origins:
+            text += f" (no trained token within max_length: {', '.join(self.skipped_origins[:5])}"
+            text += ", ...)" if self.skipped_records > 5 else ")"
+        return text
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "skipped_origins"}
+
+
+def tokenize_conversations(conversations, template, tokenizer, max_length: int) -> tuple[list[dict], TokenReport]:
+    """Render and truncate each conversation: rows of ``{"input_ids", "labels"}`` plus a :class:`TokenReport`.
+
+    Truncation keeps the start (the prompt and the beginning of the reply). A conversation left with no trained
+    token cannot contribute to the loss and is skipped, but counted and named, never dropped silently.
+    """
+    from .templates import render
+
+    rows: list[dict] = []
+    report = TokenReport(records=len(conversations))
+    for conv in conversations:
+        input_ids, labels = render(template, conv.messages, tokenizer)
+        if len(input_ids) > max_length:
+            report.truncated_records += 1
+            report.truncated_tokens += len(input_ids) - max_length
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        trained = sum(label != -100 for label in labels)
+        if trained == 0:
+            report.skipped_records += 1
+            if len(report.skipped_origins) < 20:
+                report.skipped_origins.append(conv.origin)
+            continue
+        rows.append({"input_ids": input_ids, "labels": labels})
+        report.kept += 1
+        report.tokens += len(input_ids)
+        report.trained_tokens += trained
+    return rows, report
+
+
+def prompt_and_reference(conversation) -> tuple[list[dict], str, str]:
+    """Split a conversation into (messages up to the last user turn, that user's text, the reference reply)."""
+    messages = conversation.messages
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"{conversation.origin}: expected the conversation to end on an assistant turn")
+    return messages[:-1], messages[-2]["content"], messages[-1]["content"]

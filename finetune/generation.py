@@ -1,0 +1,104 @@
+"""Batched sampling with a KV cache, left padding, and the template's stop tokens.
+
+transformers' ``generate`` does the decoding; this module does what every caller would otherwise repeat: render
+prompts through the chat template, left-pad them, stop at the template's end-of-turn tokens, and cut each
+completion at its first stop token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    """Longest completion in tokens."""
+    temperature: float = 0.0
+    """0 for greedy decoding; otherwise the softmax temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 keeps all)."""
+    seed: int | None = None
+    """Seed for sampling; the same seed gives the same samples on CPU."""
+
+
+@dataclass
+class Completion:
+    """One generated reply: its token ids (stop token excluded), text, and whether it ended on a stop token."""
+
+    token_ids: list[int]
+    text: str
+    stopped: bool
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(input_ids, attention_mask)`` of shape [B, T], so every prompt ends at T-1."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    stop_ids: list[int],
+    sampling: SamplingConfig,
+    batch_size: int = 32,
+) -> list[Completion]:
+    """Complete each prompt (already rendered to ids); returns completions in prompt order."""
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    was_training = model.training
+    model.eval()
+    completions: list[Completion] = []
+    try:
+        for start in range(0, len(prompt_ids), batch_size):
+            batch = prompt_ids[start : start + batch_size]
+            input_ids, attention_mask = left_pad(batch, pad_id)
+            kwargs = dict(
+                max_new_tokens=sampling.max_new_tokens,
+                eos_token_id=list(stop_ids),
+                pad_token_id=pad_id,
+                use_cache=True,
+            )
+            if sampling.temperature > 0:
+                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
+            )
+            for row in output[:, input_ids.shape[1] :].tolist():
+                completions.append(cut_at_stop(row, stop_ids, pad_id, tokenizer))
+    finally:
+        model.train(was_training)
+    return completions
+
+
+def cut_at_stop(token_ids: list[int], stop_ids: list[int], pad_id: int, tokenizer) -> Completion:
+    """Keep the tokens before the first stop token (later tokens are padding after the row finished)."""
+    stops = set(stop_ids)
+    kept: list[int] = []
+    stopped = False
+    for tok in token_ids:
+        if tok in stops:
+            stopped = True
+            break
+        kept.append(tok)
+    if not stopped:  # rows that ran to max_new_tokens carry no padding, but strip any to be safe
+        while kept and kept[-1] == pad_id and pad_id not in stops:
+            kept.pop()
+    return Completion(kept, tokenizer.decode(kept, skip_special_tokens=True), stopped)

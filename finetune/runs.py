@@ -1,0 +1,195 @@
+"""The output directory of a run: what it holds, how it is created, resumed and reported.
+
+Every stage leaves the same things: ``config.yaml``, ``metrics.jsonl``, ``summary.json``, the adapter or model, the
+tokenizer with its chat template, TensorBoard events, ``loss.png`` and ``checkpoint-N/`` directories. A checkpoint
+counts as complete only once the trainer has finished writing it and a marker file has been renamed into place, so
+a run killed half-way through a save is never resumed from the half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from transformers import TrainerCallback
+
+from .config import ConfigError, to_dict
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so a reader sees either the old content or all of the new, never part of it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def prepare_output_dir(output_dir: str | Path, resume: bool, overwrite: bool, is_main_process: bool = True) -> Path:
+    """Create ``output_dir``; refuse a non-empty one unless resuming or overwriting (never silently clobber a run)."""
+    path = Path(output_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pick one")
+    non_empty = path.is_dir() and any(path.iterdir())
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir {path} exists and is not a directory")
+    if resume and latest_complete_checkpoint(path) is None:
+        raise ConfigError(f"--resume: no complete checkpoint-N/ in {path} to resume from")
+    if non_empty and not resume:
+        if not overwrite:
+            raise ConfigError(
+                f"output_dir {path} is not empty; pass --resume to continue that run or --overwrite to replace it"
+            )
+        if is_main_process:
+            shutil.rmtree(path)
+    if is_main_process:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """All ``checkpoint-N`` directories, oldest first."""
+    found = []
+    if Path(output_dir).is_dir():
+        for child in Path(output_dir).iterdir():
+            m = _CHECKPOINT.match(child.name)
+            if m and child.is_dir():
+                found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint whose completion marker exists (half-written ones are ignored)."""
+    for _, path in reversed(checkpoints(output_dir)):
+        if (path / COMPLETE_MARKER).is_file():
+            return path
+    return None
+
+
+def discard_incomplete_checkpoints(output_dir: Path) -> list[Path]:
+    """Remove checkpoints newer than the latest complete one (the remains of a crash during a save)."""
+    latest = latest_complete_checkpoint(output_dir)
+    latest_step = int(_CHECKPOINT.match(latest.name).group(1)) if latest else -1
+    removed = []
+    for step, path in checkpoints(output_dir):
+        if step > latest_step or not (path / COMPLETE_MARKER).is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def write_config(output_dir: Path, config) -> None:
+    atomic_write_text(Path(output_dir) / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def write_summary(output_dir: Path, summary: dict) -> None:
+    atomic_write_text(Path(output_dir) / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(output_dir: Path) -> Path | None:
+    """``loss.png``: training loss per step, eval loss where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(output_dir)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(Path(output_dir).name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = Path(output_dir) / "loss.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+class RunCallback(TrainerCallback):
+    """Writes ``metrics.jsonl``, marks checkpoints complete, and stops on a non-finite loss.
+
+    Logged rows carry ``step``, ``loss``, ``learning_rate`` and ``tokens_per_second`` (tokens of the inputs seen
+    since the previous log, divided by the wall time since then; TRL's ``num_tokens`` counts them).
+    """
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = Path(output_dir)
+        self._last_time: float | None = None
+        self._last_tokens: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_time = time.perf_counter()
+        self._last_tokens = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        for key, value in logs.items():
+            if isinstance(value, (int, float)):
+                row[key] = value
+        now = time.perf_counter()
+        if "num_tokens" in logs:
+            tokens = float(logs["num_tokens"])
+            if self._last_tokens is not None and self._last_time is not None and now > self._last_time:
+                row["tokens_per_second"] = (tokens - self._last_tokens) / (now - self._last_time)
+            elif state.global_step and self._last_time is not None and now > self._last_time:
+                row["tokens_per_second"] = tokens / (now - self._last_time)
+            self._last_tokens, self._last_time = tokens, now
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        path = self.output_dir / f"checkpoint-{state.global_step}"
+        if path.is_dir():
+            atomic_write_text(path / COMPLETE_MARKER, json.dumps({"step": state.global_step}))
+
+
+class NonFiniteLossCallback(TrainerCallback):
+    """Stop training at the first logged NaN/inf loss, keeping the last good checkpoint (no save after it)."""
+
+    def __init__(self):
+        self.bad_step: int | None = None
+        self.bad_value: float | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.bad_step, self.bad_value = state.global_step, loss
+            control.should_training_stop = True
+            control.should_save = False
+            control.should_evaluate = False
+        return control

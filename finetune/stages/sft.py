@@ -1,0 +1,175 @@
+"""Supervised fine-tuning with LoRA, QLoRA or full weights, on TRL's ``SFTTrainer``.
+
+We hand TRL pre-tokenised rows whose labels come from our chat template (loss on assistant tokens only), and let it
+do best-fit-decreasing packing, padding-free batching with restarted position ids, and the token-mean loss over the
+whole accumulated batch (transformers passes ``num_items_in_batch`` to the model's loss). What we add around it:
+the run directory contract, counted truncation, verifier accuracy before and after, and crash-safe resume.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import SFTConfig
+from ..data import load_conversations, tokenize_conversations
+from ..evaluate import load_callable, verifier_accuracy
+from ..models import load_base_model, load_tokenizer, lora_config, resolve_dtype, resolve_model
+from ..runs import (
+    NonFiniteLossCallback,
+    NonFiniteLossError,
+    RunCallback,
+    discard_incomplete_checkpoints,
+    latest_complete_checkpoint,
+    plot_loss,
+    prepare_output_dir,
+    write_config,
+    write_summary,
+)
+from ..templates import get_template, save_with_template
+
+
+def trl_arguments(cfg: SFTConfig, output_dir: Path, has_eval: bool):
+    """TRL's ``SFTConfig`` for our config: every field set explicitly, so TRL's defaults (bf16, gradient
+    checkpointing on) never decide for us silently."""
+    from trl import SFTConfig as TRLSFTConfig
+
+    dtype = resolve_dtype(cfg.model.dtype)
+    eval_every = cfg.train.eval_steps
+    return TRLSFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.train.per_device_batch_size,
+        per_device_eval_batch_size=cfg.train.per_device_batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        learning_rate=cfg.train.learning_rate,
+        num_train_epochs=cfg.train.num_epochs,
+        max_steps=cfg.train.max_steps,
+        warmup_steps=cfg.train.warmup_ratio,  # below 1 transformers reads it as a ratio of the total steps
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm,
+        optim=cfg.train.optim,
+        seed=cfg.train.seed,
+        data_seed=cfg.train.seed,
+        logging_steps=cfg.train.logging_steps,
+        save_steps=cfg.train.save_steps,
+        save_total_limit=cfg.train.save_total_limit,
+        eval_strategy="steps" if (has_eval and eval_every) else "no",
+        eval_steps=eval_every,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.model.gradient_checkpointing else None,
+        max_length=cfg.data.max_length,
+        packing=cfg.data.packing,
+        packing_strategy="bfd",
+        padding_free=cfg.data.packing,
+        eval_packing=cfg.data.packing,
+        shuffle_dataset=False,
+        report_to=["tensorboard"],
+        save_only_model=False,
+        dataset_num_proc=None,
+        remove_unused_columns=True,
+    )
+
+
+def run(cfg: SFTConfig) -> dict:
+    """Train, evaluate and save; returns the summary also written to ``summary.json``."""
+    from accelerate import PartialState
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    state = PartialState()
+    main = state.is_main_process
+    output_dir = prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, main)
+    state.wait_for_everyone()
+    if cfg.resume and main:
+        for path in discard_incomplete_checkpoints(output_dir):
+            print(f"discarded incomplete checkpoint {path}")
+    state.wait_for_everyone()
+    if main:
+        write_config(output_dir, cfg)
+    set_seed(cfg.train.seed)
+
+    tokenizer = load_tokenizer(cfg.model.name)
+    template = get_template(cfg.data.template, tokenizer)
+    train_convs = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples)
+    train_rows, train_report = tokenize_conversations(train_convs, template, tokenizer, cfg.data.max_length)
+    eval_convs, eval_rows, eval_report = [], [], None
+    if cfg.data.eval:
+        eval_convs = load_conversations(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples)
+        eval_rows, eval_report = tokenize_conversations(eval_convs, template, tokenizer, cfg.data.max_length)
+    if main:
+        print(train_report.describe("train data"))
+        if eval_report:
+            print(eval_report.describe("eval data"))
+    if not train_rows:
+        raise ValueError(f"no training rows left from {cfg.data.train}: {train_report.describe('train data')}")
+
+    model = load_base_model(cfg.model, cfg.adapter.method)
+    verifier = load_callable(cfg.eval.verifier) if cfg.eval.verifier and eval_convs else None
+    generation_convs = eval_convs[: cfg.eval.num_samples] if cfg.eval.num_samples else eval_convs
+
+    summary: dict = {"model": cfg.model.name, "resolved_model": resolve_model(cfg.model.name)}
+    if verifier and cfg.eval.before_training:
+        before = verifier_accuracy(
+            model, tokenizer, template, generation_convs, verifier, cfg.eval.max_new_tokens, cfg.eval.batch_size
+        )
+        summary["base_eval_accuracy"] = before.accuracy
+        if main:
+            print(f"verifier accuracy before training: {before.accuracy:.3f} on {before.num_prompts} eval prompts")
+
+    nan_guard = NonFiniteLossCallback()
+    trainer = SFTTrainer(
+        model=model,
+        args=trl_arguments(cfg, output_dir, bool(eval_rows)),
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg.adapter),
+        callbacks=[RunCallback(output_dir), nan_guard],
+    )
+    resume_from = latest_complete_checkpoint(output_dir) if cfg.resume else None
+    if resume_from and main:
+        print(f"resuming from {resume_from}")
+    started = time.perf_counter()
+    train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.perf_counter() - started
+    if nan_guard.bad_step is not None:
+        last_good = latest_complete_checkpoint(output_dir)
+        raise NonFiniteLossError(
+            f"loss became {nan_guard.bad_value} at step {nan_guard.bad_step}; stopped without saving. "
+            f"Last good checkpoint: {last_good or 'none'}. Lower train.learning_rate or check the data."
+        )
+
+    summary.update(
+        train_loss=train_result.training_loss,
+        train_steps=train_result.global_step,
+        train_seconds=train_seconds,
+        train_data=train_report.as_dict(),
+    )
+    if eval_rows:
+        eval_metrics = trainer.evaluate()
+        summary["eval_loss"] = eval_metrics["eval_loss"]
+        summary["eval_data"] = eval_report.as_dict()
+        if not math.isfinite(summary["eval_loss"]):
+            raise NonFiniteLossError(f"eval loss is {summary['eval_loss']}")
+    if verifier:
+        after = verifier_accuracy(
+            trainer.model, tokenizer, template, generation_convs, verifier, cfg.eval.max_new_tokens, cfg.eval.batch_size
+        )
+        summary["eval_accuracy"] = after.accuracy
+        summary["eval_samples"] = after.samples
+
+    trainer.save_model(str(output_dir))
+    if main:
+        save_with_template(tokenizer, template, output_dir, model_config=trainer.model.config)
+        write_summary(output_dir, summary)
+        plot_loss(output_dir)
+    state.wait_for_everyone()
+    return summary

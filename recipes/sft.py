@@ -1,0 +1,27 @@
+"""Supervised fine-tuning of a LLaMA with LoRA, QLoRA or full weights.
+
+    accelerate launch recipes/sft.py                                     # tiny LLaMA, bundled suite, CPU
+    accelerate launch recipes/sft.py --config recipes/configs/tiny/sft_qlora.yaml
+    accelerate launch recipes/sft.py --config recipes/configs/llama3_8b/sft_qlora.yaml --train.learning_rate=1e-4
+
+Options: --config FILE.yaml, --output_dir DIR, --resume, --overwrite, --section.key=value (see --help).
+"""
+
+import sys
+
+from finetune.config import SFTConfig
+from finetune.recipe import launch
+from finetune.stages import sft
+
+
+def main(cfg: SFTConfig) -> dict:
+    """Config -> tokenizer and template -> data -> base model and adapter -> train -> evaluate -> save."""
+    summary = sft.run(cfg)
+    for key in ("eval_loss", "base_eval_accuracy", "eval_accuracy"):
+        if key in summary:
+            print(f"{key}: {summary[key]:.4f}")
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(launch(SFTConfig, main))

@@ -1,0 +1,147 @@
+"""recipes/sft.py end to end on the tiny model: what the run leaves behind, bad input, resume after a real kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from finetune.config import SFTConfig
+from finetune.recipe import launch
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "sft.py"
+
+# Small and quick: 64 conversations, 8 optimizer steps, a checkpoint every 2.
+QUICK = [
+    "--data.max_train_samples=64",
+    "--data.max_eval_samples=16",
+    "--train.max_steps=8",
+    "--train.per_device_batch_size=2",
+    "--train.logging_steps=2",
+    "--train.save_steps=2",
+    "--train.save_total_limit=10",
+    "--eval.num_samples=8",
+]
+
+
+def run_recipe(argv):
+    sys.path.insert(0, str(RECIPE.parent))
+    try:
+        import sft as recipe  # recipes/sft.py
+    finally:
+        sys.path.pop(0)
+    return launch(SFTConfig, recipe.main, argv)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "run"
+    assert run_recipe(["--output_dir", str(out), *QUICK]) == 0
+    return out
+
+
+def test_run_directory_contents(finished_run):
+    out = finished_run
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter_model.safetensors", "adapter_config.json",
+                 "tokenizer.json", "tokenizer_config.json", "generation_config.json", "loss.png"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard events"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in step_rows] == [2, 4, 6, 8]
+    for r in step_rows:
+        assert r["loss"] > 0 and r["learning_rate"] >= 0 and r["tokens_per_second"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("train_loss", "eval_loss", "eval_accuracy", "base_eval_accuracy"):
+        assert isinstance(summary[key], float), key
+    assert summary["train_data"]["records"] == 64 and summary["train_data"]["skipped_records"] == 0
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert checkpoints and all((c / "checkpoint_complete.json").is_file() for c in checkpoints)
+
+
+def test_saved_tokenizer_and_generation_config_stop_at_eot(finished_run):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(finished_run)
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert eot in GenerationConfig.from_pretrained(finished_run).eos_token_id
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_adapter_loads_onto_the_base(finished_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune.models import resolve_model
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"))
+    model = PeftModel.from_pretrained(base, finished_run)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_refuses_non_empty_output_dir(finished_run, capsys):
+    assert run_recipe(["--output_dir", str(finished_run), *QUICK]) == 2
+    assert "is not empty; pass --resume" in capsys.readouterr().err
+
+
+def test_bad_data_is_one_line_error(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')
+    code = run_recipe(["--output_dir", str(tmp_path / "run"), f"--data.train={data}", "--data.eval=null"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and "bad.jsonl, line 2" in err and "Traceback" not in err
+
+
+def test_unknown_key_is_one_line_error(tmp_path, capsys):
+    assert run_recipe(["--output_dir", str(tmp_path / "r"), "--train.lr=1"]) == 2
+    assert "unknown config key 'train.lr'" in capsys.readouterr().err
+
+
+def _subprocess_run(out, extra=()):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    args = [*QUICK, "--train.max_steps=16", "--eval.before_training=false", "--eval.num_samples=4", *extra]
+    return subprocess.Popen(
+        [sys.executable, str(RECIPE), "--output_dir", str(out), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
+    )
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_reproduces_the_uninterrupted_loss_curve(tmp_path):
+    """Kill -9 a run once it has written checkpoint-4, resume it, and compare its loss curve with a run that was
+    never interrupted: the same losses at every logged step."""
+    straight = tmp_path / "straight"
+    proc = _subprocess_run(straight)
+    output = proc.communicate(timeout=600)[0].decode()
+    assert proc.returncode == 0, output
+
+    killed = tmp_path / "killed"
+    proc = _subprocess_run(killed)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-4" / "checkpoint_complete.json").exists():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists()
+
+    proc = _subprocess_run(killed, ["--resume"])
+    output = proc.communicate(timeout=600)[0].decode()
+    assert proc.returncode == 0, output
+    assert "resuming from" in output
+    # metrics.jsonl holds the killed run's rows and the resumed run's; the latest row per step wins.
+    assert _losses(killed) == pytest.approx(_losses(straight), rel=1e-4)

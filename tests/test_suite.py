@@ -1,0 +1,51 @@
+"""The bundled suite: deterministic, verifiable, shipped files up to date, eval prompts unseen in training."""
+
+import json
+
+from finetune import suite
+
+
+def test_verify_recomputes_answers_from_the_prompt():
+    assert suite.verify("What is 7 + 5?", "12")
+    assert suite.verify("What is 7 + 5?", " 12. ")
+    assert not suite.verify("What is 7 + 5?", "13")
+    assert suite.verify("Reverse the words: cat dog sun", "sun dog cat")
+    assert suite.verify("Sort the words alphabetically: pear apple fig", "apple fig pear")
+    assert suite.verify("How many letters are in the word 'banana'?", "6")
+    assert suite.verify("Write in capital letters: owl", "OWL")
+    assert not suite.verify("Write in capital letters: owl", "owl")
+    assert suite.verify("Name the capital city of Peru.", "Lima")
+    assert not suite.verify("Tell me a joke", "no")  # outside the suite: never right
+    assert not suite.verify("What is the capital of Atlantis?", "Poseidonia")
+
+
+def test_generation_is_deterministic_and_splits_are_disjoint():
+    a, b = suite.generate(), suite.generate()
+    assert a == b
+    train = {r["prompt"] for r in a["train"]}
+    assert len(a["eval"]) == suite.NUM_EVAL
+    assert not train & {r["prompt"] for r in a["eval"]}
+    assert {r["task"] for r in a["eval"]} == {"add", "reverse", "sort", "count", "upper", "capital"}
+
+
+def test_wrong_answers_are_wrong_and_right_answers_right():
+    for split in suite.generate().values():
+        for r in split:
+            assert suite.verify(r["prompt"], r["answer"]), r
+            assert not suite.verify(r["prompt"], r["wrong"]), r
+
+
+def test_shipped_sample_files_match_the_generator():
+    for name, records in suite.sample_files().items():
+        path = suite.SAMPLES_DIR / name
+        shipped = [json.loads(line) for line in path.read_text().splitlines()]
+        assert shipped == records, f"{name} is stale: run python -m finetune.suite --write"
+
+
+def test_pretraining_corpus_never_contains_an_eval_prompt():
+    from finetune.tiny import pretraining_documents
+
+    eval_prompts = {r["prompt"] for r in suite.generate()["eval"]}
+    docs = pretraining_documents(count=3000)
+    assert len(docs) == 3000
+    assert not {d.split("\n")[0].removeprefix("Question: ") for d in docs} & eval_prompts
