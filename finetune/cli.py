@@ -116,6 +116,38 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------------- export
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    from .export import add_arguments
+
+    add_arguments(parser)
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Export a run as a PEFT adapter, merged safetensors, a GGUF for llama.cpp or an Ollama model."""
+    from .export import run
+
+    return run(args)
+
+
+# ------------------------------------------------------------------------------------------------------------- chat
+
+
+def _chat_arguments(parser: argparse.ArgumentParser) -> None:
+    from .chat import add_arguments
+
+    add_arguments(parser)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """Chat with a run or model in the terminal, with its template and stop tokens."""
+    from .chat import run
+
+    return run(args)
+
+
 COMMANDS: list[Command] = [
     Command(
         "render",
@@ -124,6 +156,8 @@ COMMANDS: list[Command] = [
         _render,
     ),
     Command("convert", "convert a data file to JSON Lines in another format", _convert_arguments, _convert),
+    Command("export", "export a run as adapter, merged safetensors, GGUF or Ollama", _export_arguments, _export),
+    Command("chat", "chat with a run or model using its template and stop tokens", _chat_arguments, _chat),
 ]
 """The subcommands, in the order ``finetune --help`` lists them."""
 
