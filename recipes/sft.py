@@ -17,9 +17,7 @@ from finetune.stages import sft
 def main(cfg: SFTConfig) -> dict:
     """Config -> tokenizer and template -> data -> base model and adapter -> train -> evaluate -> save."""
     summary = sft.run(cfg)
-    for key in ("eval_loss", "base_eval_accuracy", "eval_accuracy"):
-        if key in summary:
-            print(f"{key}: {summary[key]:.4f}")
+    print(sft.before_after_table(summary))
     return summary
 
 

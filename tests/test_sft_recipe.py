@@ -57,7 +57,7 @@ def test_run_directory_contents(finished_run):
     for r in step_rows:
         assert r["loss"] > 0 and r["learning_rate"] >= 0 and r["tokens_per_second"] > 0
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("train_loss", "eval_loss", "eval_accuracy", "base_eval_accuracy"):
+    for key in ("train_loss", "eval_loss", "base_eval_loss", "eval_accuracy", "base_eval_accuracy"):
         assert isinstance(summary[key], float), key
     assert summary["train_data"]["records"] == 64 and summary["train_data"]["skipped_records"] == 0
     checkpoints = sorted(out.glob("checkpoint-*"))

@@ -134,6 +134,9 @@ def run(cfg: SFTConfig) -> dict:
         peft_config=lora_config(cfg.adapter),
         callbacks=[RunCallback(output_dir), nan_guard],
     )
+    if eval_rows and cfg.eval.before_training:
+        # A fresh LoRA adapter starts with B = 0, so this is the base model's loss on the same eval rows.
+        summary["base_eval_loss"] = trainer.evaluate(metric_key_prefix="base_eval")["base_eval_loss"]
     resume_from = latest_complete_checkpoint(output_dir) if cfg.resume else None
     if resume_from and main:
         print(f"resuming from {resume_from}")
@@ -173,3 +176,14 @@ def run(cfg: SFTConfig) -> dict:
         plot_loss(output_dir)
     state.wait_for_everyone()
     return summary
+
+
+def before_after_table(summary: dict) -> str:
+    """The eval figures before and after training, as the recipe prints them at the end."""
+    rows = [("eval loss", "base_eval_loss", "eval_loss"), ("verifier accuracy", "base_eval_accuracy", "eval_accuracy")]
+    lines = [f"{'':<20}{'before':>10}{'after':>10}"]
+    for label, before, after in rows:
+        if before in summary or after in summary:
+            fmt = lambda v: f"{v:>10.4f}" if isinstance(v, float) else f"{'-':>10}"  # noqa: E731
+            lines.append(f"{label:<20}{fmt(summary.get(before))}{fmt(summary.get(after))}")
+    return "\n".join(lines)
