@@ -169,6 +169,110 @@ class SFTConfig(RunConfig):
             raise ConfigError("adapter.method=qlora trains in bf16 or fp32 compute; set model.dtype to auto or bfloat16")
 
 
+@dataclass
+class PreferenceDataConfig:
+    """Preference pairs (a prompt, a chosen and a rejected reply) for the reward model and DPO."""
+
+    train: str = "bundled:suite_preference_train.jsonl"
+    """Training pairs: a json/jsonl/parquet/csv file, a ``datasets`` directory, a hub id, or ``bundled:FILE``."""
+    eval: str | None = "bundled:suite_preference_eval.jsonl"
+    """Held-out pairs, same forms as ``train``; ``null`` for none."""
+    format: str = "auto"
+    """Preference format: ``auto`` (detected), ``preference`` (prompt/chosen/rejected, TRL's), or ``hh`` (Anthropic
+    HH transcripts)."""
+    split: str | None = None
+    """Split to take from a hub id or a saved ``DatasetDict`` (default ``train``)."""
+    eval_split: str | None = None
+    """Split for ``eval`` when it is a hub id or ``DatasetDict`` (e.g. ``test_prefs``)."""
+    template: str = "llama3"
+    """Chat template: ``llama3``, ``llama2``, ``vicuna_v1.1``, ``alpaca``, ``chatml``, or ``tokenizer``. With
+    ``init``, it must be the template that run trained with."""
+    max_length: int = 512
+    """Longest prompt + reply in tokens. A pair whose prompt alone leaves no room for a reply is skipped; a longer
+    reply is cut to fit (DPO) or its pair skipped (reward model, which reads its score at the last token). Both are
+    counted and reported."""
+    max_train_samples: int | None = None
+    """Use only the first N training pairs (for quick runs)."""
+    max_eval_samples: int | None = None
+    """Use only the first N eval pairs."""
+
+
+@dataclass
+class RewardConfig(RunConfig):
+    """Bradley-Terry reward model: backbone + LoRA adapter + scalar head on preference pairs (``recipes/reward.py``)."""
+
+    output_dir: str = "runs/reward"
+    """Where the run writes config, metrics, checkpoints and the final adapter with its scalar head."""
+    init: str | None = None
+    """Run directory to start from (an SFT output, e.g. ``runs/sft``): its LoRA adapter initialises the reward
+    adapter, or its full weights become the backbone. ``null`` starts from ``model.name``."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.adapter.method == "full":
+            raise ConfigError("the reward model trains a LoRA adapter and a scalar head; set adapter.method to lora or qlora")
+        if self.adapter.method == "qlora" and self.model.dtype == "float16":
+            raise ConfigError("adapter.method=qlora trains in bf16 or fp32 compute; set model.dtype to auto or bfloat16")
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "label_smoothed")
+
+
+@dataclass
+class DPOParams:
+    """The DPO objective and its reference."""
+
+    loss: str = "sigmoid"
+    """``sigmoid`` (DPO, Rafailov et al. 2023), ``ipo`` (Azar et al. 2023, on per-token mean log-probs), ``hinge``
+    (SLiC-HF, Zhao et al. 2023), or ``label_smoothed`` (cDPO: DPO with labels assumed flipped with probability
+    ``label_smoothing``)."""
+    beta: float = 0.1
+    """Strength of the pull towards the reference (the SFT policy): smaller lets the policy move further."""
+    label_smoothing: float = 0.0
+    """Assumed label-flip probability for ``loss: label_smoothed``, in (0, 0.5); 0 for the other losses."""
+    precompute_ref_log_probs: bool = False
+    """Compute every pair's reference log-probs in one pass before training, so training runs no reference forward."""
+
+    def __post_init__(self):
+        if self.loss not in DPO_LOSSES:
+            raise ConfigError(f"dpo.loss must be one of {', '.join(DPO_LOSSES)}; got {self.loss!r}")
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta must be positive; got {self.beta}")
+        if self.loss == "label_smoothed" and not 0.0 < self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.loss=label_smoothed needs dpo.label_smoothing in (0, 0.5); got {self.label_smoothing}")
+        if self.loss != "label_smoothed" and self.label_smoothing != 0.0:
+            raise ConfigError(f"dpo.label_smoothing applies only to dpo.loss=label_smoothed (loss is {self.loss!r})")
+
+
+@dataclass
+class DPOConfig(RunConfig):
+    """Direct preference optimisation from an SFT run, the SFT policy frozen as the reference (``recipes/dpo.py``)."""
+
+    output_dir: str = "runs/dpo"
+    """Where the run writes config, metrics, checkpoints and the final policy adapter."""
+    init: str | None = None
+    """The SFT run to start from (required), e.g. ``runs/sft``: the policy is a trainable copy of its adapter and the
+    reference the same adapter frozen, both on one base. A full-weights SFT run becomes the base instead, with a new
+    LoRA adapter as the policy."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOParams = field(default_factory=DPOParams)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if not self.init:
+            raise ConfigError("dpo needs --init DIR: the SFT run to start from (e.g. --init runs/sft)")
+        if self.adapter.method == "full":
+            raise ConfigError("dpo trains a LoRA adapter on one shared base; set adapter.method to lora or qlora")
+        if self.adapter.method == "qlora" and self.model.dtype == "float16":
+            raise ConfigError("adapter.method=qlora trains in bf16 or fp32 compute; set model.dtype to auto or bfloat16")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -352,7 +456,7 @@ def load_yaml(cls: type, path: str | Path) -> Any:
 
 
 # Stage name -> its config class; a shipped YAML's file name starts with its stage (``sft_qlora.yaml``).
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig}
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig}
 
 
 def config_class_for(path: str | Path) -> type:
