@@ -82,3 +82,143 @@ def lora_config(adapter_cfg):
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One base, many adapters: a run's adapter loaded by name onto a base that is loaded once.
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def init_run_kind(run_dir: str | Path, option: str = "--init") -> str:
+    """What a run directory to start from holds: ``"adapter"`` (a LoRA run) or ``"full"`` (full weights).
+
+    Raises:
+        ConfigError: ``run_dir`` is missing or holds neither (named after ``option``, one line).
+    """
+    from .config import ConfigError
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ConfigError(f"{option} {run_dir}: no such directory (pass the output_dir of a finished SFT run)")
+    if (path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file():
+        return "adapter"
+    if (path / "config.json").is_file() and any(path.glob("model*.safetensors")):
+        return "full"
+    raise ConfigError(
+        f"{option} {run_dir}: not a finished run (no {ADAPTER_WEIGHTS} or model weights); pass the output_dir of a "
+        f"finished SFT run"
+    )
+
+
+def run_config(run_dir: str | Path) -> dict:
+    """The resolved ``config.yaml`` a run wrote (empty when there is none, e.g. a model downloaded elsewhere)."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def run_lora_config(run_dir: str | Path):
+    """The ``peft.LoraConfig`` an adapter run saved."""
+    from peft import LoraConfig
+
+    return LoraConfig.from_pretrained(str(run_dir))
+
+
+def load_adapter(model, run_dir: str | Path, adapter_name: str = "default", trainable: bool = False):
+    """Attach the adapter saved in ``run_dir`` to ``model`` under ``adapter_name``; returns the ``PeftModel``.
+
+    ``model`` is a bare base (it gets wrapped) or a ``PeftModel`` that already holds other adapters on the same base
+    (the adapter is added beside them, the base is not copied). ``trainable=False`` freezes the new adapter.
+    """
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(run_dir), adapter_name=adapter_name, is_trainable=trainable)
+        return model
+    return PeftModel.from_pretrained(model, str(run_dir), adapter_name=adapter_name, is_trainable=trainable)
+
+
+def copy_adapter_weights(peft_model, run_dir: str | Path, adapter_name: str = "default") -> int:
+    """Overwrite adapter ``adapter_name`` of ``peft_model`` with the LoRA weights saved in ``run_dir``.
+
+    For an adapter of the same shape on a different head, e.g. a reward model's adapter initialised from the SFT
+    policy's (the keys of ``LlamaForCausalLM`` and ``LlamaForSequenceClassification`` backbones agree). Returns how
+    many tensors were copied; raises ``ValueError`` if any saved tensor has no place in the model.
+    """
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    weights = load_peft_weights(str(run_dir), device="cpu")
+    result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+    if result.unexpected_keys:
+        raise ValueError(f"{run_dir}: adapter tensors with no place in the model: {result.unexpected_keys[:3]}")
+    return len(weights)
+
+
+def load_sequence_classifier(model_cfg, method: str = "lora", name_or_path: str | None = None, for_training: bool = True):
+    """The backbone of ``model_cfg`` with a new scalar head (``num_labels=1``): a reward or value model's base.
+
+    ``name_or_path`` overrides ``model_cfg.name`` (a full-weights run to start from). With ``method="qlora"`` the
+    backbone is 4-bit NF4 while the ``score`` head stays in ``model_cfg.dtype``, so it can be trained and saved.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    dtype = resolve_dtype(model_cfg.dtype)
+    kwargs = dict(dtype=dtype, attn_implementation=model_cfg.attn_implementation, num_labels=1)
+    if method == "qlora":
+        quant = quantization_config(dtype)
+        quant.llm_int8_skip_modules = ["score"]
+        kwargs["quantization_config"] = quant
+    # A causal LM checkpoint has no `score` head (it is new) and an `lm_head` the classifier does not use: expected.
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    with suppress_seqcls_warning():
+        model = AutoModelForSequenceClassification.from_pretrained(resolve_model(name_or_path or model_cfg.name), **kwargs)
+    if for_training:
+        model.config.use_cache = False
+    return model
+
+
+def check_init_run(run_dir: str | Path, model_name: str, template: str, option: str = "--init") -> str:
+    """Check that a run to start from exists and matches this run's base model and chat template; returns its kind
+    (:func:`init_run_kind`). An adapter trained on one base is meaningless on another, and a template other than the
+    one it learned would change every prompt, so both mismatches are one-line ``ConfigError``s."""
+    from .config import ConfigError
+
+    kind = init_run_kind(run_dir, option)
+    saved = run_config(run_dir)
+    saved_model = (saved.get("model") or {}).get("name")
+    if kind == "adapter" and saved_model and resolve_model(saved_model) != resolve_model(model_name):
+        raise ConfigError(
+            f"{option} {run_dir} trained an adapter on {saved_model!r} but model.name is {model_name!r}; "
+            f"pass --model.name={saved_model}"
+        )
+    saved_template = (saved.get("data") or {}).get("template")
+    if saved_template and saved_template != template:
+        raise ConfigError(
+            f"{option} {run_dir} was trained with template {saved_template!r} but data.template is {template!r}; "
+            f"pass --data.template={saved_template}"
+        )
+    return kind
+
+
+def adapter_config_from_run(adapter_cfg, run_dir: str | Path):
+    """``adapter_cfg`` with the LoRA shape (r, alpha, dropout, target modules) of the adapter saved in ``run_dir``,
+    and the names of the fields that changed: continuing an adapter fixes its shape."""
+    import dataclasses
+
+    saved = run_lora_config(run_dir)
+    shape = dict(
+        r=saved.r,
+        alpha=saved.lora_alpha,
+        dropout=saved.lora_dropout,
+        target_modules=sorted(saved.target_modules) if not isinstance(saved.target_modules, str) else [saved.target_modules],
+    )
+    current = dict(r=adapter_cfg.r, alpha=adapter_cfg.alpha, dropout=adapter_cfg.dropout,
+                   target_modules=sorted(adapter_cfg.target_modules))
+    changed = [k for k in shape if shape[k] != current[k]]
+    return dataclasses.replace(adapter_cfg, **shape), changed
