@@ -47,25 +47,36 @@ def verifier_accuracy(
     batch_size: int = 32,
     num_shown: int = 5,
 ) -> VerifierResult:
-    """Greedy-answer the last user turn of each conversation and score the answers with ``verifier``."""
+    """Greedy-answer the last user turn of each conversation and score the answers with ``verifier``.
+
+    Under several processes each answers its own share of the prompts; the results are gathered, so every process
+    returns the same figure over all prompts, each counted once.
+    """
+    from accelerate.utils import gather_object
+
+    from .runs import process_state
     from .templates import render_prompt, stop_token_ids
 
-    prompts, questions = [], []
-    for conv in conversations:
-        messages, question, _ = prompt_and_reference(conv)
-        prompts.append(render_prompt(template, messages, tokenizer))
-        questions.append(question)
-    completions = generate(
-        model,
-        tokenizer,
-        prompts,
-        stop_token_ids(template, tokenizer),
-        SamplingConfig(max_new_tokens=max_new_tokens),
-        batch_size=batch_size,
-    )
-    correct = [bool(verifier(q, c.text)) for q, c in zip(questions, completions)]
-    samples = [
-        {"prompt": q, "response": c.text, "correct": ok}
-        for q, c, ok in list(zip(questions, completions, correct))[:num_shown]
-    ]
+    state = process_state()
+    with state.split_between_processes(list(range(len(conversations)))) as indices:
+        prompts, questions = [], []
+        for i in indices:
+            messages, question, _ = prompt_and_reference(conversations[i])
+            prompts.append(render_prompt(template, messages, tokenizer))
+            questions.append(question)
+        completions = generate(
+            model,
+            tokenizer,
+            prompts,
+            stop_token_ids(template, tokenizer),
+            SamplingConfig(max_new_tokens=max_new_tokens),
+            batch_size=batch_size,
+        ) if prompts else []
+        local = [
+            {"index": i, "prompt": q, "response": c.text, "correct": bool(verifier(q, c.text))}
+            for i, q, c in zip(indices, questions, completions)
+        ]
+    results = sorted(gather_object(local) if state.num_processes > 1 else local, key=lambda r: r["index"])
+    correct = [r["correct"] for r in results]
+    samples = [{k: r[k] for k in ("prompt", "response", "correct")} for r in results[:num_shown]]
     return VerifierResult(sum(correct) / max(len(correct), 1), len(correct), samples)

@@ -35,6 +35,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def process_state():
+    """accelerate's process state, created CPU-aware: a plain ``PartialState()`` made before the trainer's
+    ``Accelerator`` would pin every CPU process to a non-distributed state and break CPU DDP."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def prepare_output_dir(output_dir: str | Path, resume: bool, overwrite: bool, is_main_process: bool = True) -> Path:
     """Create ``output_dir``; refuse a non-empty one unless resuming or overwriting (never silently clobber a run)."""
     path = Path(output_dir)

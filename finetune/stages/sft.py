@@ -26,6 +26,7 @@ from ..runs import (
     latest_complete_checkpoint,
     plot_loss,
     prepare_output_dir,
+    process_state,
     write_config,
     write_summary,
 )
@@ -79,12 +80,11 @@ def trl_arguments(cfg: SFTConfig, output_dir: Path, has_eval: bool):
 
 def run(cfg: SFTConfig) -> dict:
     """Train, evaluate and save; returns the summary also written to ``summary.json``."""
-    from accelerate import PartialState
     from datasets import Dataset
     from transformers import set_seed
     from trl import SFTTrainer
 
-    state = PartialState()
+    state = process_state()
     main = state.is_main_process
     output_dir = prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, main)
     state.wait_for_everyone()
