@@ -58,7 +58,8 @@ class RunSource:
     has_adapter: bool
     """A PEFT adapter (``adapter_config.json`` + weights) to put on ``base_model``."""
     base_model: str | None
-    """The base's name as the run's config gives it (``tiny``, a directory or a hub id); None for a full model."""
+    """The base's name as the run's config gives it (``tiny``, a directory or a hub id): the adapter goes onto it;
+    for a full model only recorded (from ``config.yaml`` or an earlier export's metadata; None if unknown)."""
     method: str
     """``lora``, ``qlora`` or ``full``."""
     template: str
@@ -116,9 +117,9 @@ def inspect_run(run_dir: str | Path, template: str | None = None) -> RunSource:
         )
     model_cfg = config.get("model") or {}
     adapter_cfg = config.get("adapter") or {}
-    base = None
+    base = model_cfg.get("name") or previous.get("base_model")
     if has_adapter:
-        base = model_cfg.get("name") or _read_json(path / "adapter_config.json").get("base_model_name_or_path")
+        base = base or _read_json(path / "adapter_config.json").get("base_model_name_or_path")
         if not base:
             raise ExportError(f"{run_dir}: no base model named in config.yaml (model.name) or adapter_config.json")
     method = adapter_cfg.get("method") or previous.get("adapter_method") or ("lora" if has_adapter else "full")
@@ -491,7 +492,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``finetune export``'s arguments."""
     parser.add_argument("run_dir", help="a run directory (config.yaml + adapter or full model) or a model directory")
     parser.add_argument("--to", required=True, help=f"output format: {', '.join(FORMATS)}")
-    parser.add_argument("--out", required=True, help="directory to create (replaced only with --overwrite)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="directory to create (default: RUN_DIR-FORMAT beside the run; replaced only with --overwrite)",
+    )
     parser.add_argument(
         "--dtype",
         default=None,
@@ -504,8 +509,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``finetune export``; a user error prints ``error: ...`` and returns 2."""
+    out = args.out or f"{Path(args.run_dir).resolve()}-{args.to}"
     try:
-        out = export(args.run_dir, args.to, args.out, args.dtype, args.overwrite, args.template, args.system)
+        out = export(args.run_dir, args.to, out, args.dtype, args.overwrite, args.template, args.system)
     except ExportError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -159,6 +159,9 @@ def test_merged_equals_base_plus_adapter_and_loads_alone(run_dir, tmp_path, toke
     assert diff < 1e-4, diff  # float32: merging reorders one sum (W x + B A x); measured ~2e-6
     metadata = json.loads((out / METADATA_FILE).read_text())
     assert metadata["dtype"] == "float32" and metadata["adapter_method"] == "lora"
+    # a merged export is itself a model directory: it exports again, keeping its template and origin
+    again = json.loads((export(out, "gguf", tmp_path / "gguf", dtype="f32") / METADATA_FILE).read_text())
+    assert (again["template"], again["base_model"], again["stop_tokens"]) == ("llama3", "tiny", metadata["stop_tokens"])
 
 
 @pytest.mark.parametrize("dtype, torch_dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
@@ -200,7 +203,8 @@ def test_full_fine_tune_exports_merged_and_gguf(tmp_path, tokenizer):
     original = AutoModelForCausalLM.from_pretrained(run).eval()
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     assert max_abs_diff(logits_of(exported, tokenizer), logits_of(original, tokenizer)) == 0.0
-    assert json.loads((out / METADATA_FILE).read_text())["base_model"] is None
+    metadata = json.loads((out / METADATA_FILE).read_text())
+    assert metadata["base_model"] == "tiny" and metadata["adapter_method"] == "full"
     gguf_out = export(run, "gguf", tmp_path / "gguf", dtype="f32")
     assert (gguf_out / "model.gguf").is_file()
 
