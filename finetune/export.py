@@ -175,8 +175,10 @@ def load_model(source: RunSource, dtype: str | None = None, merge: bool = True):
 
     torch_dtype = _torch_dtype(dtype)
     if not source.has_adapter:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype)
-        return model.eval()
+        try:
+            return AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype).eval()
+        except OSError as e:
+            raise ExportError(f"cannot load the model in {source.path}: {' '.join(str(e).split())}") from None
     try:
         base = AutoModelForCausalLM.from_pretrained(
             resolve_model(source.base_model), dtype=torch_dtype, attn_implementation=source.attn_implementation

@@ -124,3 +124,12 @@ def test_tiny_by_name_and_bad_inputs(tmp_path, capsys):
     status = cli.main(["chat", str(tmp_path), "--prompt", "Hi"])
     err = capsys.readouterr().err
     assert status == 2 and err.startswith("error: ") and "neither a PEFT adapter" in err and err.count("\n") == 1
+
+
+def test_chat_with_a_merged_export_uses_the_recorded_template(run_dir, tmp_path, capsys):
+    from finetune.export import export
+
+    merged = export(run_dir, "merged", tmp_path / "merged", dtype="float32")
+    status = cli.main(["chat", str(merged), "--prompt", FIRST, "--system", SYSTEM, "--temperature", "0"])
+    assert status == 0 and capsys.readouterr().out == f"{FIRST_REPLY}\n"
+    assert load_chat_model(str(merged)).template.name == "llama3"
