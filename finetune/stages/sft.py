@@ -16,7 +16,7 @@ import torch
 
 from ..config import SFTConfig
 from ..data import load_conversations, tokenize_conversations
-from ..evaluate import load_callable, verifier_accuracy
+from ..evaluate import eval_loss, load_callable, verifier_accuracy
 from ..models import load_base_model, load_tokenizer, lora_config, resolve_dtype, resolve_model
 from ..runs import (
     NonFiniteLossCallback,
@@ -116,6 +116,8 @@ def run(cfg: SFTConfig) -> dict:
     generation_convs = eval_convs[: cfg.eval.num_samples] if cfg.eval.num_samples else eval_convs
 
     summary: dict = {"model": cfg.model.name, "resolved_model": resolve_model(cfg.model.name)}
+    if eval_rows and cfg.eval.before_training:
+        summary["base_eval_loss"] = eval_loss(model, eval_rows, tokenizer.pad_token_id, cfg.train.per_device_batch_size)
     if verifier and cfg.eval.before_training:
         before = verifier_accuracy(
             model, tokenizer, template, generation_convs, verifier, cfg.eval.max_new_tokens, cfg.eval.batch_size
@@ -134,9 +136,6 @@ def run(cfg: SFTConfig) -> dict:
         peft_config=lora_config(cfg.adapter),
         callbacks=[RunCallback(output_dir), nan_guard],
     )
-    if eval_rows and cfg.eval.before_training:
-        # A fresh LoRA adapter starts with B = 0, so this is the base model's loss on the same eval rows.
-        summary["base_eval_loss"] = trainer.evaluate(metric_key_prefix="base_eval")["base_eval_loss"]
     resume_from = latest_complete_checkpoint(output_dir) if cfg.resume else None
     if resume_from and main:
         print(f"resuming from {resume_from}")
@@ -157,8 +156,9 @@ def run(cfg: SFTConfig) -> dict:
         train_data=train_report.as_dict(),
     )
     if eval_rows:
-        eval_metrics = trainer.evaluate()
-        summary["eval_loss"] = eval_metrics["eval_loss"]
+        summary["eval_loss"] = eval_loss(
+            trainer.model, eval_rows, tokenizer.pad_token_id, cfg.train.per_device_batch_size
+        )
         summary["eval_data"] = eval_report.as_dict()
         if not math.isfinite(summary["eval_loss"]):
             raise NonFiniteLossError(f"eval loss is {summary['eval_loss']}")
