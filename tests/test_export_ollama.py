@@ -5,6 +5,7 @@ Ollama is not installed here, so :func:`render_go` executes the subset of Go's `
 scoping, ``eq``/``ne``/``not``/``and``/``or``/``len``, fields, string literals) and fails on anything else. The data
 is what Ollama passes a ``.Messages`` template: the conversation (the Modelfile's SYSTEM prepended when it has no
 system message) as ``{"Role", "Content"}``. Ollama prepends BOS itself when the GGUF says ``add_bos_token``.
+Where a Go toolchain is installed, one test runs Go's own ``text/template`` on every case and compares.
 """
 
 import os
@@ -13,6 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 from test_export import CONVERSATION, make_run_dir, one_thread  # noqa: E402, F401 (one_thread: autouse)
@@ -306,6 +309,66 @@ def test_known_differences_are_the_documented_ones(tokenizer):
     with_template.chat_template = llama3.jinja
     with pytest.raises(ExportError, match="no Ollama template"):
         ollama_template(get_template("tokenizer", with_template), with_template)
+
+
+GO_RENDERER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct {
+	Role    string
+	Content string
+}
+
+func main() {
+	var cases []struct {
+		Template string
+		Messages []Message
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&cases); err != nil {
+		panic(err)
+	}
+	out := []string{}
+	for _, c := range cases {
+		var b strings.Builder
+		t := template.Must(template.New("").Parse(c.Template))
+		if err := t.Execute(&b, map[string]any{"Messages": c.Messages}); err != nil {
+			panic(err)
+		}
+		out = append(out, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs a Go toolchain (checks the renderer against Go itself)")
+def test_go_itself_renders_the_modelfiles_as_our_renderer_does(tokenizer, tmp_path):
+    """Go's own text/template (the engine Ollama runs) on every template and case above, plus contents with quotes,
+    braces, backslashes and surrounding whitespace: the same strings as :func:`render_go`."""
+    odd = [
+        [{"role": "user", "content": " padded \n"}],
+        [{"role": "user", "content": "Translate.\n\nGood morning"}],
+        [SYSTEM, {"role": "user", "content": 'a "quoted" {{x}} \\ back'}],
+    ]
+    cases, expected = [], []
+    for name in OLLAMA_TEMPLATES:
+        source = ollama_template(get_template(name, tokenizer), tokenizer)
+        for messages in [m for m, _ in _cases(name)] + odd:
+            cases.append(
+                {"Template": source, "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
+            )
+            expected.append(ollama_render(source, messages))
+    (tmp_path / "main.go").write_text(GO_RENDERER)
+    result = subprocess.run(
+        ["go", "run", str(tmp_path / "main.go")], input=json.dumps(cases), capture_output=True, text=True, check=True
+    )
+    assert json.loads(result.stdout) == expected
 
 
 def test_modelfile_lines(tokenizer):
