@@ -158,6 +158,9 @@ class RunConfig:
 class SFTConfig(RunConfig):
     """Supervised fine-tuning (``recipes/sft.py``)."""
 
+    init: str | None = None
+    """A finished SFT run to continue (e.g. ``runs/sft``): its LoRA adapter is trained further, with its shape, or its
+    full weights become the base. ``null`` starts from ``model.name``."""
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)

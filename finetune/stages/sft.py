@@ -8,16 +8,26 @@ the run directory contract, counted truncation, verifier accuracy before and aft
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
 
 import torch
 
-from ..config import SFTConfig
+from ..config import ConfigError, SFTConfig
 from ..data import load_conversations, tokenize_conversations
 from ..evaluate import eval_loss, load_callable, verifier_accuracy
-from ..models import load_base_model, load_tokenizer, lora_config, resolve_dtype, resolve_model
+from ..models import (
+    adapter_config_from_run,
+    check_init_run,
+    load_adapter,
+    load_base_model,
+    load_tokenizer,
+    lora_config,
+    resolve_dtype,
+    resolve_model,
+)
 from ..runs import (
     NonFiniteLossCallback,
     NonFiniteLossError,
@@ -78,6 +88,30 @@ def trl_arguments(cfg: SFTConfig, output_dir: Path, has_eval: bool):
     )
 
 
+def resolve_init(cfg: SFTConfig) -> tuple[SFTConfig, str | None]:
+    """Check ``cfg.init`` (if any) and take the adapter shape from it: ``(cfg, init kind or None)``."""
+    if not cfg.init:
+        return cfg, None
+    kind = check_init_run(cfg.init, cfg.model.name, cfg.data.template)
+    if kind == "adapter":
+        if cfg.adapter.method == "full":
+            raise ConfigError(f"--init {cfg.init} is a LoRA run; continue it with adapter.method lora or qlora")
+        adapter, _ = adapter_config_from_run(cfg.adapter, cfg.init)
+        cfg = dataclasses.replace(cfg, adapter=adapter)
+    return cfg, kind
+
+
+def load_model(cfg: SFTConfig, init_kind: str | None):
+    """The model to train and the ``peft_config`` for TRL: a new adapter on ``model.name`` (or on a full-weights
+    ``init``), or the ``init`` run's adapter loaded trainable (then ``peft_config`` is ``None``)."""
+    if init_kind == "adapter":
+        base = load_base_model(cfg.model, cfg.adapter.method)
+        return load_adapter(base, cfg.init, trainable=True), None
+    if init_kind == "full":
+        return load_base_model(dataclasses.replace(cfg.model, name=cfg.init), cfg.adapter.method), lora_config(cfg.adapter)
+    return load_base_model(cfg.model, cfg.adapter.method), lora_config(cfg.adapter)
+
+
 def run(cfg: SFTConfig) -> dict:
     """Train, evaluate and save; returns the summary also written to ``summary.json``."""
     from datasets import Dataset
@@ -86,6 +120,7 @@ def run(cfg: SFTConfig) -> dict:
 
     state = process_state()
     main = state.is_main_process
+    cfg, init_kind = resolve_init(cfg)  # a bad --init fails before anything is written
     output_dir = prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, main)
     state.wait_for_everyone()
     if cfg.resume and main:
@@ -111,11 +146,13 @@ def run(cfg: SFTConfig) -> dict:
     if not train_rows:
         raise ValueError(f"no training rows left from {cfg.data.train}: {train_report.describe('train data')}")
 
-    model = load_base_model(cfg.model, cfg.adapter.method)
+    model, peft_config = load_model(cfg, init_kind)
     verifier = load_callable(cfg.eval.verifier) if cfg.eval.verifier and eval_convs else None
     generation_convs = eval_convs[: cfg.eval.num_samples] if cfg.eval.num_samples else eval_convs
 
     summary: dict = {"model": cfg.model.name, "resolved_model": resolve_model(cfg.model.name)}
+    if cfg.init:
+        summary["init"] = cfg.init
     if eval_rows and cfg.eval.before_training:
         summary["base_eval_loss"] = eval_loss(model, eval_rows, tokenizer.pad_token_id, cfg.train.per_device_batch_size)
     if verifier and cfg.eval.before_training:
@@ -133,7 +170,7 @@ def run(cfg: SFTConfig) -> dict:
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg.adapter),
+        peft_config=peft_config,
         callbacks=[RunCallback(output_dir), nan_guard],
     )
     resume_from = latest_complete_checkpoint(output_dir) if cfg.resume else None
