@@ -72,7 +72,7 @@ class DataConfig:
     """Split for ``eval`` when it is a hub id or ``DatasetDict`` (e.g. ``test``)."""
     template: str = "llama3"
     """Chat template: ``llama3``, ``llama2``, ``vicuna_v1.1``, ``alpaca``, ``chatml``, or ``tokenizer`` (the model's own)."""
-    max_length: int = 512
+    max_length: int = 256
     """Longest sequence in tokens; longer conversations are truncated and the truncated tokens are reported."""
     packing: bool = True
     """Pack conversations best-fit-decreasing into rows of ``max_length`` without padding, positions restarting per
@@ -85,13 +85,13 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     """Peak learning rate of AdamW."""
     num_epochs: float = 3.0
     """Epochs over the training data (ignored when ``max_steps`` is set)."""
     max_steps: int = -1
     """Optimizer steps to take; -1 derives them from ``num_epochs``."""
-    per_device_batch_size: int = 8
+    per_device_batch_size: int = 4
     """Rows per device per micro-batch (a row is a packed sequence when packing)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step. Global batch = per_device_batch_size x accumulation x processes."""
