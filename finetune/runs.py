@@ -188,16 +188,19 @@ class RunCallback(TrainerCallback):
 
 
 class NonFiniteLossCallback(TrainerCallback):
-    """Stop training at the first logged NaN/inf loss, keeping the last good checkpoint (no save after it)."""
+    """Stop at the first logged NaN/inf loss or gradient norm, without saving: the last checkpoint stays the last
+    good one. (Trainers must log with ``logging_nan_inf_filter=False``, or transformers hides a NaN loss as 0.)"""
 
     def __init__(self):
         self.bad_step: int | None = None
-        self.bad_value: float | None = None
+        self.bad_value: str | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            self.bad_step, self.bad_value = state.global_step, loss
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value) and self.bad_step is None:
+                self.bad_step, self.bad_value = state.global_step, f"{key} {value}"
+        if self.bad_step is not None:
             control.should_training_stop = True
             control.should_save = False
             control.should_evaluate = False

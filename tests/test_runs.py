@@ -52,3 +52,12 @@ def test_non_finite_loss_stops_without_saving(tmp_path, bad):
     guard.on_log(args, state, control, logs={"loss": bad})
     assert control.should_training_stop and not control.should_save
     assert guard.bad_step == 7
+
+
+def test_non_finite_gradient_norm_also_stops(tmp_path):
+    guard = NonFiniteLossCallback()
+    control = TrainerControl(should_save=True)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    guard.on_log(args, TrainerState(global_step=2), control, logs={"loss": 6.9, "grad_norm": math.nan})
+    assert control.should_training_stop and not control.should_save
+    assert guard.bad_value == "grad_norm nan"

@@ -145,3 +145,20 @@ def test_resume_after_kill_reproduces_the_uninterrupted_loss_curve(tmp_path):
     assert "resuming from" in output
     # metrics.jsonl holds the killed run's rows and the resumed run's; the latest row per step wins.
     assert _losses(killed) == pytest.approx(_losses(straight), rel=1e-4)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    """A learning rate of 1e9 makes the gradients NaN at step 2: the run stops there with one line naming the step,
+    writes no checkpoint, adapter or summary after it, and checkpoint-1 stays complete for --resume."""
+    out = tmp_path / "run"
+    code = run_recipe([
+        "--output_dir", str(out), "--data.max_train_samples=32", "--data.eval=null", "--train.max_steps=6",
+        "--train.logging_steps=1", "--train.save_steps=1", "--train.learning_rate=1e9", "--train.warmup_ratio=0",
+        "--eval.before_training=false",
+    ])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error: grad_norm nan at step 2; stopped without saving" in err and "checkpoint-1" in err
+    assert (out / "checkpoint-1" / "checkpoint_complete.json").is_file()
+    assert not (out / "checkpoint-2").exists()
+    assert not (out / "summary.json").exists() and not (out / "adapter_model.safetensors").exists()

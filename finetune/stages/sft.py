@@ -82,6 +82,7 @@ def trl_arguments(cfg: SFTConfig, output_dir: Path, has_eval: bool):
         eval_packing=cfg.data.packing,
         shuffle_dataset=False,
         report_to=["tensorboard"],
+        logging_nan_inf_filter=False,  # the default logs a NaN loss as 0, hiding it from NonFiniteLossCallback
         save_only_model=False,
         dataset_num_proc=None,
         remove_unused_columns=True,
@@ -182,7 +183,7 @@ def run(cfg: SFTConfig) -> dict:
     if nan_guard.bad_step is not None:
         last_good = latest_complete_checkpoint(output_dir)
         raise NonFiniteLossError(
-            f"loss became {nan_guard.bad_value} at step {nan_guard.bad_step}; stopped without saving. "
+            f"{nan_guard.bad_value} at step {nan_guard.bad_step}; stopped without saving. "
             f"Last good checkpoint: {last_good or 'none'}. Lower train.learning_rate or check the data."
         )
 
