@@ -276,6 +276,227 @@ class DPOConfig(RunConfig):
             raise ConfigError("adapter.method=qlora trains in bf16 or fp32 compute; set model.dtype to auto or bfloat16")
 
 
+@dataclass
+class SamplingParams:
+    """How responses are sampled (``finetune.generation``): batched, with a KV cache, stopping at the template's
+    end-of-turn tokens."""
+
+    num_samples: int = 4
+    """Responses sampled per prompt (K)."""
+    max_new_tokens: int = 32
+    """Longest response in tokens; a response that reaches it without an end-of-turn token is cut there."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 is greedy (then every sample of a prompt is the same)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p (1 keeps all)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 keeps all)."""
+    batch_size: int = 64
+    """Sequences generated together per process."""
+    seed: int = 0
+    """Sampling seed (each process adds its index): the same seed repeats the samples on CPU."""
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise ConfigError(f"sampling.num_samples must be at least 1; got {self.num_samples}")
+        if self.temperature < 0:
+            raise ConfigError(f"sampling.temperature must be >= 0; got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sampling.top_p must be in (0, 1]; got {self.top_p}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("sampling.max_new_tokens and sampling.batch_size must be at least 1")
+
+
+@dataclass
+class ScoreConfig:
+    """What scores a response (``finetune.scorers``): a verifier, a reward model, or the weighted sum of both."""
+
+    verifier: str | None = "finetune.suite:verify"
+    """``module:function`` taking (prompt, response) and returning a bool or a number; ``null`` for none. The default
+    checks answers to the bundled suite."""
+    verifier_weight: float = 1.0
+    """Weight of the verifier's score in the sum."""
+    reward_model: str | None = None
+    """A finished reward run (``recipes/reward.py``'s output_dir, e.g. ``runs/reward``); ``null`` for none."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's score in the sum."""
+
+    def __post_init__(self):
+        if not self.verifier and not self.reward_model:
+            raise ConfigError("score needs a verifier, a reward_model or both (score.verifier / score.reward_model)")
+
+
+@dataclass
+class RejectionParams:
+    """Which samples are kept, and the preference pairs written beside them."""
+
+    selection: str = "best"
+    """``best``: each prompt's highest-scoring sample (Llama 2); ``threshold``: every sample scoring at least
+    ``threshold``."""
+    threshold: float = 1.0
+    """Lowest kept score for ``selection: threshold``."""
+    min_score: float | None = None
+    """With ``selection: best``, keep a prompt's best sample only if it scores at least this (e.g. 1 with a verifier,
+    so a wrong best answer is not trained on); ``null`` keeps every prompt's best."""
+    preference_pairs: bool = True
+    """Also write ``pairs.jsonl``: each prompt's best against its worst sample (Llama 3 style), a preference
+    dataset for ``recipes/dpo.py``."""
+    min_margin: float = 0.0
+    """A pair is written only if best - worst exceeds this (prompts whose samples all score alike give none)."""
+
+    def __post_init__(self):
+        if self.selection not in ("best", "threshold"):
+            raise ConfigError(f"rejection.selection must be best or threshold; got {self.selection!r}")
+
+
+@dataclass
+class RejectionSamplingConfig(RunConfig):
+    """Rejection sampling from an SFT run: K samples per prompt, scored; the best kept and fine-tuned on with the SFT
+    stage (``recipes/rejection_sampling.py``)."""
+
+    output_dir: str = "runs/rejection_sampling"
+    """Where the run writes config, samples, kept samples, pairs and summary; the fine-tuned model goes to
+    ``OUTPUT_DIR/sft``."""
+    init: str | None = None
+    """The SFT run to sample from and fine-tune further (required), e.g. ``runs/sft``."""
+    generate_only: bool = False
+    """Write the samples, kept samples and pairs, and stop before fine-tuning."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    rejection: RejectionParams = field(default_factory=RejectionParams)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if not self.init:
+            raise ConfigError("rejection sampling needs --init DIR: the SFT run to sample from (e.g. --init runs/sft)")
+        if self.adapter.method == "full":
+            raise ConfigError("rejection sampling continues the SFT adapter; set adapter.method to lora or qlora")
+        if self.adapter.method == "qlora" and self.model.dtype == "float16":
+            raise ConfigError("adapter.method=qlora trains in bf16 or fp32 compute; set model.dtype to auto or bfloat16")
+        if self.resume:
+            raise ConfigError("rejection sampling cannot --resume; rerun with --overwrite")
+
+
+@dataclass
+class PromptDataConfig:
+    """Prompts to sample from: each conversation up to its last user turn (a reply after it is ignored)."""
+
+    train: str = "bundled:suite_messages_train.jsonl"
+    """Prompts for the rollouts: a json/jsonl/parquet/csv file, a ``datasets`` directory, a hub id, or
+    ``bundled:FILE``."""
+    eval: str | None = "bundled:suite_messages_eval.jsonl"
+    """Held-out conversations for verifier accuracy before and after; ``null`` for none."""
+    format: str = "auto"
+    """Data format: ``auto`` (detected), ``alpaca``, ``sharegpt``, ``messages``, ``hh``."""
+    split: str | None = None
+    """Split to take from a hub id or a saved ``DatasetDict`` (default ``train``)."""
+    eval_split: str | None = None
+    """Split for ``eval`` when it is a hub id or ``DatasetDict``."""
+    template: str = "llama3"
+    """Chat template; it must be the one the ``init`` run trained with."""
+    max_prompt_length: int = 192
+    """Longest prompt in tokens; longer prompts are skipped and counted."""
+    max_train_samples: int | None = None
+    """Use only the first N prompts."""
+    max_eval_samples: int | None = None
+    """Use only the first N eval conversations."""
+
+
+@dataclass
+class PPOParams:
+    """The PPO loop: rollouts, the KL penalty, GAE and the clipped updates (``finetune.losses``)."""
+
+    num_iterations: int = 20
+    """Rollout-and-update iterations."""
+    rollout_batch_size: int = 32
+    """Prompts per iteration over all processes (each process samples its share, ``sampling.num_samples`` each)."""
+    mini_batch_size: int = 8
+    """Responses per process per optimizer step."""
+    ppo_epochs: int = 2
+    """Passes over each iteration's responses."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate of the policy and value adapters and the value head (constant after warm-up)."""
+    warmup_ratio: float = 0.0
+    """Fraction of optimizer steps with a linear warm-up."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (policy and value together)."""
+    clip_range: float = 0.2
+    """PPO ratio clip epsilon of the policy loss."""
+    clip_range_value: float = 0.2
+    """Clip of the value update around the rollout's values."""
+    value_loss_coef: float = 0.1
+    """Weight of the value loss in the total loss."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    kl_coef: float = 0.05
+    """KL penalty coefficient (its starting value when ``adaptive_kl``)."""
+    adaptive_kl: bool = False
+    """Steer the coefficient towards ``kl_target`` (Ziegler et al. 2019) instead of keeping it fixed."""
+    kl_target: float = 1.0
+    """KL to the reference (nats per response) the adaptive controller steers towards."""
+    kl_horizon: float = 10000.0
+    """Responses it takes the adaptive controller to move the coefficient by about the clipped error."""
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards (mean kept) before GAE."""
+    missing_stop_penalty: float | None = None
+    """Subtracted from the score of a response that never produced an end-of-turn token; ``null`` for none."""
+    seed: int = 42
+    """Seed for the value head, prompt order and minibatch shuffling."""
+
+    def __post_init__(self):
+        if min(self.num_iterations, self.rollout_batch_size, self.mini_batch_size, self.ppo_epochs) < 1:
+            raise ConfigError("ppo.num_iterations, rollout_batch_size, mini_batch_size and ppo_epochs must be >= 1")
+        if self.learning_rate <= 0 or self.kl_coef < 0 or self.clip_range <= 0 or self.clip_range_value <= 0:
+            raise ConfigError("ppo.learning_rate, clip_range, clip_range_value must be positive and kl_coef >= 0")
+        if self.adaptive_kl and self.kl_target <= 0:
+            raise ConfigError(f"ppo.kl_target must be positive with adaptive_kl; got {self.kl_target}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"ppo.warmup_ratio must be in [0, 1); got {self.warmup_ratio}")
+
+
+@dataclass
+class PPOConfig(RunConfig):
+    """PPO from an SFT run with a critic: policy, reference, value and reward as adapters on one base
+    (``recipes/ppo.py``)."""
+
+    output_dir: str = "runs/ppo"
+    """Where the run writes config, metrics, summary, the policy adapter (at the top) and the value adapter and
+    head (``value/``)."""
+    init: str | None = None
+    """The SFT run to start from (required), e.g. ``runs/sft``: the policy is a trainable copy of its adapter, the
+    reference the same adapter frozen."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    ppo: PPOParams = field(default_factory=PPOParams)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if not self.init:
+            raise ConfigError("ppo needs --init DIR: the SFT run to start from (e.g. --init runs/sft)")
+        if self.adapter.method == "full":
+            raise ConfigError("ppo trains adapters on one shared base; set adapter.method to lora or qlora")
+        if self.adapter.method == "qlora" and self.model.dtype == "float16":
+            raise ConfigError("adapter.method=qlora trains in bf16 or fp32 compute; set model.dtype to auto or bfloat16")
+        if self.sampling.temperature <= 0 or self.sampling.top_p != 1.0 or self.sampling.top_k != 0:
+            raise ConfigError(
+                "ppo samples from the policy itself: set sampling.temperature > 0, sampling.top_p=1 and sampling.top_k=0"
+                " (truncated sampling would make the rollout log-probs wrong)"
+            )
+        if self.resume:
+            raise ConfigError("ppo cannot --resume yet; rerun with --overwrite")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -419,7 +640,7 @@ def parse_args(cls: type, argv: list[str] | None = None) -> Any:
             raise ConfigError(f"unexpected argument {arg!r}; options look like --section.key=value")
         key, eq, value = arg[2:].partition("=")
         if not eq:
-            if key in ("resume", "overwrite"):
+            if key in ("resume", "overwrite", "generate_only"):
                 value = "true"
             elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 i += 1
@@ -458,13 +679,26 @@ def load_yaml(cls: type, path: str | Path) -> Any:
     return parse_args(cls, ["--config", str(path)])
 
 
-# Stage name -> its config class; a shipped YAML's file name starts with its stage (``sft_qlora.yaml``).
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig}
+# Stage name -> its config class; a shipped YAML's file name starts with its stage (``sft_qlora.yaml``,
+# ``rejection_sampling.yaml``).
+STAGE_CONFIGS: dict[str, type] = {
+    "sft": SFTConfig,
+    "reward": RewardConfig,
+    "dpo": DPOConfig,
+    "rejection_sampling": RejectionSamplingConfig,
+    "ppo": PPOConfig,
+}
+
+
+def stage_of(path: str | Path) -> str:
+    """The stage a shipped YAML belongs to: the longest stage name its file name equals or starts with, then ``_``."""
+    stem = Path(path).stem
+    matches = [s for s in STAGE_CONFIGS if stem == s or stem.startswith(f"{s}_")]
+    if not matches:
+        raise ConfigError(f"{path}: file name should start with a stage ({', '.join(STAGE_CONFIGS)})")
+    return max(matches, key=len)
 
 
 def config_class_for(path: str | Path) -> type:
     """The config class of a shipped YAML, from the stage its file name starts with."""
-    stage = Path(path).stem.split("_")[0]
-    if stage not in STAGE_CONFIGS:
-        raise ConfigError(f"{path}: file name should start with a stage ({', '.join(STAGE_CONFIGS)})")
-    return STAGE_CONFIGS[stage]
+    return STAGE_CONFIGS[stage_of(path)]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import config_class_for, load_yaml
+from finetune.config import config_class_for, load_yaml, stage_of
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 SHIPPED = sorted(CONFIG_DIR.rglob("*.yaml"))
@@ -18,6 +18,6 @@ def test_configs_are_shipped():
 def test_shipped_config_loads(path):
     cfg = load_yaml(config_class_for(path), path)
     header = path.read_text().split("\n\n")[0]
-    stage = path.stem.split("_")[0]
+    stage = stage_of(path)
     assert f"recipes/{stage}.py --config recipes/configs/{path.relative_to(CONFIG_DIR)}" in header
     assert cfg.model.name
