@@ -33,6 +33,9 @@ class Completion:
     token_ids: list[int]
     text: str
     stopped: bool
+    stop_id: int | None = None
+    """The stop token the reply ended on (``None`` if it ran to ``max_new_tokens``): a trainer that scores the
+    sampled tokens, PPO's, appends it to ``token_ids`` so the policy learns to end its turn."""
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,13 +95,14 @@ def cut_at_stop(token_ids: list[int], stop_ids: list[int], pad_id: int, tokenize
     """Keep the tokens before the first stop token (later tokens are padding after the row finished)."""
     stops = set(stop_ids)
     kept: list[int] = []
-    stopped = False
+    stop_id = None
     for tok in token_ids:
         if tok in stops:
-            stopped = True
+            stop_id = tok
             break
         kept.append(tok)
+    stopped = stop_id is not None
     if not stopped:  # rows that ran to max_new_tokens carry no padding, but strip any to be safe
         while kept and kept[-1] == pad_id and pad_id not in stops:
             kept.pop()
-    return Completion(kept, tokenizer.decode(kept, skip_special_tokens=True), stopped)
+    return Completion(kept, tokenizer.decode(kept, skip_special_tokens=True), stopped, stop_id)
