@@ -222,3 +222,78 @@ def adapter_config_from_run(adapter_cfg, run_dir: str | Path):
                    target_modules=sorted(adapter_cfg.target_modules))
     changed = [k for k in shape if shape[k] != current[k]]
     return dataclasses.replace(adapter_cfg, **shape), changed
+
+
+def activate_adapter(peft_model, adapter_name: str, trainable: tuple[str, ...] | list[str] = ()) -> None:
+    """Make ``adapter_name`` the active role of a base that holds several adapters, without changing which adapters
+    train: PEFT's ``set_adapter`` would make the active adapter trainable and freeze every other one, so after it only
+    the adapters named in ``trainable`` get ``requires_grad`` back (the same set whichever role is active)."""
+    peft_model.set_adapter(adapter_name, inference_mode=True)
+    if trainable:
+        peft_model.set_requires_grad(list(trainable), True)
+
+
+def load_scalar_head_adapter(peft_model, run_dir: str | Path, adapter_name: str, trainable: bool = False):
+    """Put a reward run's LoRA adapter (``recipes/reward.py``: a sequence-classifier adapter whose saved
+    ``modules_to_save`` hold the ``score`` head) on a causal-LM ``PeftModel`` as adapter ``adapter_name``, and return
+    its head as a separate ``torch.nn.Linear(hidden, 1, bias=False)``.
+
+    The backbone keys of ``LlamaForSequenceClassification`` and ``LlamaForCausalLM`` agree, so the LoRA tensors go on
+    the shared base as they are; the head reads the backbone's last hidden state, as the classifier's ``score`` does.
+    ``trainable`` sets ``requires_grad`` on the adapter and the head (a value model starts from the reward model).
+    """
+    import torch
+    from peft import LoraConfig
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    saved = run_lora_config(run_dir)
+    peft_model.add_adapter(
+        adapter_name,
+        LoraConfig(
+            r=saved.r,
+            lora_alpha=saved.lora_alpha,
+            lora_dropout=saved.lora_dropout,
+            target_modules=saved.target_modules,
+            bias=saved.bias,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    weights = load_peft_weights(str(run_dir), device="cpu")
+    heads = [k for k in weights if k.endswith("score.weight")]
+    if len(heads) != 1:
+        raise ValueError(f"{run_dir}: expected one scalar head (score.weight) in the adapter; found {heads or 'none'}")
+    head_weight = weights.pop(heads[0])
+    if head_weight.shape[0] != 1:
+        raise ValueError(f"{run_dir}: the head has {head_weight.shape[0]} outputs; a reward model has 1")
+    result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+    if result.unexpected_keys:
+        raise ValueError(f"{run_dir}: adapter tensors with no place in the model: {result.unexpected_keys[:3]}")
+    head = torch.nn.Linear(head_weight.shape[1], 1, bias=False, dtype=head_weight.dtype)
+    with torch.no_grad():
+        head.weight.copy_(head_weight)
+    head.requires_grad_(trainable)
+    peft_model.set_requires_grad(adapter_name, trainable)
+    return head
+
+
+def backbone_hidden_states(peft_model, input_ids, attention_mask):
+    """``[B, T, H]`` last hidden states (after the final norm) of a causal LM's backbone with the active adapter:
+    what the LM head turns into logits and a scalar head into a score or a value."""
+    causal_lm = peft_model.get_base_model()
+    return causal_lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def save_adapter(peft_model, adapter_name: str, out_dir: str | Path) -> Path:
+    """Save one named adapter of a multi-adapter model at the top of ``out_dir`` (``adapter_config.json`` and
+    ``adapter_model.safetensors``), loadable as a run's adapter like any other; PEFT's ``save_pretrained`` would put
+    a non-default adapter in a sub-directory named after it."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, out_dir / ADAPTER_WEIGHTS,
+              metadata={"format": "pt"})
+    peft_model.peft_config[adapter_name].save_pretrained(str(out_dir))
+    return out_dir
