@@ -1,0 +1,476 @@
+"""PPO from an SFT run with a critic, on accelerate: policy, reference, value and reward as adapters on one base.
+
+The base (bf16/fp32, or 4-bit NF4 for QLoRA) is loaded once. Every role is a named PEFT adapter on it, and switching
+roles is ``activate_adapter`` (PEFT's ``set_adapter``, keeping the trainable set fixed):
+
+- ``policy``: the SFT adapter, trainable;
+- ``reference``: the same SFT adapter, frozen (the KL anchor is the SFT model, never the raw base);
+- ``value``: an adapter plus a scalar head (``torch.nn.Linear(hidden, 1)`` on the last hidden state), trainable; it
+  starts from the reward model's adapter and head when one is given, else from the SFT adapter and a zero head;
+- ``reward``: the reward run's adapter and head, frozen, when ``score.reward_model`` is set; a verifier (any
+  ``module:function``) can be used instead or added to it (``finetune.scorers``).
+
+One iteration (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155; the conventions of "The N Implementation
+Details of RLHF with PPO", Huang et al. 2024):
+
+1. Rollout: each process samples responses for its share of the iteration's prompts (``finetune.generation``) and
+   scores them; then, without gradients, the rollout policy's, the reference's and the value head's per-token
+   log-probs and values are computed.
+2. Rewards and advantages: per-token KL penalty against the reference plus the score at the last token
+   (``per_token_rewards``), ``gae`` advantages and returns, advantages whitened (``masked_whiten``).
+3. Updates: ``ppo_epochs`` passes of shuffled minibatches; each is one forward of the policy and one of the value
+   adapter (:class:`PolicyAndValue`, the module accelerate prepares), ``ppo_policy_loss`` +
+   ``value_loss_coef * ppo_value_loss``, backward, gradient clipping, an AdamW step.
+4. The KL controller is updated with the rollout's KL; the iteration's figures go to ``metrics.jsonl``.
+
+Dropout stays off (the model is in eval mode throughout), so at the first minibatch the policy's log-probs equal
+the rollout's and the ratio is exactly 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+
+import torch
+
+from ..config import ConfigError, PPOConfig
+from ..data import load_conversations
+from ..evaluate import load_callable, verifier_accuracy
+from ..generation import SamplingConfig, generate
+from ..logprobs import chunked_token_logprobs, entropy_from_logits, masked_whiten
+from ..losses import AdaptiveKLController, FixedKLController, gae, per_token_rewards, ppo_policy_loss, ppo_value_loss
+from ..models import (
+    activate_adapter,
+    adapter_config_from_run,
+    backbone_hidden_states,
+    check_init_run,
+    load_adapter,
+    load_base_model,
+    load_scalar_head_adapter,
+    load_tokenizer,
+    resolve_model,
+    run_config,
+    save_adapter,
+)
+from ..runs import plot_loss, prepare_output_dir, process_state, write_config, write_summary
+from ..scorers import Sample, build_scorer
+from ..templates import get_template, render, save_with_template, stop_token_ids
+from .rejection_sampling import Prompt, load_prompts
+
+POLICY, REFERENCE, VALUE, REWARD = "policy", "reference", "value", "reward"
+TRAINABLE = (POLICY, VALUE)
+"""The adapters the optimizer holds; ``reference`` and ``reward`` never train."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The roles on one base
+
+
+@dataclasses.dataclass
+class Roles:
+    """The shared base with its adapters, and the scalar heads of the value and reward roles."""
+
+    model: object
+    """``peft.PeftModel`` holding the ``policy``, ``reference``, ``value`` and (optionally) ``reward`` adapters."""
+    value_head: torch.nn.Linear
+    reward_head: torch.nn.Linear | None
+
+    def use(self, role: str) -> None:
+        """Switch the base to ``role``'s adapter (the trainable set stays ``policy`` and ``value``)."""
+        activate_adapter(self.model, role, TRAINABLE)
+
+
+def load_roles(cfg: PPOConfig) -> Roles:
+    """Load the base once and put the four roles on it (see the module docstring)."""
+    base = load_base_model(cfg.model, cfg.adapter.method)
+    model = load_adapter(base, cfg.init, POLICY, trainable=True)
+    load_adapter(model, cfg.init, REFERENCE, trainable=False)
+    reward_head = None
+    if cfg.score.reward_model:
+        reward_head = load_scalar_head_adapter(model, cfg.score.reward_model, REWARD, trainable=False)
+        value_head = load_scalar_head_adapter(model, cfg.score.reward_model, VALUE, trainable=True)
+    else:
+        load_adapter(model, cfg.init, VALUE, trainable=True)
+        value_head = torch.nn.Linear(base.config.hidden_size, 1, bias=False)
+        torch.nn.init.zeros_(value_head.weight)
+    device = next(model.parameters()).device
+    roles = Roles(model, value_head.to(device), reward_head.to(device) if reward_head is not None else None)
+    roles.use(POLICY)
+    model.eval()  # no dropout anywhere: rollout and update log-probs must agree
+    return roles
+
+
+def scalar_head(roles: Roles, head: torch.nn.Linear, input_ids, attention_mask) -> torch.Tensor:
+    """``[B, T]`` head outputs at every position with the active adapter."""
+    hidden = backbone_hidden_states(roles.model, input_ids, attention_mask)
+    return head(hidden.to(head.weight.dtype)).squeeze(-1)
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The trainable part as one module, so accelerate can prepare it (DDP under several processes): a forward
+    runs the backbone with the ``policy`` adapter (returning its last hidden states) and with the ``value`` adapter
+    (returning the value head's outputs)."""
+
+    def __init__(self, roles: Roles):
+        super().__init__()
+        self.model = roles.model
+        self.value_head = roles.value_head
+        self._roles = roles
+
+    def forward(self, input_ids, attention_mask):
+        self._roles.use(POLICY)
+        policy_hidden = backbone_hidden_states(self.model, input_ids, attention_mask)
+        self._roles.use(VALUE)
+        values = scalar_head(self._roles, self.value_head, input_ids, attention_mask)
+        self._roles.use(POLICY)
+        return policy_hidden, values
+
+
+class AdapterRewardModel:
+    """The ``reward`` role as a reward model for ``finetune.scorers.RewardModelScorer``: conversations rendered with
+    the template (as the reward run trained), scored at their last token by the reward adapter and head."""
+
+    def __init__(self, roles: Roles, tokenizer, template):
+        self.roles, self.tokenizer, self.template = roles, tokenizer, template
+
+    @torch.no_grad()
+    def score(self, conversations, batch_size: int = 16) -> list[float]:
+        from ..generation import left_pad
+
+        device = next(self.roles.model.parameters()).device
+        scores: list[float] = []
+        self.roles.use(REWARD)
+        try:
+            for start in range(0, len(conversations), batch_size):
+                ids = [render(self.template, list(c), self.tokenizer)[0] for c in conversations[start : start + batch_size]]
+                input_ids, mask = left_pad(ids, self.tokenizer.pad_token_id)  # left: the last token is at T-1
+                values = scalar_head(self.roles, self.roles.reward_head, input_ids.to(device), mask.to(device))
+                scores.extend(values[:, -1].float().cpu().tolist())
+        finally:
+            self.roles.use(POLICY)
+        return scores
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rollouts
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One process's responses of one iteration, as ``[N, T]`` tensors over ``prompt + response`` minus the first
+    token: position ``t`` scores the token at ``t + 1``. ``mask`` is 1 on response tokens."""
+
+    input_ids: torch.Tensor  # [N, T + 1], right-padded
+    attention_mask: torch.Tensor  # [N, T + 1]
+    labels: torch.Tensor  # [N, T], the next token; -100 off the response
+    mask: torch.Tensor  # [N, T]
+    scores: torch.Tensor  # [N]
+    logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    records: list[dict] = dataclasses.field(default_factory=list)
+
+
+def build_rollout(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> Rollout:
+    """Concatenate each prompt with its response, right-pad, and mark the response tokens."""
+    rows = [p + r for p, r in zip(prompt_ids, response_ids)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    response = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        input_ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        attention_mask[i, : len(p) + len(r)] = 1
+        response[i, len(p) : len(p) + len(r)] = True
+    labels = input_ids[:, 1:].masked_fill(~response[:, 1:], -100)
+    return Rollout(input_ids, attention_mask, labels, response[:, 1:], torch.zeros(len(rows)))
+
+
+def policy_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """``[N, T]`` log-probs of the sampled tokens at the sampling temperature, from the last hidden states (never
+    materialising the ``[N, T, V]`` logits: ``chunked_token_logprobs``)."""
+    return chunked_token_logprobs(hidden[:, :-1] / temperature, lm_head_weight, labels)
+
+
+@torch.no_grad()
+def score_rollout(roles: Roles, rollout: Rollout, lm_head_weight, temperature: float, batch_size: int) -> None:
+    """Fill in the rollout policy's and the reference's log-probs and the value head's values (no gradients)."""
+    device = next(roles.model.parameters()).device
+    logprobs, ref_logprobs, values = [], [], []
+    for start in range(0, len(rollout.scores), batch_size):
+        ids = rollout.input_ids[start : start + batch_size].to(device)
+        mask = rollout.attention_mask[start : start + batch_size].to(device)
+        labels = rollout.labels[start : start + batch_size].to(device)
+        roles.use(POLICY)
+        logprobs.append(policy_logprobs(backbone_hidden_states(roles.model, ids, mask), lm_head_weight, labels, temperature))
+        roles.use(REFERENCE)
+        ref_logprobs.append(policy_logprobs(backbone_hidden_states(roles.model, ids, mask), lm_head_weight, labels, temperature))
+        roles.use(VALUE)
+        values.append(scalar_head(roles, roles.value_head, ids, mask)[:, :-1].float())
+    roles.use(POLICY)
+    rollout.logprobs = torch.cat(logprobs).cpu()
+    rollout.ref_logprobs = torch.cat(ref_logprobs).cpu()
+    rollout.values = torch.cat(values).cpu()
+
+
+def sample_rollout(roles: Roles, tokenizer, prompts: list[Prompt], stop_ids, cfg: PPOConfig, scorer, seed: int) -> Rollout:
+    """Sample ``sampling.num_samples`` responses per prompt with the policy, score them, and lay them out."""
+    k = cfg.sampling.num_samples
+    roles.use(POLICY)
+    sampling = SamplingConfig(cfg.sampling.max_new_tokens, cfg.sampling.temperature, seed=seed)
+    completions = generate(roles.model, tokenizer, [p.ids for p in prompts for _ in range(k)], stop_ids, sampling,
+                           cfg.sampling.batch_size)
+    samples = [Sample(p.messages, completions[i * k + j].text, index=p.index * k + j)
+               for i, p in enumerate(prompts) for j in range(k)]
+    by_part = scorer.scores_by_part(samples)
+    scores = scorer.total(by_part, len(samples))
+    if cfg.ppo.missing_stop_penalty is not None:
+        scores = [s - cfg.ppo.missing_stop_penalty * (not c.stopped) for s, c in zip(scores, completions)]
+    responses = [c.token_ids + ([c.stop_id] if c.stopped else []) for c in completions]
+    rollout = build_rollout([p.ids for p in prompts for _ in range(k)], responses, tokenizer.pad_token_id)
+    rollout.scores = torch.tensor(scores, dtype=torch.float32)
+    rollout.records = [
+        {"prompt_index": s.index // k, "sample": s.index % k, "prompt": s.question, "response": s.response,
+         "score": score, "stopped": c.stopped, **{f"score/{name}": part[n] for name, part in by_part.items()}}
+        for n, (s, score, c) in enumerate(zip(samples, scores, completions))
+    ]
+    return rollout
+
+
+def prompt_schedule(num_prompts: int, iteration: int, batch: int, seed: int) -> list[int]:
+    """The prompt indices of one iteration: consecutive slices of a seeded shuffle, reshuffled each pass over the
+    data (the same on every process, which then takes its share)."""
+    order: list[int] = []
+    start = iteration * batch
+    epoch = start // num_prompts
+    while len(order) < (start % num_prompts) + batch:
+        generator = torch.Generator().manual_seed(seed + epoch)
+        order += torch.randperm(num_prompts, generator=generator).tolist()
+        epoch += 1
+    offset = start % num_prompts
+    return order[offset : offset + batch]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def resolve_init(cfg: PPOConfig) -> PPOConfig:
+    """Check the SFT run and the reward run against this run's base and template; the policy keeps the SFT adapter's
+    shape."""
+    if check_init_run(cfg.init, cfg.model.name, cfg.data.template) != "adapter":
+        raise ConfigError(f"--init {cfg.init} holds full weights; ppo starts from a LoRA SFT run")
+    if cfg.score.reward_model:
+        option = "--score.reward_model"
+        if check_init_run(cfg.score.reward_model, cfg.model.name, cfg.data.template, option) != "adapter":
+            raise ConfigError(f"{option} {cfg.score.reward_model}: not a reward run (no adapter with a scalar head)")
+        reward_init = run_config(cfg.score.reward_model).get("init")
+        if reward_init and check_init_run(reward_init, cfg.model.name, cfg.data.template, "the reward run's init") == "full":
+            raise ConfigError(f"{option} {cfg.score.reward_model} was trained on the full-weights run {reward_init}, "
+                              f"not on model.name; its adapter cannot share this base")
+    adapter, _ = adapter_config_from_run(cfg.adapter, cfg.init)
+    return dataclasses.replace(cfg, adapter=adapter)
+
+
+def run(cfg: PPOConfig) -> dict:
+    """Train the policy with PPO, evaluate and save; returns the summary also written to ``summary.json``."""
+    return train(cfg)[0]
+
+
+def train(cfg: PPOConfig) -> tuple[dict, Roles]:
+    """:func:`run`, also returning the trained roles (the tests inspect the adapters after training)."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import get_scheduler, set_seed
+
+    cfg = resolve_init(cfg)  # a bad --init fails before anything is written
+    state = process_state()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    if cfg.ppo.rollout_batch_size % accelerator.num_processes:
+        raise ConfigError(f"ppo.rollout_batch_size ({cfg.ppo.rollout_batch_size}) must be a multiple of the number of "
+                          f"processes ({accelerator.num_processes})")
+    scorer_needs_rm = bool(cfg.score.reward_model)
+
+    tokenizer = load_tokenizer(cfg.model.name)
+    template = get_template(cfg.data.template, tokenizer)
+    conversations = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples)
+    prompts, skipped = load_prompts(conversations, template, tokenizer, cfg.data.max_prompt_length)
+    if not prompts:
+        raise ConfigError(f"no prompt of {cfg.data.train} fits data.max_prompt_length={cfg.data.max_prompt_length}")
+    eval_convs = []
+    if cfg.data.eval and cfg.eval.verifier:
+        eval_convs = load_conversations(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples)
+        eval_convs = eval_convs[: cfg.eval.num_samples] if cfg.eval.num_samples else eval_convs
+
+    output_dir = prepare_output_dir(cfg.output_dir, False, cfg.overwrite, main)
+    state.wait_for_everyone()
+    if main:
+        write_config(output_dir, cfg)
+        print(f"prompts: {len(prompts)} from {cfg.data.train}, {len(skipped)} skipped (longer than "
+              f"data.max_prompt_length)")
+    set_seed(cfg.ppo.seed)
+
+    roles = load_roles(cfg)
+    scorer = build_scorer(cfg.score, AdapterRewardModel(roles, tokenizer, template) if scorer_needs_rm else None)
+    stop_ids = stop_token_ids(template, tokenizer)
+    lm_head_weight = roles.model.get_base_model().get_output_embeddings().weight
+    temperature = cfg.sampling.temperature
+    verifier = load_callable(cfg.eval.verifier) if eval_convs else None
+
+    summary: dict = {"model": cfg.model.name, "resolved_model": resolve_model(cfg.model.name), "init": cfg.init,
+                     "reward_model": cfg.score.reward_model, "scorer": scorer.name}
+    if verifier and cfg.eval.before_training:
+        roles.use(POLICY)
+        before = verifier_accuracy(roles.model, tokenizer, template, eval_convs, verifier, cfg.eval.max_new_tokens,
+                                   cfg.eval.batch_size)
+        summary["init_eval_accuracy"] = before.accuracy
+        if main:
+            print(f"verifier accuracy of the SFT init: {before.accuracy:.3f} on {before.num_prompts} eval prompts")
+
+    # Optimizer over the trainable adapters and the value head; accelerate prepares the module holding them.
+    policy_and_value = PolicyAndValue(roles)
+    params = [p for p in policy_and_value.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.ppo.learning_rate, weight_decay=cfg.ppo.weight_decay)
+    responses_per_process = cfg.ppo.rollout_batch_size // accelerator.num_processes * cfg.sampling.num_samples
+    steps_per_iteration = cfg.ppo.ppo_epochs * math.ceil(responses_per_process / cfg.ppo.mini_batch_size)
+    total_steps = cfg.ppo.num_iterations * steps_per_iteration
+    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=int(cfg.ppo.warmup_ratio * total_steps))
+    policy_and_value, optimizer, scheduler = accelerator.prepare(policy_and_value, optimizer, scheduler)
+    kl_ctl = (AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon) if cfg.ppo.adaptive_kl
+              else FixedKLController(cfg.ppo.kl_coef))
+    shuffle = torch.Generator().manual_seed(cfg.ppo.seed + accelerator.process_index)
+    writer = SummaryWriter(str(output_dir / "runs" / time.strftime("%b%d_%H-%M-%S"))) if main else None
+
+    optimizer_steps = 0
+    started = time.perf_counter()
+    for iteration in range(cfg.ppo.num_iterations):
+        t0 = time.perf_counter()
+        batch = [prompts[i] for i in prompt_schedule(len(prompts), iteration, cfg.ppo.rollout_batch_size, cfg.ppo.seed)]
+        with state.split_between_processes(batch) as share:
+            seed = cfg.sampling.seed + iteration * accelerator.num_processes + accelerator.process_index
+            rollout = sample_rollout(roles, tokenizer, share, stop_ids, cfg, scorer, seed)
+        score_rollout(roles, rollout, lm_head_weight, temperature, cfg.ppo.mini_batch_size)
+
+        # Rewards, advantages, returns: pure functions over [N, T] response tokens.
+        mask = rollout.mask.float()
+        rewards, kl = per_token_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_ctl.value)
+        if cfg.ppo.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, rollout.values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+        advantages = masked_whiten(advantages, mask)
+
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction",
+                                                          "value_clip_fraction", "approx_kl", "entropy", "grad_norm")}
+        n = len(rollout.scores)
+        device = accelerator.device
+        for _ in range(cfg.ppo.ppo_epochs):
+            order = torch.randperm(n, generator=shuffle)
+            for start in range(0, n, cfg.ppo.mini_batch_size):
+                idx = order[start : start + cfg.ppo.mini_batch_size]
+                hidden, values = policy_and_value(rollout.input_ids[idx].to(device), rollout.attention_mask[idx].to(device))
+                mb_mask = mask[idx].to(device)
+                logprobs = policy_logprobs(hidden, lm_head_weight, rollout.labels[idx].to(device), temperature)
+                pg_loss, clip_fraction, approx_kl = ppo_policy_loss(
+                    logprobs, rollout.logprobs[idx].to(device), advantages[idx].to(device), mb_mask, cfg.ppo.clip_range
+                )
+                vf_loss, value_clip_fraction = ppo_value_loss(
+                    values[:, :-1].float(), rollout.values[idx].to(device), returns[idx].to(device), mb_mask,
+                    cfg.ppo.clip_range_value,
+                )
+                loss = pg_loss + cfg.ppo.value_loss_coef * vf_loss
+                accelerator.backward(loss)
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.ppo.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                optimizer_steps += 1
+                with torch.no_grad():
+                    response_hidden = hidden[:, :-1][mb_mask.bool()]
+                    entropy = entropy_from_logits((response_hidden / temperature) @ lm_head_weight.t()).mean()
+                for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
+                                   ("value_clip_fraction", value_clip_fraction), ("approx_kl", approx_kl),
+                                   ("entropy", entropy), ("grad_norm", grad_norm)):
+                    stats[key].append(float(torch.as_tensor(value).detach()))
+
+        # The iteration's figures, averaged over processes.
+        kl_per_response = (kl * mask).sum(dim=1)
+        local = {
+            "score": rollout.scores.mean().item(),
+            "reward": rewards.sum(dim=1).mean().item(),
+            "kl": kl_per_response.mean().item(),
+            "response_length": mask.sum(dim=1).mean().item(),
+            "stopped_fraction": sum(r["stopped"] for r in rollout.records) / max(len(rollout.records), 1),
+            **{k: sum(v) / len(v) for k, v in stats.items()},
+        }
+        for name in (k for k in rollout.records[0] if k.startswith("score/")) if rollout.records else ():
+            local[name] = sum(r[name] for r in rollout.records) / len(rollout.records)
+        figures = {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in local.items()}
+        records = gather_object(rollout.records) if accelerator.num_processes > 1 else rollout.records
+        response_tokens = accelerator.reduce(mask.sum().to(device), "sum").item()
+        kl_ctl.update(figures["kl"], n_steps=len(records))
+        row = {
+            "step": iteration + 1,
+            "optimizer_steps": optimizer_steps,
+            "learning_rate": scheduler.get_last_lr()[0],
+            "loss": figures["policy_loss"] + cfg.ppo.value_loss_coef * figures["value_loss"],
+            **figures,
+            "kl_coef": kl_ctl.value,
+            "tokens_per_second": response_tokens / (time.perf_counter() - t0),
+        }
+        if main:
+            with open(output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            with open(output_dir / "rollouts.jsonl", "a") as f:
+                for record in sorted(records, key=lambda r: (r["prompt_index"], r["sample"])):
+                    f.write(json.dumps({"iteration": iteration + 1, **record}) + "\n")
+            for key, value in row.items():
+                writer.add_scalar(f"ppo/{key}", value, iteration + 1)
+            print(f"iteration {iteration + 1}/{cfg.ppo.num_iterations}: score {row['score']:.3f} kl {row['kl']:.3f} "
+                  f"policy loss {row['policy_loss']:.4f} value loss {row['value_loss']:.4f} "
+                  f"clip {row['clip_fraction']:.3f} entropy {row['entropy']:.3f} length {row['response_length']:.1f}")
+        if not all(math.isfinite(v) for v in figures.values()):
+            from ..runs import NonFiniteLossError
+
+            raise NonFiniteLossError(f"iteration {iteration + 1}: non-finite figures {figures}; lower ppo.learning_rate")
+    train_seconds = time.perf_counter() - started
+    if writer:
+        writer.close()
+
+    last = json.loads((output_dir / "metrics.jsonl").read_text().splitlines()[-1]) if main else {}
+    summary.update(iterations=cfg.ppo.num_iterations, optimizer_steps=optimizer_steps, train_seconds=train_seconds,
+                   skipped_prompts=len(skipped),
+                   **{f"final_{k}": last[k] for k in ("score", "kl", "policy_loss", "value_loss", "entropy",
+                                                       "response_length", "kl_coef") if k in last})
+    if verifier:
+        roles.use(POLICY)
+        after = verifier_accuracy(roles.model, tokenizer, template, eval_convs, verifier, cfg.eval.max_new_tokens,
+                                  cfg.eval.batch_size)
+        summary["eval_accuracy"] = after.accuracy
+        summary["eval_samples"] = after.samples
+
+    if main:
+        save_adapter(roles.model, POLICY, output_dir)
+        save_adapter(roles.model, VALUE, output_dir / "value")
+        from safetensors.torch import save_file
+
+        save_file({"weight": roles.value_head.weight.detach().cpu().contiguous()}, output_dir / "value" / "value_head.safetensors")
+        save_with_template(tokenizer, template, output_dir, model_config=roles.model.get_base_model().config)
+        write_summary(output_dir, summary)
+        plot_loss(output_dir)
+    state.wait_for_everyone()
+    return summary, roles
+
+
+def results_table(summary: dict) -> str:
+    """SFT model against the PPO policy, as the recipe prints it at the end."""
+    fmt = lambda v: f"{v:>10.4f}" if isinstance(v, float) else f"{'-':>10}"  # noqa: E731
+    lines = [f"{'':<20}{'SFT':>10}{'PPO':>10}",
+             f"{'verifier accuracy':<20}{fmt(summary.get('init_eval_accuracy'))}{fmt(summary.get('eval_accuracy'))}"]
+    if "final_kl" in summary:
+        lines.append(f"{'KL to reference':<20}{fmt(0.0)}{fmt(summary['final_kl'])}")
+    return "\n".join(lines)

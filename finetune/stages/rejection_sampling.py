@@ -1,0 +1,283 @@
+"""Rejection sampling from an SFT run: K samples per prompt, scored, the best kept and trained on with the SFT stage.
+
+Llama 2 (Touvron et al. 2023, https://arxiv.org/abs/2307.09288, section 3.2.3) samples K answers per prompt from
+the current policy, keeps the one the reward model scores highest and fine-tunes on those; Llama 3 (Grattafiori et
+al. 2024, https://arxiv.org/abs/2407.21783, section 4.2) also turns the best and worst answers into preference pairs
+for DPO. Here:
+
+1. The SFT run (``init``) is loaded once; under several processes each takes its share of the prompts
+   (``split_between_processes``) and the scored samples are gathered, so every prompt is sampled exactly once.
+2. Each prompt gets ``sampling.num_samples`` samples (``finetune.generation``), scored by ``finetune.scorers``.
+3. :func:`select` keeps each prompt's best sample (optionally only above ``min_score``) or every sample above a
+   threshold, and pairs each prompt's best with its worst.
+4. ``OUTPUT_DIR`` gets ``samples.jsonl`` (every sample with its scores), ``kept.jsonl`` (the kept samples as a chat
+   ``messages`` dataset with their scores) and ``pairs.jsonl`` (a ``prompt``/``chosen``/``rejected`` preference
+   dataset that ``recipes/dpo.py`` reads).
+5. Unless ``generate_only``, the SFT stage itself (``finetune.stages.sft.run``) continues the SFT adapter on
+   ``kept.jsonl`` into ``OUTPUT_DIR/sft``, measuring verifier accuracy before (the SFT model) and after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ConfigError, RejectionParams, RejectionSamplingConfig, SFTConfig
+from ..data import load_conversations
+from ..generation import SamplingConfig, generate
+from ..models import adapter_config_from_run, check_init_run, load_adapter, load_base_model, load_tokenizer
+from ..runs import prepare_output_dir, process_state, write_config, write_summary
+from ..scorers import Sample, build_scorer
+from ..templates import get_template, render_prompt, stop_token_ids
+
+
+@dataclass
+class Prompt:
+    """A prompt to sample for: its number in the data, the conversation up to the user turn, and its token ids."""
+
+    index: int
+    messages: list[dict[str, str]]
+    ids: list[int]
+
+
+def load_prompts(conversations, template, tokenizer, max_prompt_length: int) -> tuple[list[Prompt], list[str]]:
+    """Each conversation up to its last user turn, rendered for generation; prompts longer than
+    ``max_prompt_length`` tokens are skipped and their origins returned (the caller reports them)."""
+    prompts, skipped = [], []
+    for conv in conversations:
+        messages = list(conv.messages)
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        if not messages:
+            skipped.append(conv.origin)
+            continue
+        ids = render_prompt(template, messages, tokenizer)
+        if len(ids) > max_prompt_length:
+            skipped.append(conv.origin)
+            continue
+        prompts.append(Prompt(len(prompts), messages, ids))
+    return prompts, skipped
+
+
+def sample_and_score(model, tokenizer, prompts: list[Prompt], stop_ids, sampling, scorer) -> list[dict]:
+    """``sampling.num_samples`` scored samples per prompt, as rows ordered by (prompt, sample), the same on every
+    process: each process samples its share of the prompts and the rows are gathered."""
+    from accelerate.utils import gather_object
+
+    state = process_state()
+    k = sampling.num_samples
+    with state.split_between_processes(prompts) as share:
+        config = SamplingConfig(sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
+                                seed=sampling.seed + state.process_index)
+        completions = (
+            generate(model, tokenizer, [p.ids for p in share for _ in range(k)], stop_ids, config, sampling.batch_size)
+            if share else []
+        )
+        samples = [
+            Sample(p.messages, completions[i * k + j].text, index=p.index * k + j)
+            for i, p in enumerate(share)
+            for j in range(k)
+        ]
+        by_part = scorer.scores_by_part(samples)
+        totals = scorer.total(by_part, len(samples))
+        local = [
+            {
+                "prompt_index": sample.index // k,
+                "sample": sample.index % k,
+                "prompt": sample.prompt,
+                "response": sample.response,
+                "score": total,
+                "scores": {name: scores[n] for name, scores in by_part.items()},
+                "stopped": completion.stopped,
+                "response_tokens": len(completion.token_ids),
+            }
+            for n, (sample, total, completion) in enumerate(zip(samples, totals, completions))
+        ]
+    rows = gather_object(local) if state.num_processes > 1 else local
+    return sorted(rows, key=lambda r: (r["prompt_index"], r["sample"]))
+
+
+def select(rows: list[dict], params: RejectionParams) -> tuple[list[dict], list[tuple[dict, dict]]]:
+    """Which samples to keep, and the (best, worst) pairs, from scored rows of one or more prompts.
+
+    ``best``: per prompt the highest score (the first sample on ties), kept if it is at least ``min_score`` (when
+    set); ``threshold``: every sample scoring at least ``threshold``. A pair is a prompt's best and worst sample when
+    best - worst > ``min_margin`` and their texts differ. Empty responses are never kept or paired.
+    """
+    by_prompt: dict[int, list[dict]] = {}
+    for row in rows:
+        by_prompt.setdefault(row["prompt_index"], []).append(row)
+    kept, pairs = [], []
+    for index in sorted(by_prompt):
+        candidates = [r for r in by_prompt[index] if r["response"].strip()]
+        if not candidates:
+            continue
+        best = max(candidates, key=lambda r: r["score"])  # max keeps the first of equal scores
+        worst = min(candidates, key=lambda r: r["score"])
+        if params.selection == "best":
+            if params.min_score is None or best["score"] >= params.min_score:
+                kept.append(best)
+        else:
+            kept.extend(r for r in candidates if r["score"] >= params.threshold)
+        if best["score"] - worst["score"] > params.min_margin and best["response"] != worst["response"]:
+            pairs.append((best, worst))
+    return kept, pairs
+
+
+def write_outputs(output_dir: Path, rows: list[dict], kept: list[dict], pairs: list[tuple[dict, dict]] | None) -> None:
+    """``samples.jsonl``, ``kept.jsonl`` (chat messages + score) and, unless ``pairs`` is ``None``, ``pairs.jsonl``
+    (prompt/chosen/rejected)."""
+    from data_formats import Conversation, PreferencePair, write
+
+    kept_ids = {(r["prompt_index"], r["sample"]) for r in kept}
+    with open(output_dir / "samples.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps({**row, "kept": (row["prompt_index"], row["sample"]) in kept_ids}) + "\n")
+    write(
+        [
+            Conversation(
+                [*r["prompt"], {"role": "assistant", "content": r["response"]}],
+                origin=f"samples.jsonl prompt {r['prompt_index']} sample {r['sample']}",
+                meta={"score": r["score"], "prompt_index": r["prompt_index"], "sample": r["sample"]},
+            )
+            for r in kept
+        ],
+        output_dir / "kept.jsonl",
+        to="messages",
+    )
+    if pairs is None:
+        return
+    write(
+        [
+            PreferencePair(
+                best["prompt"],
+                [{"role": "assistant", "content": best["response"]}],
+                [{"role": "assistant", "content": worst["response"]}],
+                origin=f"samples.jsonl prompt {best['prompt_index']}",
+                meta={"chosen_score": best["score"], "rejected_score": worst["score"],
+                      "prompt_index": best["prompt_index"]},
+            )
+            for best, worst in pairs
+        ],
+        output_dir / "pairs.jsonl",
+        to="preference",
+    )
+
+
+def sample_figures(rows: list[dict], kept: list[dict], pairs: list, num_prompts: int) -> dict:
+    """What the sampling step reports: mean score of all and of the kept samples, prompts that kept nothing."""
+    kept_prompts = {r["prompt_index"] for r in kept}
+    figures = {
+        "num_prompts": num_prompts,
+        "num_samples": len(rows),
+        "mean_score_all": sum(r["score"] for r in rows) / max(len(rows), 1),
+        "mean_score_kept": sum(r["score"] for r in kept) / len(kept) if kept else None,
+        "kept_samples": len(kept),
+        "prompts_kept_nothing": num_prompts - len(kept_prompts),
+        "preference_pairs": len(pairs),
+        "stopped_fraction": sum(r["stopped"] for r in rows) / max(len(rows), 1),
+        "mean_response_tokens": sum(r["response_tokens"] for r in rows) / max(len(rows), 1),
+    }
+    for name in rows[0]["scores"] if rows else ():
+        figures[f"mean_score_all/{name}"] = sum(r["scores"][name] for r in rows) / len(rows)
+    return figures
+
+
+def sft_config(cfg: RejectionSamplingConfig, output_dir: Path) -> SFTConfig:
+    """The SFT stage's config for the fine-tune: continue the ``init`` adapter on ``kept.jsonl``."""
+    data = dataclasses.replace(cfg.data, train=str(output_dir / "kept.jsonl"), format="messages", split=None,
+                               max_train_samples=None)
+    return SFTConfig(output_dir=str(output_dir / "sft"), init=cfg.init, model=cfg.model, adapter=cfg.adapter,
+                     data=data, train=cfg.train, eval=cfg.eval)
+
+
+def run(cfg: RejectionSamplingConfig) -> dict:
+    """Sample, score, select, write; then fine-tune with the SFT stage unless ``generate_only``. Returns the summary
+    also written to ``summary.json``."""
+    from transformers import set_seed
+
+    from ..stages import sft
+
+    state = process_state()
+    main = state.is_main_process
+    init_kind = check_init_run(cfg.init, cfg.model.name, cfg.data.template)  # fails before anything is written
+    if init_kind != "adapter":
+        raise ConfigError(f"--init {cfg.init} holds full weights; rejection sampling continues a LoRA SFT run")
+    adapter, _ = adapter_config_from_run(cfg.adapter, cfg.init)
+    cfg = dataclasses.replace(cfg, adapter=adapter)
+    scorer = build_scorer(cfg.score)
+
+    tokenizer = load_tokenizer(cfg.model.name)
+    template = get_template(cfg.data.template, tokenizer)
+    conversations = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples)
+    prompts, skipped = load_prompts(conversations, template, tokenizer, cfg.data.max_length)
+    if not prompts:
+        raise ConfigError(f"no prompt of {cfg.data.train} fits data.max_length={cfg.data.max_length}")
+
+    output_dir = prepare_output_dir(cfg.output_dir, False, cfg.overwrite, main)
+    state.wait_for_everyone()
+    if main:
+        write_config(output_dir, cfg)
+        print(f"prompts: {len(prompts)} from {cfg.data.train}, {len(skipped)} skipped (longer than data.max_length)")
+    set_seed(cfg.train.seed)
+
+    model = load_adapter(load_base_model(cfg.model, cfg.adapter.method, for_training=False), cfg.init)
+    started = time.perf_counter()
+    rows = sample_and_score(model, tokenizer, prompts, stop_token_ids(template, tokenizer), cfg.sampling, scorer)
+    sampling_seconds = time.perf_counter() - started
+    del model
+    gc.collect()
+
+    kept, pairs = select(rows, cfg.rejection)
+    summary = {"init": cfg.init, "scorer": scorer.name, "skipped_prompts": len(skipped),
+               "sampling_seconds": sampling_seconds, **sample_figures(rows, kept, pairs, len(prompts))}
+    if main:
+        write_outputs(output_dir, rows, kept, pairs if cfg.rejection.preference_pairs else None)
+        print(describe(summary))
+    state.wait_for_everyone()
+
+    if not cfg.generate_only:
+        if not kept:
+            raise ConfigError(
+                "no sample was kept, so there is nothing to fine-tune on; lower rejection.threshold or "
+                "rejection.min_score, sample more (sampling.num_samples), or pass --generate_only"
+            )
+        result = sft.run(sft_config(cfg, output_dir))
+        summary["sft_output_dir"] = str(output_dir / "sft")
+        for key in ("base_eval_accuracy", "base_eval_loss"):
+            if key in result:
+                summary[key.replace("base_", "init_")] = result[key]
+        for key in ("eval_accuracy", "eval_loss", "train_loss", "train_steps", "train_seconds"):
+            if key in result:
+                summary[key] = result[key]
+    if main:
+        write_summary(output_dir, summary)
+    state.wait_for_everyone()
+    return summary
+
+
+def describe(summary: dict) -> str:
+    """The sampling figures in two lines, as the recipe prints them."""
+    kept_mean = summary["mean_score_kept"]
+    kept_text = f"{kept_mean:.3f} (kept)" if kept_mean is not None else "nothing kept"
+    return (
+        f"sampled {summary['num_samples']} responses for {summary['num_prompts']} prompts: mean score "
+        f"{summary['mean_score_all']:.3f} (all), {kept_text}\n"
+        f"kept {summary['kept_samples']} samples; {summary['prompts_kept_nothing']} prompts kept nothing; "
+        f"{summary['preference_pairs']} preference pairs"
+    )
+
+
+def results_table(summary: dict) -> str:
+    """SFT model against the rejection-sampling fine-tune, as the recipe prints it at the end."""
+    rows = [("verifier accuracy", "init_eval_accuracy", "eval_accuracy"), ("eval loss", "init_eval_loss", "eval_loss")]
+    lines = [f"{'':<20}{'SFT':>10}{'RS':>10}"]
+    for label, before, after in rows:
+        if before in summary or after in summary:
+            fmt = lambda v: f"{v:>10.4f}" if isinstance(v, float) else f"{'-':>10}"  # noqa: E731
+            lines.append(f"{label:<20}{fmt(summary.get(before))}{fmt(summary.get(after))}")
+    return "\n".join(lines)

@@ -1,0 +1,29 @@
+"""PPO from an SFT run with a critic, on accelerate: policy, reference, value and reward as adapters on one base
+(LoRA, or QLoRA with the base in 4-bit); the reward is a verifier, a reward model, or both.
+
+    accelerate launch recipes/ppo.py --init runs/sft                                   # tiny LLaMA, verifier reward
+    accelerate launch recipes/ppo.py --config recipes/configs/tiny/ppo_lora.yaml
+    accelerate launch recipes/ppo.py --config recipes/configs/tiny/ppo_qlora.yaml --score.reward_model=runs/reward
+
+Writes OUTPUT_DIR/metrics.jsonl (per iteration: score, KL to the reference, policy and value loss, clip fraction,
+entropy, response length), rollouts.jsonl, summary.json (with verifier accuracy against the SFT model's), the
+policy adapter (chain on with --init OUTPUT_DIR) and the value adapter and head under value/.
+Options: --config FILE.yaml, --init DIR, --output_dir DIR, --overwrite, --section.key=value (see --help).
+"""
+
+import sys
+
+from finetune.config import PPOConfig
+from finetune.recipe import launch
+from finetune.stages import ppo
+
+
+def main(cfg: PPOConfig) -> dict:
+    """Config -> base + policy/reference/value/reward adapters -> rollouts, scores, GAE, clipped updates -> save."""
+    summary = ppo.run(cfg)
+    print(ppo.results_table(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(launch(PPOConfig, main))

@@ -1,0 +1,29 @@
+"""Rejection sampling from an SFT run: K samples per prompt, scored by a verifier and/or a reward model; the best are
+kept (and best-vs-worst preference pairs written), then the SFT adapter is fine-tuned on them with the SFT stage.
+
+    accelerate launch recipes/rejection_sampling.py --init runs/sft                 # tiny LLaMA, bundled suite, CPU
+    accelerate launch recipes/rejection_sampling.py --config recipes/configs/tiny/rejection_sampling.yaml --init runs/sft
+    accelerate launch recipes/rejection_sampling.py --init runs/sft --score.reward_model=runs/reward --generate_only
+
+Writes OUTPUT_DIR/samples.jsonl, kept.jsonl (chat messages + score), pairs.jsonl (for recipes/dpo.py) and
+summary.json; the fine-tuned adapter goes to OUTPUT_DIR/sft (chain on with --init OUTPUT_DIR/sft).
+Options: --config FILE.yaml, --init DIR, --output_dir DIR, --overwrite, --generate_only, --section.key=value (--help).
+"""
+
+import sys
+
+from finetune.config import RejectionSamplingConfig
+from finetune.recipe import launch
+from finetune.stages import rejection_sampling
+
+
+def main(cfg: RejectionSamplingConfig) -> dict:
+    """Config -> SFT run on one base -> K samples per prompt -> scores -> kept samples and pairs -> SFT stage."""
+    summary = rejection_sampling.run(cfg)
+    if not cfg.generate_only:
+        print(rejection_sampling.results_table(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(launch(RejectionSamplingConfig, main))

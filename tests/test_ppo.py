@@ -1,0 +1,281 @@
+"""PPO on one base with four adapters (finetune.stages.ppo): the roles and their switching, the reward adapter scoring
+like the reward run, the rollout layout, and a two-iteration run on the tiny model in which the policy and the value
+head train while the reference stays the SFT model. Stand-in SFT and reward runs (random non-zero LoRA adapters
+saved like the recipes save them) keep these to seconds."""
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from finetune.config import AdapterConfig, ConfigError, PPOConfig, RewardConfig, parse_args
+from finetune.data import load_conversations
+from finetune.models import load_tokenizer, resolve_model
+from finetune.runs import write_config
+from finetune.stages import ppo
+from finetune.templates import get_template, save_with_template
+
+EVAL = "bundled:suite_messages_eval.jsonl"
+
+
+def make_reward_run(directory, seed=1, scale=0.05):
+    """What recipes/reward.py leaves: config.yaml, the tokenizer, and a SEQ_CLS LoRA adapter saved with its scalar
+    ``score`` head, here random (non-zero B and head) so that scores differ between conversations."""
+    from peft import get_peft_model
+
+    from finetune.models import load_sequence_classifier
+    from finetune.stages.reward import reward_lora_config
+
+    cfg = RewardConfig(output_dir=str(directory), adapter=AdapterConfig(r=4, alpha=8))
+    torch.manual_seed(seed)
+    model = get_peft_model(load_sequence_classifier(cfg.model, "lora", for_training=False), reward_lora_config(cfg.adapter))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "score" in name:
+                param.normal_(0.0, scale if "lora_B" in name else 1.0)
+    model.save_pretrained(directory)
+    tokenizer = load_tokenizer("tiny")
+    save_with_template(tokenizer, "llama3", directory)
+    write_config(directory, cfg)
+    return directory
+
+
+def short_answer(prompt: str, response: str) -> float:
+    """A dense reward for the tests (the stand-in SFT model never answers a suite prompt correctly): 1 for a response
+    of at most 12 characters, falling linearly to 0 at 36."""
+    return max(0.0, min(1.0, (36 - len(response)) / 24))
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    from test_dpo import make_sft_run
+
+    return make_sft_run(tmp_path_factory.mktemp("sft"))
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    return make_reward_run(tmp_path_factory.mktemp("reward"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny")
+
+
+QUICK = ["--data.max_train_samples=16", "--data.max_eval_samples=8", "--eval.num_samples=8",
+         "--sampling.num_samples=2", "--sampling.max_new_tokens=12", "--ppo.rollout_batch_size=4",
+         "--ppo.mini_batch_size=4", "--ppo.ppo_epochs=2", "--ppo.learning_rate=5e-3"]
+
+
+def ppo_config(tmp_path, sft_run, *extra):
+    return parse_args(PPOConfig, ["--init", str(sft_run), "--output_dir", str(tmp_path / "ppo"), *QUICK, *extra])
+
+
+def sft_model(sft_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"))
+    return PeftModel.from_pretrained(base, str(sft_run)).eval()
+
+
+def rollout_batch(tokenizer, n=3):
+    """A few eval prompts with their reference replies as responses, laid out as a PPO rollout."""
+    template = get_template("llama3", tokenizer)
+    convs = load_conversations(EVAL, limit=n)
+    from finetune.templates import render_prompt
+
+    prompt_ids = [render_prompt(template, c.messages[:-1], tokenizer) for c in convs]
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    responses = [tokenizer.encode(c.messages[-1]["content"], add_special_tokens=False) + [eot] for c in convs]
+    return ppo.build_rollout(prompt_ids, responses, tokenizer.pad_token_id), prompt_ids, responses
+
+
+def reference_logprobs(model, rollout):
+    """Per-token log-probs of the response tokens from full logits (an independent path from the stage's)."""
+    from finetune.logprobs import token_logprobs
+
+    with torch.no_grad():
+        logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits
+    return token_logprobs(logits[:, :-1], rollout.labels) * rollout.mask
+
+
+def test_rollout_layout_marks_exactly_the_response_tokens(tokenizer):
+    rollout, prompt_ids, responses = rollout_batch(tokenizer)
+    for row, (p, r) in enumerate(zip(prompt_ids, responses)):
+        positions = rollout.mask[row].nonzero().squeeze(-1)
+        # Position t scores token t + 1: the first response token is scored at len(prompt) - 1.
+        assert positions.tolist() == list(range(len(p) - 1, len(p) + len(r) - 1))
+        assert rollout.labels[row][rollout.mask[row]].tolist() == r
+        assert (rollout.labels[row][~rollout.mask[row]] == -100).all()
+        assert rollout.attention_mask[row].sum() == len(p) + len(r)
+
+
+def test_prompt_schedule_covers_every_prompt_once_per_pass():
+    batches = [ppo.prompt_schedule(10, i, 4, seed=3) for i in range(5)]  # 20 prompts drawn = two passes over 10
+    flat = [i for b in batches for i in b]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    assert flat[:10] != flat[10:], "each pass is reshuffled"
+    assert ppo.prompt_schedule(10, 2, 4, seed=3) == batches[2]
+
+
+def test_four_roles_are_adapters_on_one_base(tmp_path, sft_run, reward_run):
+    from safetensors.torch import load_file
+
+    cfg = ppo.resolve_init(ppo_config(tmp_path, sft_run, f"--score.reward_model={reward_run}"))
+    roles = ppo.load_roles(cfg)
+    model = roles.model
+    assert set(model.peft_config) == {ppo.POLICY, ppo.REFERENCE, ppo.VALUE, ppo.REWARD}
+    from transformers import AutoModelForCausalLM
+
+    base_numel = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    plain = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"))
+    assert base_numel == sum(p.numel() for p in plain.parameters()), "one copy of the base, not four"
+    # Whichever role is active, only the policy and value adapters (and the value head) train.
+    for role in (ppo.POLICY, ppo.REFERENCE, ppo.VALUE, ppo.REWARD):
+        roles.use(role)
+        trainable = {n.split(".lora_")[1].split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == {ppo.POLICY, ppo.VALUE}, role
+    assert roles.value_head.weight.requires_grad and not roles.reward_head.weight.requires_grad
+    # Policy and reference start as the SFT adapter; value and reward as the reward run's adapter and head.
+    params = dict(model.named_parameters())
+    policy = {n: p for n, p in params.items() if f".{ppo.POLICY}." in n}
+    for name, p in policy.items():
+        assert torch.equal(p, params[name.replace(f".{ppo.POLICY}.", f".{ppo.REFERENCE}.")])
+    saved = load_file(reward_run / "adapter_model.safetensors")
+    assert torch.equal(roles.reward_head.weight, saved["base_model.model.score.weight"])
+    assert torch.equal(roles.value_head.weight, roles.reward_head.weight)
+    key = next(k for k in saved if "lora_B" in k)
+    assert torch.equal(params[key.replace("lora_B.weight", f"lora_B.{ppo.REWARD}.weight")], saved[key])
+
+
+def test_reward_adapter_on_the_shared_base_scores_like_the_reward_run(tmp_path, sft_run, reward_run, tokenizer):
+    """The reward role (adapter + head on the causal-LM base, left-padded batches) gives the scores
+    finetune.scoring.load_reward_model gives (a separate sequence classifier, right-padded)."""
+    from finetune.scoring import load_reward_model
+
+    cfg = ppo.resolve_init(ppo_config(tmp_path, sft_run, f"--score.reward_model={reward_run}"))
+    roles = ppo.load_roles(cfg)
+    conversations = [c.messages for c in load_conversations(EVAL, limit=5)]
+    shared = ppo.AdapterRewardModel(roles, tokenizer, get_template("llama3", tokenizer)).score(conversations, batch_size=3)
+    separate = load_reward_model(reward_run).score(conversations)
+    assert_close(torch.tensor(shared), torch.tensor(separate), atol=1e-4, rtol=1e-4)
+    assert len({round(s, 4) for s in separate}) == 5
+    assert model_active(roles) == ppo.POLICY, "scoring switches back to the policy"
+
+
+def model_active(roles):
+    return roles.model.active_adapter
+
+
+def test_rollout_logprobs_equal_the_update_forward_before_a_step(tmp_path, sft_run, tokenizer):
+    """Dropout is off, so the no-grad rollout log-probs and the training forward's agree: the first ratio is 1.
+    Values come from the value adapter, reference log-probs equal the SFT model's."""
+    roles = ppo.load_roles(ppo.resolve_init(ppo_config(tmp_path, sft_run)))
+    rollout, _, _ = rollout_batch(tokenizer)
+    weight = roles.model.get_base_model().get_output_embeddings().weight
+    ppo.score_rollout(roles, rollout, weight, temperature=1.0, batch_size=2)
+    hidden, values = ppo.PolicyAndValue(roles)(rollout.input_ids, rollout.attention_mask)
+    logprobs = ppo.policy_logprobs(hidden, weight, rollout.labels, 1.0)
+    assert logprobs.requires_grad
+    assert_close(logprobs.detach() * rollout.mask, rollout.logprobs * rollout.mask)
+    assert_close(values[:, :-1].detach(), rollout.values)
+    assert_close(rollout.ref_logprobs * rollout.mask, reference_logprobs(sft_model(sft_run), rollout), atol=1e-4, rtol=1e-4)
+    assert (rollout.values == 0).all(), "without a reward model the value head starts at zero"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, sft_run):
+    """Two PPO iterations on the tiny model, rewarded by short_answer; returns (output dir, summary, roles)."""
+    out = tmp_path_factory.mktemp("ppo")
+    cfg = parse_args(PPOConfig, ["--init", str(sft_run), "--output_dir", str(out / "run"), *QUICK,
+                                 "--ppo.num_iterations=2", "--score.verifier=test_ppo:short_answer"])
+    summary, roles = ppo.train(cfg)
+    return out / "run", summary, roles
+
+
+def test_run_logs_every_iteration_and_writes_the_run_directory(trained):
+    out, summary, _ = trained
+    for name in ("config.yaml", "metrics.jsonl", "rollouts.jsonl", "summary.json", "adapter_model.safetensors",
+                 "adapter_config.json", "tokenizer.json", "generation_config.json", "loss.png",
+                 "value/adapter_model.safetensors", "value/value_head.safetensors"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard events"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        for key in ("score", "kl", "policy_loss", "value_loss", "clip_fraction", "entropy", "response_length",
+                    "learning_rate", "loss", "kl_coef", "approx_kl", "tokens_per_second"):
+            assert isinstance(row[key], float) and row[key] == row[key], key
+        assert row["optimizer_steps"] % 4 == 0  # 8 responses / minibatch 4 x 2 epochs per iteration
+        assert 0 <= row["clip_fraction"] <= 1 and row["entropy"] > 0 and row["value_loss"] > 0
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5), "the first rollout comes from the SFT policy itself"
+    assert rows[1]["kl"] != 0.0
+    rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 2 * 4 * 2 and {r["iteration"] for r in rollouts} == {1, 2}
+    saved = json.loads((out / "summary.json").read_text())
+    for key in ("init_eval_accuracy", "eval_accuracy", "final_score", "final_kl"):
+        assert key in saved, key
+
+
+def test_policy_trains_reference_stays_the_sft_model(trained, sft_run, tokenizer):
+    from safetensors.torch import load_file
+
+    out, _, roles = trained
+    rollout, _, _ = rollout_batch(tokenizer)
+    sft = reference_logprobs(sft_model(sft_run), rollout)
+    roles.use(ppo.REFERENCE)
+    reference = reference_logprobs(roles.model, rollout)
+    roles.use(ppo.POLICY)
+    policy = reference_logprobs(roles.model, rollout)
+    assert_close(reference, sft, atol=1e-4, rtol=1e-4)
+    assert (policy - sft).abs().max() > 1e-3, "the policy adapter moved"
+    # The saved policy adapter is the trained one, loadable as a run's adapter; the init's is untouched.
+    before = load_file(sft_run / "adapter_model.safetensors")
+    after = load_file(out / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    assert max((before[k] - after[k]).abs().max() for k in before) > 0
+    assert_close(reference_logprobs(sft_model(out), rollout), policy, atol=1e-4, rtol=1e-4)
+
+
+def test_value_head_trains(trained):
+    out, _, roles = trained
+    from safetensors.torch import load_file
+
+    head = load_file(out / "value" / "value_head.safetensors")["weight"]
+    assert head.abs().sum() > 0, "the value head started at zero and was trained"
+    assert torch.equal(head, roles.value_head.weight.detach())
+
+
+def test_qlora_one_iteration(tmp_path, sft_run):
+    """The one base in 4-bit NF4 (bitsandbytes on CPU): the four roles still switch and the policy still trains."""
+    import bitsandbytes as bnb
+
+    cfg = parse_args(PPOConfig, ["--init", str(sft_run), "--output_dir", str(tmp_path / "q"), *QUICK,
+                                 "--adapter.method=qlora", "--ppo.num_iterations=1", "--ppo.ppo_epochs=1",
+                                 "--score.verifier=test_ppo:short_answer", "--eval.before_training=false"])
+    summary, roles = ppo.train(cfg)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in roles.model.modules())
+    row = json.loads((tmp_path / "q" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["kl"] == pytest.approx(0.0, abs=1e-5) and row["value_loss"] > 0
+    policy = {n: p for n, p in roles.model.named_parameters() if f".{ppo.POLICY}." in n}
+    reference = dict(roles.model.named_parameters())
+    assert any(not torch.equal(p, reference[n.replace(f".{ppo.POLICY}.", f".{ppo.REFERENCE}.")]) for n, p in policy.items())
+    assert "eval_accuracy" in summary
+
+
+def test_config_errors_are_one_line(tmp_path, sft_run, capsys):
+    from finetune.recipe import launch
+
+    with pytest.raises(ConfigError, match="ppo needs --init"):
+        parse_args(PPOConfig, [])
+    with pytest.raises(ConfigError, match="top_p=1"):
+        parse_args(PPOConfig, ["--init", "x", "--sampling.top_p=0.9"])
+    with pytest.raises(ConfigError, match="no such directory"):
+        ppo.resolve_init(parse_args(PPOConfig, ["--init", str(tmp_path / "missing")]))
+    with pytest.raises(ConfigError, match="not a finished run"):
+        ppo.resolve_init(parse_args(PPOConfig, ["--init", str(sft_run), f"--score.reward_model={tmp_path}"]))
+    assert launch(PPOConfig, lambda cfg: ppo.run(cfg), ["--init", str(tmp_path / "missing")]) == 2
+    assert "error: --init" in capsys.readouterr().err

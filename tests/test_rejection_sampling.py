@@ -1,0 +1,188 @@
+"""Rejection sampling (recipes/rejection_sampling.py): selection by hand, then end to end on the tiny model from a
+stand-in SFT run: K samples per prompt, the best kept, threshold mode, preference pairs that data_formats reads back,
+--generate_only, prompts that kept nothing counted, and the fine-tune done by the SFT stage from the SFT adapter."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.config import ConfigError, RejectionParams, RejectionSamplingConfig, parse_args
+from finetune.recipe import launch
+from finetune.stages import rejection_sampling as rs
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "rejection_sampling.py"
+
+
+def shortness(prompt: str, response: str) -> float:
+    """A graded score for the tests (the stand-in SFT model never answers a suite prompt correctly): 0 for an empty
+    response, else 1 falling by 0.05 per character, at least 0."""
+    return max(0.0, 1.0 - 0.05 * len(response)) if response.strip() else 0.0
+
+
+def row(prompt_index, sample, score, response=None):
+    return {"prompt_index": prompt_index, "sample": sample, "score": score,
+            "response": f"answer {prompt_index}.{sample}" if response is None else response}
+
+
+def test_best_keeps_the_highest_score_per_prompt_first_on_ties():
+    rows = [row(0, 0, 0.2), row(0, 1, 0.9), row(0, 2, 0.9), row(1, 0, 0.1), row(1, 1, 0.0)]
+    kept, pairs = rs.select(rows, RejectionParams(selection="best"))
+    assert [(r["prompt_index"], r["sample"]) for r in kept] == [(0, 1), (1, 0)]
+    assert [((b["prompt_index"], b["sample"]), (w["prompt_index"], w["sample"])) for b, w in pairs] == [
+        ((0, 1), (0, 0)), ((1, 0), (1, 1))]
+
+
+def test_min_score_and_threshold_can_keep_nothing_for_a_prompt():
+    rows = [row(0, 0, 1.0), row(0, 1, 0.0), row(1, 0, 0.0), row(1, 1, 0.0), row(2, 0, 1.0), row(2, 1, 1.0)]
+    kept, pairs = rs.select(rows, RejectionParams(selection="best", min_score=1.0))
+    assert [(r["prompt_index"], r["sample"]) for r in kept] == [(0, 0), (2, 0)]
+    kept, _ = rs.select(rows, RejectionParams(selection="threshold", threshold=0.5))
+    assert [(r["prompt_index"], r["sample"]) for r in kept] == [(0, 0), (2, 0), (2, 1)]
+    # Pairs need a margin: prompt 1 (all 0) and prompt 2 (all 1) give none.
+    assert [b["prompt_index"] for b, _ in pairs] == [0]
+    _, pairs = rs.select(rows, RejectionParams(min_margin=1.0))
+    assert pairs == []
+
+
+def test_empty_responses_are_never_kept_or_paired():
+    rows = [row(0, 0, 5.0, response="  "), row(0, 1, 1.0), row(0, 2, 0.0)]
+    kept, pairs = rs.select(rows, RejectionParams())
+    assert [r["sample"] for r in kept] == [1] and [(b["sample"], w["sample"]) for b, w in pairs] == [(1, 2)]
+
+
+QUICK = ["--data.max_train_samples=6", "--data.max_eval_samples=4", "--eval.num_samples=4", "--sampling.num_samples=4",
+         "--sampling.max_new_tokens=10", "--score.verifier=test_rejection_sampling:shortness"]
+
+
+def run_recipe(argv):
+    sys.path.insert(0, str(RECIPE.parent))
+    try:
+        import rejection_sampling as recipe  # recipes/rejection_sampling.py
+    finally:
+        sys.path.pop(0)
+    return launch(RejectionSamplingConfig, recipe.main, argv)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    from test_dpo import make_sft_run
+
+    return make_sft_run(tmp_path_factory.mktemp("sft"))
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory, sft_run):
+    out = tmp_path_factory.mktemp("rs") / "gen"
+    assert run_recipe(["--init", str(sft_run), "--output_dir", str(out), *QUICK, "--generate_only"]) == 0
+    return out
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_k_samples_per_prompt_scored_and_the_best_kept(generated):
+    from finetune.data import load_conversations
+
+    samples = read_jsonl(generated / "samples.jsonl")
+    assert [(s["prompt_index"], s["sample"]) for s in samples] == [(p, k) for p in range(6) for k in range(4)]
+    prompts = [c.messages[0]["content"] for c in load_conversations("bundled:suite_messages_train.jsonl", limit=6)]
+    for s in samples:
+        assert s["prompt"] == [{"role": "user", "content": prompts[s["prompt_index"]]}]
+        assert s["score"] == shortness("", s["response"])
+    assert len({s["response"] for s in samples}) > 6, "K different samples per prompt"
+
+    kept = load_conversations(str(generated / "kept.jsonl"))
+    by_prompt = {p: [s for s in samples if s["prompt_index"] == p] for p in range(6)}
+    assert len(kept) == 6
+    for conv in kept:
+        mine = [s for s in by_prompt[conv.meta["prompt_index"]] if s["response"].strip()]  # empty ones never kept
+        best = max(mine, key=lambda s: s["score"])
+        assert conv.meta["score"] == best["score"] and conv.messages[-1]["content"] == best["response"]
+        assert conv.messages[:-1] == best["prompt"]
+    assert sum(s["kept"] for s in samples) == 6
+
+
+def test_preference_pairs_read_back_with_data_formats(generated):
+    import data_formats
+
+    samples = read_jsonl(generated / "samples.jsonl")
+    pairs = data_formats.load_preferences(str(generated / "pairs.jsonl"))
+    assert pairs
+    for pair in pairs:
+        mine = [s for s in samples if s["prompt_index"] == pair.meta["prompt_index"]]
+        assert pair.meta["chosen_score"] == max(s["score"] for s in mine if s["response"].strip())
+        assert pair.meta["rejected_score"] == min(s["score"] for s in mine if s["response"].strip())
+        assert pair.meta["chosen_score"] > pair.meta["rejected_score"]
+        assert pair.chosen[0]["content"] != pair.rejected[0]["content"]
+
+
+def test_generate_only_reports_and_stops_before_fine_tuning(generated):
+    samples = read_jsonl(generated / "samples.jsonl")
+    summary = json.loads((generated / "summary.json").read_text())
+    assert not (generated / "sft").exists()
+    assert summary["num_prompts"] == 6 and summary["num_samples"] == 24 and summary["kept_samples"] == 6
+    assert summary["mean_score_all"] == pytest.approx(sum(s["score"] for s in samples) / 24)
+    kept_scores = [s["score"] for s in samples if s["kept"]]
+    assert summary["mean_score_kept"] == pytest.approx(sum(kept_scores) / 6)
+    answered = [s["score"] for s in samples if s["response"].strip()]
+    assert summary["mean_score_kept"] >= sum(answered) / len(answered)
+    assert summary["prompts_kept_nothing"] == 0
+    assert "eval_accuracy" not in summary
+
+
+def test_threshold_mode_counts_prompts_that_kept_nothing(tmp_path, sft_run, generated):
+    """Same seed, same samples as the generate_only run; a threshold between their scores keeps some prompts' samples
+    and none of the others'."""
+    samples = read_jsonl(generated / "samples.jsonl")
+    best = sorted({max(s["score"] for s in samples if s["prompt_index"] == p) for p in range(6)})
+    threshold = best[len(best) // 2]
+    out = tmp_path / "thr"
+    assert run_recipe(["--init", str(sft_run), "--output_dir", str(out), *QUICK, "--generate_only",
+                       "--rejection.selection=threshold", f"--rejection.threshold={threshold}"]) == 0
+    again = read_jsonl(out / "samples.jsonl")
+    assert [s["response"] for s in again] == [s["response"] for s in samples], "the seed repeats the samples"
+    summary = json.loads((out / "summary.json").read_text())
+    kept = [s for s in again if s["kept"]]
+    assert kept and all(s["score"] >= threshold for s in kept)
+    assert len(kept) == sum(s["score"] >= threshold for s in again if s["response"].strip())
+    nothing = sum(1 for p in range(6) if not any(s["kept"] for s in again if s["prompt_index"] == p))
+    assert summary["prompts_kept_nothing"] == nothing > 0
+
+
+@pytest.mark.slow
+def test_fine_tune_is_the_sft_stage_continuing_the_sft_adapter(tmp_path, sft_run):
+    from safetensors.torch import load_file
+
+    from finetune.models import run_config
+
+    out = tmp_path / "rs"
+    assert run_recipe(["--init", str(sft_run), "--output_dir", str(out), *QUICK, "--train.max_steps=2",
+                       "--train.warmup_ratio=0", "--train.logging_steps=1", "--train.save_steps=2",
+                       "--train.learning_rate=1e-2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("init_eval_accuracy", "eval_accuracy", "init_eval_loss", "eval_loss", "mean_score_all"):
+        assert key in summary, key
+    assert summary["train_steps"] == 2 and summary["sft_output_dir"] == str(out / "sft")
+    sft_cfg = run_config(out / "sft")
+    assert sft_cfg["init"] == str(sft_run) and sft_cfg["data"]["train"] == str(out / "kept.jsonl")
+    before = load_file(sft_run / "adapter_model.safetensors")
+    after = load_file(out / "sft" / "adapter_model.safetensors")
+    assert before.keys() == after.keys(), "the SFT adapter continued, with its shape"
+    assert max((before[k] - after[k]).abs().max() for k in before) > 0
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def test_bad_input_is_one_line(tmp_path, sft_run, capsys):
+    with pytest.raises(ConfigError, match="needs --init"):
+        parse_args(RejectionSamplingConfig, [])
+    assert run_recipe(["--init", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "error: --init" in capsys.readouterr().err
+    assert run_recipe(["--init", str(sft_run), "--output_dir", str(tmp_path / "o"), "--score.verifier=nope:f"]) == 2
+    assert "score.verifier: cannot import module 'nope'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="rejection.selection must be best or threshold"):
+        parse_args(RejectionSamplingConfig, ["--init", "x", "--rejection.selection=top"])
