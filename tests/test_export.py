@@ -156,7 +156,7 @@ def test_merged_equals_base_plus_adapter_and_loads_alone(run_dir, tmp_path, toke
     model = AutoModelForCausalLM.from_pretrained(out).eval()  # nothing else: no peft, no base
     assert not any("lora" in name for name, _ in model.named_parameters())
     diff = max_abs_diff(logits_of(model, tokenizer), reference_logits)
-    assert diff < 1e-4, diff  # float32: merging reorders one sum (W x + B A x); measured ~2e-6
+    assert diff < 1e-4, diff  # float32: merging reorders one sum (W x + B A x); measured 2.8e-5 at logit scale 13.5
     metadata = json.loads((out / METADATA_FILE).read_text())
     assert metadata["dtype"] == "float32" and metadata["adapter_method"] == "lora"
     # a merged export is itself a model directory: it exports again, keeping its template and origin
