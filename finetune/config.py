@@ -33,9 +33,27 @@ class ModelConfig:
     dtype: str = "auto"
     """Weights and compute dtype: ``auto`` (bf16 on a GPU that has it, else float32), ``bfloat16``, ``float16``, ``float32``."""
     attn_implementation: str = "sdpa"
-    """Attention backend passed to transformers: ``sdpa``, ``eager``, ``flash_attention_2``."""
+    """Attention backend: ``auto`` (FlashAttention 3 or 2 on a CUDA GPU that has it and a bf16/fp16 model, else
+    ``sdpa``; the choice is printed), ``sdpa``, ``eager``, ``flash_attention_2``, ``flash_attention_3``."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    """Recompute activations in the backward pass: less memory, about a third more compute. Older spelling of
+    ``activation_checkpointing: full``; set from ``activation_checkpointing`` when that is given."""
+    activation_checkpointing: str | None = None
+    """Per decoder layer: ``none``; ``full`` (recompute the whole layer in the backward); ``selective`` (keep the
+    outputs of the linear layers and attention, recompute norms, RoPE and activations: the LLaMA paper's recipe).
+    ``null`` follows ``gradient_checkpointing``."""
+    use_liger: bool = True
+    """Liger's fused RMSNorm, RoPE and SwiGLU kernels on a CUDA GPU where liger-kernel is installed (the ``gpu``
+    extra); elsewhere the model runs unfused and a line says the kernels are off."""
+
+    def __post_init__(self):
+        if self.activation_checkpointing is not None:
+            if self.activation_checkpointing not in ("none", "full", "selective"):
+                raise ConfigError(
+                    f"model.activation_checkpointing must be none, full or selective; got {self.activation_checkpointing!r}"
+                )
+            # Stages hand ``gradient_checkpointing`` to the trainer; selective is checkpointing with a policy on top.
+            self.gradient_checkpointing = self.activation_checkpointing != "none"
 
 
 @dataclass
