@@ -54,17 +54,32 @@ def quantization_config(dtype):
 def load_base_model(model_cfg, method: str = "lora", for_training: bool = True):
     """Load the base causal LM named by ``model_cfg`` (see :class:`finetune.config.ModelConfig`).
 
-    ``method="qlora"`` loads the weights in 4-bit NF4; anything else in ``model_cfg.dtype``.
+    ``method="qlora"`` loads the weights in 4-bit NF4; anything else in ``model_cfg.dtype``. The attention backend
+    (``auto`` resolved here), Liger's kernels and, for training, activation checkpointing come from ``model_cfg``
+    (``finetune.kernels``, ``finetune.checkpointing``).
     """
     from transformers import AutoModelForCausalLM
 
+    from .kernels import resolve_attn_implementation
+
     dtype = resolve_dtype(model_cfg.dtype)
-    kwargs = dict(dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+    kwargs = dict(dtype=dtype, attn_implementation=resolve_attn_implementation(model_cfg.attn_implementation, dtype))
     if method == "qlora":
         kwargs["quantization_config"] = quantization_config(dtype)
     model = AutoModelForCausalLM.from_pretrained(resolve_model(model_cfg.name), **kwargs)
+    return _prepare(model, model_cfg, for_training)
+
+
+def _prepare(model, model_cfg, for_training: bool):
+    """Liger's kernels when asked and possible; for training, no KV cache and the configured activation
+    checkpointing."""
+    from .checkpointing import checkpointing_mode, enable_activation_checkpointing
+    from .kernels import apply_liger
+
+    apply_liger(model, getattr(model_cfg, "use_liger", False))
     if for_training:
         model.config.use_cache = False  # the cache is useless in training and breaks packed attention isolation
+        enable_activation_checkpointing(model, checkpointing_mode(model_cfg))
     return model
 
 
@@ -167,8 +182,11 @@ def load_sequence_classifier(model_cfg, method: str = "lora", name_or_path: str 
     """
     from transformers import AutoModelForSequenceClassification
 
+    from .kernels import resolve_attn_implementation
+
     dtype = resolve_dtype(model_cfg.dtype)
-    kwargs = dict(dtype=dtype, attn_implementation=model_cfg.attn_implementation, num_labels=1)
+    attn_implementation = resolve_attn_implementation(model_cfg.attn_implementation, dtype)
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, num_labels=1)
     if method == "qlora":
         quant = quantization_config(dtype)
         quant.llm_int8_skip_modules = ["score"]
@@ -178,9 +196,7 @@ def load_sequence_classifier(model_cfg, method: str = "lora", name_or_path: str 
 
     with suppress_seqcls_warning():
         model = AutoModelForSequenceClassification.from_pretrained(resolve_model(name_or_path or model_cfg.name), **kwargs)
-    if for_training:
-        model.config.use_cache = False
-    return model
+    return _prepare(model, model_cfg, for_training)
 
 
 def check_init_run(run_dir: str | Path, model_name: str, template: str, option: str = "--init") -> str:

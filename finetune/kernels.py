@@ -1,0 +1,319 @@
+"""Which kernels a model runs on: the attention backend, Liger's fused LLaMA kernels, and memory-lean log-probs.
+
+Three things live here, each usable on its own:
+
+- :func:`resolve_attn_implementation` turns ``model.attn_implementation: auto`` into a concrete backend:
+  FlashAttention 3 (Hopper) or 2 (Ampere and newer) on a CUDA GPU where the package, or transformers' ``kernels``
+  fallback, is there and the dtype is bf16/fp16; PyTorch SDPA everywhere else. Packed, padding-free batches need no
+  extra wiring: TRL's collator passes ``position_ids`` and ``cu_seq_lens_q/k``, which FlashAttention turns into its
+  variable-length path, and which SDPA/eager turn into a block-diagonal causal mask (no mask given, no KV cache).
+- :func:`apply_liger` puts Liger's fused RMSNorm, RoPE and SwiGLU on a LLaMA through transformers' own Liger hook
+  (the one ``TrainingArguments(use_liger_kernel=True)`` calls). Liger's fused linear cross-entropy stays off: TRL's
+  trainers already score through a fused, chunked LM head (``trl.trainer.utils.add_fused_lm_head``) and reject it,
+  and our own loops use :func:`policy_token_logprobs`.
+- :func:`policy_token_logprobs` / :func:`policy_sequence_logprobs`: the log-prob of each label token computed from
+  the final hidden states and ``lm_head`` chunk by chunk (:func:`finetune.logprobs.chunked_token_logprobs`, chunks
+  of 64 MiB of logits by default), so the ``[batch, seq, vocab]`` float32 logits never exist, in the forward or the
+  backward.
+
+Every choice is printed once per process (on the main process only), e.g.
+``attention: flash_attention_2 (auto: CUDA sm80, flash-attn installed)`` or ``liger kernels: off (no CUDA GPU)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+__all__ = [
+    "LIGER_LLAMA_KERNELS",
+    "AttentionChoice",
+    "LigerChoice",
+    "announce",
+    "apply_liger",
+    "auto_chunk_size",
+    "available_attention_backends",
+    "choose_attention",
+    "choose_liger",
+    "policy_sequence_logprobs",
+    "policy_token_logprobs",
+    "resolve_attn_implementation",
+]
+
+FLASH_BACKENDS = ("flash_attention_3", "flash_attention_2")
+
+# Liger's LLaMA kernels we apply (kwargs of liger_kernel.transformers.apply_liger_kernel_to_llama). The two loss
+# kernels stay off: TRL's trainers compute the loss through their own fused LM head and refuse Liger's, and plain
+# cross-entropy over full logits is what we avoid everywhere else.
+LIGER_LLAMA_KERNELS = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+
+
+@functools.cache
+def announce(message: str) -> None:
+    """Print ``message`` once per process, and only on the main process of a distributed run (``RANK`` 0 or unset)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention backend
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    implementation: str
+    """What goes to ``from_pretrained(attn_implementation=...)``."""
+    reason: str
+    """Why, in a few words (printed with the choice)."""
+
+
+def choose_attention(
+    requested: str,
+    dtype,
+    cuda: bool,
+    capability: tuple[int, int] | None = None,
+    flash3: bool = False,
+    flash2: bool = False,
+) -> AttentionChoice:
+    """The attention backend for ``requested`` on a machine described by the arguments (pure: no probing).
+
+    Args:
+        requested: ``auto``, or a backend name passed through unchanged (``sdpa``, ``eager``, ``flash_attention_2``,
+            ``flash_attention_3``, a ``kernels-community/...`` hub kernel).
+        dtype: the model's compute dtype; FlashAttention runs in bf16/fp16 only.
+        cuda: whether a CUDA GPU is available.
+        capability: its compute capability ``(major, minor)``; FlashAttention 3 needs Hopper (9.x), 2 needs 8.0+.
+        flash3: FlashAttention 3 is importable (``flash_attn_interface``, or transformers' kernels fallback).
+        flash2: FlashAttention 2 is importable (``flash_attn``, or transformers' kernels fallback).
+
+    Returns:
+        The backend and the reason for it.
+    """
+    import torch
+
+    if requested != "auto":
+        return AttentionChoice(requested, "as configured")
+    if not cuda:
+        return AttentionChoice("sdpa", "auto: no CUDA GPU")
+    if dtype not in (torch.bfloat16, torch.float16):
+        return AttentionChoice("sdpa", f"auto: FlashAttention needs bf16/fp16, the model runs in {dtype}")
+    major, minor = capability or (0, 0)
+    if major == 9 and flash3:
+        return AttentionChoice("flash_attention_3", f"auto: CUDA sm{major}{minor}, FlashAttention 3 available")
+    if major >= 8 and flash2:
+        return AttentionChoice("flash_attention_2", f"auto: CUDA sm{major}{minor}, FlashAttention 2 available")
+    if major < 8:
+        return AttentionChoice("sdpa", f"auto: CUDA sm{major}{minor} is older than FlashAttention's sm80")
+    return AttentionChoice(
+        "sdpa", f"auto: CUDA sm{major}{minor} but no FlashAttention (pip install flash-attn, or the kernels package)"
+    )
+
+
+@functools.cache
+def _flash_available(version: int) -> bool:
+    """FlashAttention ``version`` importable here, from its package or transformers' hub-kernel fallback (which
+    works offline only when the kernel is already in the local hub cache)."""
+    try:
+        from transformers.utils import import_utils
+    except ImportError:
+        return False
+    probe = getattr(import_utils, f"is_flash_attn_{version}_available", None)
+    if probe is None:
+        return False
+    try:
+        return bool(probe(kernels_fallback_ok=True))
+    except TypeError:  # transformers without the kernels fallback
+        return bool(probe())
+    except Exception:
+        return False
+
+
+def resolve_attn_implementation(requested: str, dtype) -> str:
+    """The backend to load with for ``model.attn_implementation`` (``auto`` resolved on this machine); printed once.
+
+    Args:
+        requested: the configured value.
+        dtype: the model's compute dtype (``finetune.models.resolve_dtype``).
+
+    Returns:
+        A value for ``from_pretrained(attn_implementation=...)``.
+    """
+    if requested != "auto":
+        return requested
+    import torch
+
+    cuda = torch.cuda.is_available()
+    capability = torch.cuda.get_device_capability() if cuda else None
+    wants_flash = cuda and dtype in (torch.bfloat16, torch.float16) and capability[0] >= 8
+    choice = choose_attention(
+        requested,
+        dtype,
+        cuda,
+        capability,
+        flash3=wants_flash and capability[0] == 9 and _flash_available(3),
+        flash2=wants_flash and _flash_available(2),
+    )
+    announce(f"attention: {choice.implementation} ({choice.reason})")
+    return choice.implementation
+
+
+def available_attention_backends() -> list[str]:
+    """Backends that run on this machine: ``sdpa`` and ``eager`` everywhere, plus FlashAttention on a GPU that has
+    it (bf16). What the packed-equals-unpacked test goes over."""
+    import torch
+
+    backends = ["sdpa", "eager"]
+    if torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability()
+        if major == 9 and _flash_available(3):
+            backends.append("flash_attention_3")
+        if major >= 8 and _flash_available(2):
+            backends.append("flash_attention_2")
+    return backends
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Liger
+
+
+@dataclass(frozen=True)
+class LigerChoice:
+    on: bool
+    reason: str
+
+
+def choose_liger(requested: bool, cuda: bool, installed: bool) -> LigerChoice:
+    """Whether to apply Liger's kernels (pure). They are Triton kernels: CUDA only."""
+    if not requested:
+        return LigerChoice(False, "off (model.use_liger is false)")
+    if not cuda:
+        return LigerChoice(False, "off (no CUDA GPU; the model runs unfused)")
+    if not installed:
+        return LigerChoice(False, "off (liger-kernel is not installed: pip install -e '.[gpu]')")
+    return LigerChoice(True, "on (fused RMSNorm, RoPE, SwiGLU)")
+
+
+def apply_liger(model, requested: bool = True) -> bool:
+    """Put Liger's fused RMSNorm, RoPE and SwiGLU on ``model`` when ``requested`` and they can run; print the outcome
+    once. Returns whether they were applied.
+
+    Goes through transformers' hook (``transformers.integrations.liger.apply_liger_kernel``, what
+    ``use_liger_kernel=True`` runs in ``Trainer``), with :data:`LIGER_LLAMA_KERNELS`. Note that Liger patches the
+    ``transformers.models.llama.modeling_llama`` module as well as this instance, so LLaMA models built afterwards in
+    the same process get the kernels too.
+    """
+    import torch
+
+    try:
+        from transformers.utils import is_liger_kernel_available
+
+        installed = is_liger_kernel_available()
+    except ImportError:
+        installed = False
+    choice = choose_liger(requested, torch.cuda.is_available(), installed)
+    if choice.on:
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(model, dict(LIGER_LLAMA_KERNELS))
+    announce(f"liger kernels: {choice.reason}")
+    return choice.on
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory-lean log-probs
+
+
+def _causal_lm(model):
+    """The ``*ForCausalLM`` under a ``PeftModel`` (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _plain_lm_head_weight(causal_lm):
+    """``lm_head.weight`` when the head is a plain bias-free ``nn.Linear`` (a LoRA-wrapped or biased head would be
+    scored wrongly by the weight alone)."""
+    import torch
+
+    head = causal_lm.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        raise ValueError(
+            f"policy_token_logprobs needs a plain bias-free nn.Linear lm_head; got {type(head).__name__}"
+            " (leave lm_head out of adapter.target_modules)"
+        )
+    return head.weight
+
+
+# Float32 logits one chunk may hold: 64 MiB is 130 positions of Llama 3's 128,256-token vocabulary.
+CHUNK_LOGITS_BYTES = 64 * 2**20
+
+
+def auto_chunk_size(vocab_size: int, budget_bytes: int = CHUNK_LOGITS_BYTES) -> int:
+    """Positions per chunk so that one chunk's ``[chunk, vocab]`` float32 logits fit in ``budget_bytes`` (the
+    log-softmax temporaries are about as large again)."""
+    return max(1, budget_bytes // (4 * vocab_size))
+
+
+def policy_token_logprobs(
+    model,
+    input_ids,
+    attention_mask=None,
+    labels=None,
+    *,
+    position_ids=None,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+):
+    """Per-token log-probs of a causal LM's labels, never building the ``[B, T, V]`` logits.
+
+    Runs the model body (with whatever adapter is active) to the final hidden states, then scores them against
+    ``lm_head`` in chunks of ``chunk_size`` positions under activation checkpointing
+    (:func:`finetune.logprobs.chunked_token_logprobs`): peak memory is one chunk of logits, in the forward and in the
+    backward. Equal to ``token_logprobs(*shift_for_causal_lm(model(...).logits / temperature, labels))``.
+
+    Args:
+        model: a ``*ForCausalLM`` or a ``PeftModel`` around one, with a plain ``lm_head``.
+        input_ids: ``[B, T]`` token ids.
+        attention_mask: ``[B, T]`` 0/1 mask, or None (packed rows: pass ``position_ids`` restarting per document).
+        labels: ``[B, T]`` unshifted labels (the HF convention: input ids with prompt and padding set to
+            ``ignore_index``); None scores every token where ``attention_mask`` is 1.
+        position_ids: ``[B, T]`` positions, for packed rows.
+        chunk_size: token positions per chunk; None sizes chunks to 64 MiB of float32 logits
+            (:func:`auto_chunk_size`).
+        temperature: logits are divided by it (sampling temperature, as PPO's rollouts use).
+        ignore_index: label value of positions that do not count.
+
+    Returns:
+        ``[B, T - 1]`` float32 log-probs: entry ``t`` scores ``labels[:, t + 1]``; 0 at ignored positions.
+    """
+    if labels is None:
+        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
+    causal_lm = _causal_lm(model)
+    weight = _plain_lm_head_weight(causal_lm)
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    hidden = hidden[:, :-1].to(weight.device)
+    if temperature != 1.0:
+        hidden = hidden / temperature  # (h / t) @ W.T == (h @ W.T) / t
+    from .logprobs import chunked_token_logprobs
+
+    chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
+    return chunked_token_logprobs(hidden, weight, labels[:, 1:].to(weight.device), chunk_size, ignore_index)
+
+
+def policy_sequence_logprobs(model, input_ids, attention_mask=None, labels=None, *, average: bool = False, **kwargs):
+    """``[B]`` sum (or, with ``average``, per-token mean) of :func:`policy_token_logprobs` over the counted tokens:
+    ``log pi(response | prompt)`` for DPO, rejection sampling and evaluation, equal to
+    ``finetune.logprobs.sequence_logprobs(model(...).logits, labels)``. ``kwargs`` go to
+    :func:`policy_token_logprobs`."""
+    ignore_index = kwargs.get("ignore_index", -100)
+    if labels is None:
+        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
+    per_token = policy_token_logprobs(model, input_ids, attention_mask, labels, **kwargs)
+    total = per_token.sum(dim=-1)
+    if not average:
+        return total
+    return total / (labels[:, 1:] != ignore_index).sum(dim=-1).clamp(min=1).to(total.device)
