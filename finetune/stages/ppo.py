@@ -23,8 +23,8 @@ Details of RLHF with PPO", Huang et al. 2024):
    ``value_loss_coef * ppo_value_loss``, backward, gradient clipping, an AdamW step.
 4. The KL controller is updated with the rollout's KL; the iteration's figures go to ``metrics.jsonl``.
 
-Dropout stays off (the model is in eval mode throughout), so at the first minibatch the policy's log-probs equal
-the rollout's and the ratio is exactly 1.
+Dropout is switched off (every dropout's p set to 0, so activation checkpointing, which acts in train mode, still
+can), and at the first minibatch the policy's log-probs equal the rollout's: the ratio is exactly 1.
 """
 
 from __future__ import annotations
@@ -96,10 +96,12 @@ def load_roles(cfg: PPOConfig) -> Roles:
         load_adapter(model, cfg.init, VALUE, trainable=True)
         value_head = torch.nn.Linear(base.config.hidden_size, 1, bias=False)
         torch.nn.init.zeros_(value_head.weight)
+    for module in model.modules():  # no dropout anywhere: rollout and update log-probs must agree
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     device = next(model.parameters()).device
     roles = Roles(model, value_head.to(device), reward_head.to(device) if reward_head is not None else None)
     roles.use(POLICY)
-    model.eval()  # no dropout anywhere: rollout and update log-probs must agree
     return roles
 
 
@@ -199,6 +201,8 @@ def policy_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: 
 def score_rollout(roles: Roles, rollout: Rollout, lm_head_weight, temperature: float, batch_size: int) -> None:
     """Fill in the rollout policy's and the reference's log-probs and the value head's values (no gradients)."""
     device = next(roles.model.parameters()).device
+    was_training = roles.model.training
+    roles.model.eval()
     logprobs, ref_logprobs, values = [], [], []
     for start in range(0, len(rollout.scores), batch_size):
         ids = rollout.input_ids[start : start + batch_size].to(device)
@@ -211,6 +215,7 @@ def score_rollout(roles: Roles, rollout: Rollout, lm_head_weight, temperature: f
         roles.use(VALUE)
         values.append(scalar_head(roles, roles.value_head, ids, mask)[:, :-1].float())
     roles.use(POLICY)
+    roles.model.train(was_training)
     rollout.logprobs = torch.cat(logprobs).cpu()
     rollout.ref_logprobs = torch.cat(ref_logprobs).cpu()
     rollout.values = torch.cat(values).cpu()
@@ -323,7 +328,8 @@ def train(cfg: PPOConfig) -> tuple[dict, Roles]:
     verifier = load_callable(cfg.eval.verifier) if eval_convs else None
 
     summary: dict = {"model": cfg.model.name, "resolved_model": resolve_model(cfg.model.name), "init": cfg.init,
-                     "reward_model": cfg.score.reward_model, "scorer": scorer.name}
+                     "reward_model": cfg.score.reward_model, "scorer": scorer.name,
+                     "num_processes": accelerator.num_processes}
     if verifier and cfg.eval.before_training:
         roles.use(POLICY)
         before = verifier_accuracy(roles.model, tokenizer, template, eval_convs, verifier, cfg.eval.max_new_tokens,
@@ -368,6 +374,7 @@ def train(cfg: PPOConfig) -> tuple[dict, Roles]:
                                                           "value_clip_fraction", "approx_kl", "entropy", "grad_norm")}
         n = len(rollout.scores)
         device = accelerator.device
+        policy_and_value.train()
         for _ in range(cfg.ppo.ppo_epochs):
             order = torch.randperm(n, generator=shuffle)
             for start in range(0, n, cfg.ppo.mini_batch_size):

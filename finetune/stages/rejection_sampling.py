@@ -233,8 +233,9 @@ def run(cfg: RejectionSamplingConfig) -> dict:
     gc.collect()
 
     kept, pairs = select(rows, cfg.rejection)
-    summary = {"init": cfg.init, "scorer": scorer.name, "skipped_prompts": len(skipped),
-               "sampling_seconds": sampling_seconds, **sample_figures(rows, kept, pairs, len(prompts))}
+    summary = {"init": cfg.init, "scorer": scorer.name, "num_processes": state.num_processes,
+               "skipped_prompts": len(skipped), "sampling_seconds": sampling_seconds,
+               **sample_figures(rows, kept, pairs, len(prompts))}
     if main:
         write_outputs(output_dir, rows, kept, pairs if cfg.rejection.preference_pairs else None)
         print(describe(summary))
