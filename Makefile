@@ -32,8 +32,12 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check finetune data_formats recipes tests benchmarks
 
+# CPU benchmarks, then the GPU one (which prints a line and exits 0 where there is no CUDA GPU); see docs/performance.md.
 bench: install
 	$(PY) benchmarks/sft_throughput.py
+	$(PY) benchmarks/logprobs_memory.py
+	$(PY) benchmarks/checkpointing.py
+	$(PY) benchmarks/gpu_sft.py
 
 clean:
 	rm -rf runs build *.egg-info
