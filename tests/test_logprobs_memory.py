@@ -62,7 +62,10 @@ def test_token_logprobs_equal_naive_values_and_gradients(lora_model, batch):
     assert (lean[labels[:, 1:] == -100] == 0).all()
     assert naive_grads.keys() == lean_grads.keys() and len(lean_grads) > 0
     for name in naive_grads:
-        torch.testing.assert_close(lean_grads[name], naive_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+        # float32 sums in another order (chunks, and however many threads torch uses): agreement to 1e-6 of the
+        # gradient's scale. With 2 threads o_proj's lora_B (scale 47) differed by 2.3e-5 at one element.
+        scale = naive_grads[name].abs().max().item()
+        torch.testing.assert_close(lean_grads[name], naive_grads[name], atol=1e-6 * max(scale, 1.0), rtol=1e-4, msg=name)
 
 
 def test_sequence_logprobs_equal_naive(lora_model, batch):
