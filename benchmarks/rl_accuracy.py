@@ -27,8 +27,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ROOT / "recipes" / "configs" / "tiny"
 
 
-def recipe(name: str, args: list[str], log: Path) -> dict:
-    """Run ``recipes/NAME.py`` in one process (OMP_NUM_THREADS=1), its output in ``log``; returns its summary."""
+def recipe(name: str, args: list[str], log: Path, reuse: bool = False) -> dict:
+    """Run ``recipes/NAME.py`` in one process (OMP_NUM_THREADS=1), its output in ``log``; returns its summary. With
+    ``reuse``, a run whose ``summary.json`` exists (it finished) is read instead of run again."""
+    out = Path(args[args.index("--output_dir") + 1])
+    if reuse and (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     started = time.perf_counter()
     with open(log, "w") as f:
@@ -36,7 +40,6 @@ def recipe(name: str, args: list[str], log: Path) -> dict:
                               stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
         raise SystemExit(f"recipes/{name}.py failed (exit {proc.returncode}); see {log}")
-    out = Path(args[args.index("--output_dir") + 1])
     summary = json.loads((out / "summary.json").read_text())
     summary["wall_seconds"] = time.perf_counter() - started
     return summary
@@ -52,6 +55,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sft", help="an existing SFT run to start from (default: train one with sft_lora.yaml)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "bench-rl"))
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs under --runs instead of rerunning")
     args = parser.parse_args()
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
@@ -62,7 +66,7 @@ def main() -> None:
     else:
         sft_dir = runs / "sft"
         sft = recipe("sft", ["--config", str(CONFIGS / "sft_lora.yaml"), "--output_dir", str(sft_dir), "--overwrite"],
-                     runs / "sft.log")
+                     runs / "sft.log", args.reuse)
     print(f"SFT: verifier accuracy {sft['eval_accuracy']:.3f}", flush=True)
 
     rs, ppo = [], []
@@ -71,7 +75,7 @@ def main() -> None:
             "--config", str(CONFIGS / "rejection_sampling.yaml"), "--init", str(sft_dir),
             "--output_dir", str(runs / f"rs-seed{seed}"), "--overwrite",
             f"--sampling.seed={seed}", f"--train.seed={seed}",
-        ], runs / f"rs-seed{seed}.log"))
+        ], runs / f"rs-seed{seed}.log", args.reuse))
         print(f"RS seed {seed}: {rs[-1]['init_eval_accuracy']:.3f} -> {rs[-1]['eval_accuracy']:.3f} "
               f"(mean score all {rs[-1]['mean_score_all']:.3f}, kept {rs[-1]['mean_score_kept']:.3f}, "
               f"{rs[-1]['kept_samples']} kept, {rs[-1]['prompts_kept_nothing']} prompts kept nothing)", flush=True)
@@ -79,7 +83,7 @@ def main() -> None:
         ppo.append(recipe("ppo", [
             "--config", str(CONFIGS / "ppo_lora.yaml"), "--init", str(sft_dir), "--output_dir", str(out),
             "--overwrite", f"--sampling.seed={seed}", f"--ppo.seed={seed}",
-        ], runs / f"ppo-seed{seed}.log"))
+        ], runs / f"ppo-seed{seed}.log", args.reuse))
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         ppo[-1]["max_kl"] = max(m["kl"] for m in metrics)
         ppo[-1]["first_score"] = metrics[0]["score"]
@@ -98,7 +102,7 @@ def main() -> None:
             "mean_score_kept": stats([r["mean_score_kept"] for r in rs]),
             "kept_samples": [r["kept_samples"] for r in rs],
             "prompts_kept_nothing": [r["prompts_kept_nothing"] for r in rs],
-            "wall_seconds": [r["wall_seconds"] for r in rs],
+            "wall_seconds": [r.get("wall_seconds") for r in rs],
         },
         "ppo": {
             "eval_accuracy": stats([r["eval_accuracy"] for r in ppo]),
@@ -106,7 +110,7 @@ def main() -> None:
             "max_kl": stats([r["max_kl"] for r in ppo]),
             "final_score": stats([r["final_score"] for r in ppo]),
             "first_score": stats([r["first_score"] for r in ppo]),
-            "wall_seconds": [r["wall_seconds"] for r in ppo],
+            "wall_seconds": [r.get("wall_seconds") for r in ppo],
         },
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

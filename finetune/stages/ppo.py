@@ -397,8 +397,9 @@ def train(cfg: PPOConfig) -> tuple[dict, Roles]:
                 optimizer.zero_grad()
                 optimizer_steps += 1
                 with torch.no_grad():
-                    response_hidden = hidden[:, :-1][mb_mask.bool()]
-                    entropy = entropy_from_logits((response_hidden / temperature) @ lm_head_weight.t()).mean()
+                    response_hidden = hidden[:, :-1][mb_mask.bool()]  # [tokens, H]: logits of response tokens only
+                    entropy = (entropy_from_logits((response_hidden / temperature) @ lm_head_weight.t()).mean()
+                               if len(response_hidden) else torch.zeros(()))
                 for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
                                    ("value_clip_fraction", value_clip_fraction), ("approx_kl", approx_kl),
                                    ("entropy", entropy), ("grad_norm", grad_norm)):
