@@ -83,8 +83,9 @@ class Roles:
         activate_adapter(self.model, role, TRAINABLE)
 
 
-def load_roles(cfg: PPOConfig) -> Roles:
-    """Load the base once and put the four roles on it (see the module docstring)."""
+def load_roles(cfg: PPOConfig, device=None) -> Roles:
+    """Load the base once and put the four roles on it (see the module docstring), on ``device`` when given (the
+    accelerator's: the reward head is not part of the module accelerate prepares, so everything is placed here)."""
     base = load_base_model(cfg.model, cfg.adapter.method)
     model = load_adapter(base, cfg.init, POLICY, trainable=True)
     load_adapter(model, cfg.init, REFERENCE, trainable=False)
@@ -99,6 +100,8 @@ def load_roles(cfg: PPOConfig) -> Roles:
     for module in model.modules():  # no dropout anywhere: rollout and update log-probs must agree
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+    if device is not None:
+        model.to(device)
     device = next(model.parameters()).device
     roles = Roles(model, value_head.to(device), reward_head.to(device) if reward_head is not None else None)
     roles.use(POLICY)
@@ -320,7 +323,7 @@ def train(cfg: PPOConfig) -> tuple[dict, Roles]:
               f"data.max_prompt_length)")
     set_seed(cfg.ppo.seed)
 
-    roles = load_roles(cfg)
+    roles = load_roles(cfg, accelerator.device)
     scorer = build_scorer(cfg.score, AdapterRewardModel(roles, tokenizer, template) if scorer_needs_rm else None)
     stop_ids = stop_token_ids(template, tokenizer)
     lm_head_weight = roles.model.get_base_model().get_output_embeddings().weight
