@@ -219,6 +219,30 @@ class PreferenceDataConfig:
 
 
 @dataclass
+class RewardTrainConfig(TrainConfig):
+    """Training settings with the reward model's defaults (tuned on the tiny suite; see docs/preference.md)."""
+
+    learning_rate: float = 1e-3
+    """Peak learning rate of AdamW."""
+    num_epochs: float = 10.0
+    """Epochs over the training pairs (ignored when ``max_steps`` is set)."""
+    per_device_batch_size: int = 16
+    """Pairs per device per micro-batch (each pair is two sequences, chosen and rejected)."""
+
+
+@dataclass
+class DPOTrainConfig(TrainConfig):
+    """Training settings with DPO's defaults: a small learning rate and one epoch (DPO moves a policy fast)."""
+
+    learning_rate: float = 1e-4
+    """Peak learning rate of AdamW."""
+    num_epochs: float = 1.0
+    """Epochs over the training pairs (ignored when ``max_steps`` is set)."""
+    per_device_batch_size: int = 4
+    """Pairs per device per micro-batch (each pair is two sequences, chosen and rejected)."""
+
+
+@dataclass
 class RewardConfig(RunConfig):
     """Bradley-Terry reward model: backbone + LoRA adapter + scalar head on preference pairs (``recipes/reward.py``)."""
 
@@ -230,7 +254,7 @@ class RewardConfig(RunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: RewardTrainConfig = field(default_factory=RewardTrainConfig)
 
     def __post_init__(self):
         if self.adapter.method == "full":
@@ -256,8 +280,13 @@ class DPOParams:
     """Assumed label-flip probability for ``loss: label_smoothed``, in (0, 0.5); 0 for the other losses."""
     precompute_ref_log_probs: bool = False
     """Compute every pair's reference log-probs in one pass before training, so training runs no reference forward."""
+    nll_weight: float = 0.0
+    """Add this times the chosen replies' token-mean negative log-likelihood to the loss (RPO, Pang et al. 2024;
+    Llama 3 uses 0.2), so the chosen reply's likelihood does not fall while the margin grows; 0 for plain DPO."""
 
     def __post_init__(self):
+        if self.nll_weight < 0:
+            raise ConfigError(f"dpo.nll_weight must be >= 0; got {self.nll_weight}")
         if self.loss not in DPO_LOSSES:
             raise ConfigError(f"dpo.loss must be one of {', '.join(DPO_LOSSES)}; got {self.loss!r}")
         if self.beta <= 0:
@@ -281,7 +310,7 @@ class DPOConfig(RunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     dpo: DPOParams = field(default_factory=DPOParams)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -165,12 +165,16 @@ def copy_adapter_weights(peft_model, run_dir: str | Path, adapter_name: str = "d
     policy's (the keys of ``LlamaForCausalLM`` and ``LlamaForSequenceClassification`` backbones agree). Returns how
     many tensors were copied; raises ``ValueError`` if any saved tensor has no place in the model.
     """
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
     weights = load_peft_weights(str(run_dir), device="cpu")
-    result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
-    if result.unexpected_keys:
-        raise ValueError(f"{run_dir}: adapter tensors with no place in the model: {result.unexpected_keys[:3]}")
+    # Start from the adapter's own tensors, so parts the saved run lacks (a new scalar head) keep their values.
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    unexpected = [k for k in weights if k not in state]
+    if unexpected:
+        raise ValueError(f"{run_dir}: adapter tensors with no place in the model: {unexpected[:3]}")
+    state.update(weights)
+    set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
     return len(weights)
 
 

@@ -1,0 +1,132 @@
+"""Preference pairs to token ids for the reward model and DPO, counting everything that is cut or skipped.
+
+Reading and validation are ``data_formats``' job (an empty chosen or rejected reply is a located ``DataFormatError``
+there); this module renders each pair through the chat template, exactly as SFT rendered its conversations, and
+reports what the length limit and degenerate pairs cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from data_formats import Conversation
+
+
+@dataclass
+class PairReport:
+    """What tokenisation kept, cut and skipped of a preference set; printed by the recipes, kept in ``summary.json``."""
+
+    records: int = 0
+    """Pairs read."""
+    kept: int = 0
+    """Pairs that became training rows."""
+    tokens: int = 0
+    """Tokens kept (prompt once, plus both replies)."""
+    truncated_records: int = 0
+    """Pairs with a reply cut so that prompt + reply fit ``max_length`` (DPO)."""
+    truncated_tokens: int = 0
+    """Reply tokens removed by those cuts."""
+    skipped_long: int = 0
+    """Pairs that do not fit: for DPO the prompt alone leaves no room for a reply; for the reward model prompt + a
+    reply exceeds ``max_length`` (its score is read at the last token, so it cannot be cut)."""
+    skipped_identical: int = 0
+    """Pairs whose chosen and rejected replies are the same tokens (after any cut): nothing to prefer."""
+    skipped_origins: list[str] = field(default_factory=list)
+    """Where the skipped pairs came from (file:line), the first 20."""
+
+    @property
+    def skipped_records(self) -> int:
+        return self.skipped_long + self.skipped_identical
+
+    def _skip(self, origin: str) -> None:
+        if len(self.skipped_origins) < 20:
+            self.skipped_origins.append(origin)
+
+    def describe(self, name: str) -> str:
+        text = (
+            f"{name}: {self.kept}/{self.records} pairs, {self.tokens} tokens; {self.truncated_records} with a reply cut "
+            f"(-{self.truncated_tokens} tokens); skipped {self.skipped_long} too long for max_length, "
+            f"{self.skipped_identical} with chosen == rejected"
+        )
+        if self.skipped_origins:
+            text += f" ({', '.join(self.skipped_origins[:5])}" + (", ...)" if self.skipped_records > 5 else ")")
+        return text
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "skipped_origins"}
+        out["skipped_records"] = self.skipped_records
+        return out
+
+
+def split_pair(pair, template, tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """``(prompt_ids, chosen_ids, rejected_ids)``: the prompt rendered for generation (ending on the assistant header)
+    and each reply as the tokens that follow it (the reply and its end-of-turn token), so that ``prompt + reply`` is
+    token for token what SFT trained on and what generation continues from."""
+    from .templates import render, render_prompt
+
+    prompt_ids = render_prompt(template, pair.prompt, tokenizer)
+    replies = []
+    for reply in (pair.chosen, pair.rejected):
+        full_ids, _ = render(template, pair.prompt + reply, tokenizer)
+        if full_ids[: len(prompt_ids)] != prompt_ids:  # render() tokenises per segment, so this is a template bug
+            raise ValueError(f"{pair.origin}: the rendered prompt is not a prefix of prompt + reply")
+        replies.append(full_ids[len(prompt_ids) :])
+    return prompt_ids, replies[0], replies[1]
+
+
+def tokenize_pairs_for_dpo(pairs, template, tokenizer, max_length: int) -> tuple[list[dict], PairReport]:
+    """Rows of ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` (TRL's ``DPOTrainer`` format) and a report.
+
+    A reply longer than the room the prompt leaves is cut at the end (``keep_start``, as TRL would); a prompt that
+    leaves no room at all is skipped, as is a pair whose replies are identical after the cut. Both counted.
+    """
+    rows: list[dict] = []
+    report = PairReport(records=len(pairs))
+    for pair in pairs:
+        prompt_ids, chosen_ids, rejected_ids = split_pair(pair, template, tokenizer)
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            report.skipped_long += 1
+            report._skip(pair.origin)
+            continue
+        cut = max(len(chosen_ids) - room, 0) + max(len(rejected_ids) - room, 0)
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+        if chosen_ids == rejected_ids:
+            report.skipped_identical += 1
+            report._skip(pair.origin)
+            continue
+        if cut:
+            report.truncated_records += 1
+            report.truncated_tokens += cut
+        rows.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
+        report.kept += 1
+        report.tokens += len(prompt_ids) + len(chosen_ids) + len(rejected_ids)
+    return rows, report
+
+
+def tokenize_pairs_for_reward(pairs, template, tokenizer, max_length: int) -> tuple[list[dict], PairReport]:
+    """Rows of ``{"chosen_ids", "rejected_ids"}``, each the whole rendered conversation (TRL's ``RewardTrainer``
+    format), and a report. The score is read at the last token, so a conversation is never cut: a pair that does
+    not fit ``max_length`` is skipped, as is one with identical replies. Both counted."""
+    rows: list[dict] = []
+    report = PairReport(records=len(pairs))
+    for pair in pairs:
+        prompt_ids, chosen_ids, rejected_ids = split_pair(pair, template, tokenizer)
+        chosen, rejected = prompt_ids + chosen_ids, prompt_ids + rejected_ids
+        if chosen_ids == rejected_ids:
+            report.skipped_identical += 1
+            report._skip(pair.origin)
+            continue
+        if max(len(chosen), len(rejected)) > max_length:
+            report.skipped_long += 1
+            report._skip(pair.origin)
+            continue
+        rows.append({"chosen_ids": chosen, "rejected_ids": rejected})
+        report.kept += 1
+        report.tokens += len(chosen) + len(rejected)
+    return rows, report
+
+
+def chosen_conversations(pairs) -> list[Conversation]:
+    """Each pair's prompt followed by its chosen reply: the conversations verifier accuracy asks the prompts of."""
+    return [Conversation(pair.prompt + pair.chosen, pair.origin, dict(pair.meta)) for pair in pairs]

@@ -1,0 +1,125 @@
+"""Scoring responses: the reward model's ``score`` API.
+
+A reward run (``recipes/reward.py``) saves a LoRA adapter with the scalar ``score`` head, the tokenizer with its chat
+template and ``config.yaml``. :func:`load_reward_model` puts them back on the base model, and
+:meth:`RewardModel.score` turns texts or conversations into one float each, rendering conversations with the run's
+template exactly as training did::
+
+    from finetune.scoring import load_reward_model
+
+    rm = load_reward_model("runs/reward")
+    rm.score([[{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .losses import bradley_terry_loss
+
+
+def _right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def sequence_scores(model, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16) -> list[float]:
+    """The scalar head's output for each token sequence (read at its last token), in order.
+
+    Args:
+        model: a sequence classifier with ``num_labels=1`` (a reward model), PEFT-wrapped or not; its
+            ``config.pad_token_id`` must be ``pad_id`` (the head reads the last non-pad position).
+        sequences: token ids, each a whole rendered conversation.
+        pad_id: the id right-padding is done with.
+        batch_size: sequences per forward.
+    """
+    if any(len(s) == 0 for s in sequences):
+        raise ValueError("cannot score an empty sequence")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    scores: list[float] = []
+    try:
+        for start in range(0, len(sequences), batch_size):
+            ids, mask = _right_pad(sequences[start : start + batch_size], pad_id)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            scores.extend(logits[:, 0].float().cpu().tolist())
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def pairwise_metrics(model, rows: Sequence[dict], pad_id: int, batch_size: int = 16) -> dict[str, float]:
+    """Exact held-out figures of a reward model over pairs ``{"chosen_ids", "rejected_ids"}``.
+
+    Returns ``accuracy`` (fraction of pairs scored chosen > rejected, ties wrong), ``margin`` (mean chosen - rejected
+    score) and ``loss`` (mean Bradley-Terry loss, ``finetune.losses.bradley_terry_loss``), over every pair, not
+    averaged per batch.
+    """
+    chosen = torch.tensor(sequence_scores(model, [r["chosen_ids"] for r in rows], pad_id, batch_size))
+    rejected = torch.tensor(sequence_scores(model, [r["rejected_ids"] for r in rows], pad_id, batch_size))
+    losses, accuracy = bradley_terry_loss(chosen, rejected)
+    return {"accuracy": accuracy.item(), "margin": (chosen - rejected).mean().item(), "loss": losses.mean().item()}
+
+
+class RewardModel:
+    """A loaded reward model: backbone + adapter + scalar head, its tokenizer and chat template."""
+
+    def __init__(self, model, tokenizer, template):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+
+    def encode(self, item) -> list[int]:
+        """Token ids of one item: a conversation (a list of ``{"role", "content"}`` ending on the assistant turn to
+        score, or a ``data_formats.Conversation``) is rendered with the run's template, as in training; a string is
+        taken as already-formatted text and tokenised as it is (no special tokens added)."""
+        from .templates import render
+
+        if isinstance(item, str):
+            return self.tokenizer.encode(item, add_special_tokens=False)
+        messages = getattr(item, "messages", item)
+        return render(self.template, list(messages), self.tokenizer)[0]
+
+    def score(self, items: Sequence, batch_size: int = 16) -> list[float]:
+        """One float per text or conversation: higher is preferred. Nothing is truncated (the score is read at the
+        last token), so each item must fit the model's context."""
+        return sequence_scores(self.model, [self.encode(item) for item in items], self.tokenizer.pad_token_id, batch_size)
+
+    __call__ = score
+
+
+def load_reward_model(run_dir: str | Path) -> RewardModel:
+    """Load a finished reward run (``recipes/reward.py``'s output directory) for scoring.
+
+    The base named in the run's ``config.yaml`` is loaded as a sequence classifier (in 4-bit for a QLoRA run), the
+    saved adapter and ``score`` head go on top, and the tokenizer and template come from the run.
+    """
+    from peft import PeftModel
+
+    from .config import ConfigError, ModelConfig, from_dict
+    from .models import ADAPTER_CONFIG, init_run_kind, load_sequence_classifier, load_tokenizer, run_config
+    from .templates import get_template
+
+    run_dir = Path(run_dir)
+    saved = run_config(run_dir)
+    if not (run_dir / ADAPTER_CONFIG).is_file() or not saved:
+        raise ConfigError(f"{run_dir}: not a finished reward run (needs {ADAPTER_CONFIG} and config.yaml)")
+    model_cfg = from_dict(ModelConfig, saved.get("model") or {}, "model")
+    init = saved.get("init")
+    base_path = init if init and init_run_kind(init, "the reward run's init") == "full" else None
+    base = load_sequence_classifier(model_cfg, saved["adapter"]["method"], name_or_path=base_path, for_training=False)
+    tokenizer = load_tokenizer(str(run_dir))
+    base.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(base, str(run_dir))
+    model.eval()
+    return RewardModel(model, tokenizer, get_template(saved["data"]["template"], tokenizer))

@@ -1,0 +1,319 @@
+"""Direct preference optimisation from an SFT run, on TRL's ``DPOTrainer``: one base, a policy and a reference adapter.
+
+The base is loaded once. The SFT adapter is loaded onto it as PEFT's ``default`` adapter, trainable: that is the
+policy. Given a ``PeftModel`` whose adapter is already trained, TRL's ``DPOTrainer`` adds a frozen copy of it named
+``ref`` on the same base and runs the reference forward with that adapter active (``compute_ref_log_probs``), so
+the reference is the SFT policy, never the raw base with adapters switched off. (From a full-weights SFT run the run
+itself is the base and the policy a new LoRA adapter; the reference is then that base with the adapter off, which is
+again the SFT model.)
+
+We hand TRL pairs already rendered with our chat template (prompt ids, then each reply's ids), so what DPO scores is
+token for token what SFT trained on. TRL computes the per-sequence log-probs summed over the reply tokens (the
+prompt masked) and the loss; ``finetune.losses`` holds the same maths as pure functions and the tests check that
+TRL's loss equals ours on the same batch for every loss offered here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from ..config import DPOConfig, DPOParams
+from ..data import load_preferences
+from ..evaluate import load_callable, verifier_accuracy
+from ..models import (
+    adapter_config_from_run,
+    check_init_run,
+    load_adapter,
+    load_base_model,
+    load_tokenizer,
+    lora_config,
+    resolve_dtype,
+    resolve_model,
+)
+from ..preference_data import chosen_conversations, tokenize_pairs_for_dpo
+from ..runs import (
+    NonFiniteLossCallback,
+    NonFiniteLossError,
+    RunCallback,
+    discard_incomplete_checkpoints,
+    latest_complete_checkpoint,
+    plot_loss,
+    prepare_output_dir,
+    process_state,
+    write_config,
+    write_summary,
+)
+from ..templates import get_template, save_with_template
+
+POLICY_ADAPTER = "default"
+"""PEFT's name for the trainable policy adapter (the one TRL's ``DPOTrainer`` trains and copies)."""
+REFERENCE_ADAPTER = "ref"
+"""The frozen copy of the SFT adapter that TRL's ``DPOTrainer`` adds and activates for the reference forward."""
+
+
+def trl_loss(params: DPOParams) -> dict:
+    """TRL's ``loss_type``, ``loss_weights`` and ``label_smoothing`` for our loss name.
+
+    ``sigmoid``, ``ipo`` and ``hinge`` are TRL's losses of the same names (``finetune.losses.dpo_sigmoid_loss``,
+    ``ipo_loss`` on per-token mean log-probs, ``dpo_hinge_loss``). TRL 1.16 has no cDPO:
+    its ``robust`` loss (Chowdhury et al. 2024) is ``R = ((1 - e) A - e B) / (1 - 2e)`` with ``A = -log s(b h)`` and
+    ``B = -log s(-b h)``, while cDPO (``finetune.losses.dpo_label_smoothed_loss``) is ``(1 - e) A + e B``. TRL sums
+    weighted losses, and ``2 (1 - e) A - (1 - 2e) R = (1 - e) A + e B`` exactly, so cDPO is TRL's
+    ``["sigmoid", "robust"]`` with weights ``[2 (1 - e), -(1 - 2e)]``.
+    """
+    if params.loss == "label_smoothed":
+        eps = params.label_smoothing
+        mapped = dict(loss_type=["sigmoid", "robust"], loss_weights=[2 * (1 - eps), -(1 - 2 * eps)], label_smoothing=eps)
+    else:
+        mapped = dict(loss_type=[params.loss], loss_weights=[1.0], label_smoothing=0.0)
+    if params.nll_weight:
+        # TRL's "sft" term: the token mean of -log pi over the chosen replies' tokens (finetune.losses.sft_loss).
+        mapped["loss_type"] = [*mapped["loss_type"], "sft"]
+        mapped["loss_weights"] = [*mapped["loss_weights"], params.nll_weight]
+    return mapped
+
+
+def trl_arguments(cfg: DPOConfig, output_dir: Path, has_eval: bool):
+    """TRL's ``DPOConfig`` for our config: every field that matters set explicitly, so TRL's defaults (bf16,
+    gradient checkpointing on) never decide for us silently."""
+    from trl import DPOConfig as TRLDPOConfig
+
+    dtype = resolve_dtype(cfg.model.dtype)
+    eval_every = cfg.train.eval_steps
+    return TRLDPOConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.train.per_device_batch_size,
+        per_device_eval_batch_size=cfg.train.per_device_batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        learning_rate=cfg.train.learning_rate,
+        num_train_epochs=cfg.train.num_epochs,
+        max_steps=cfg.train.max_steps,
+        warmup_steps=cfg.train.warmup_ratio,  # below 1 transformers reads it as a ratio of the total steps
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm,
+        optim=cfg.train.optim,
+        seed=cfg.train.seed,
+        data_seed=cfg.train.seed,
+        logging_steps=cfg.train.logging_steps,
+        save_steps=cfg.train.save_steps,
+        save_total_limit=cfg.train.save_total_limit,
+        eval_strategy="steps" if (has_eval and eval_every) else "no",
+        eval_steps=eval_every,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.model.gradient_checkpointing else None,
+        report_to=["tensorboard"],
+        logging_nan_inf_filter=False,  # the default logs a NaN loss as 0, hiding it from NonFiniteLossCallback
+        save_only_model=False,
+        dataset_num_proc=None,
+        remove_unused_columns=True,
+        # Preference-specific: the rows already fit max_length (tokenize_pairs_for_dpo cut and counted).
+        max_length=cfg.data.max_length,
+        truncation_mode="keep_start",
+        padding_free=False,
+        beta=cfg.dpo.beta,
+        **trl_loss(cfg.dpo),
+        precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs,
+        precompute_ref_batch_size=None,
+        disable_dropout=True,  # policy and reference must score alike: at step 0 the loss is exactly log 2
+        use_weighting=False,
+        ld_alpha=None,
+        f_divergence_type="reverse_kl",
+        sync_ref_model=False,
+        activation_offloading=False,
+    )
+
+
+def _trainer_class():
+    from trl import DPOTrainer
+
+    class PreTokenizedDPOTrainer(DPOTrainer):
+        """TRL's ``DPOTrainer`` given rows already rendered with our chat template.
+
+        The one hook changed: TRL would re-render text columns through the tokenizer's chat template; our rows carry
+        ``prompt_ids``/``chosen_ids``/``rejected_ids`` from ``finetune.preference_data``, which TRL's collator, loss and
+        reference-log-prob precompute consume as they are.
+        """
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return PreTokenizedDPOTrainer
+
+
+class ReferenceGapCallback(TrainerCallback):
+    """Adds the policy's drift from the reference to every logged row, from TRL's implicit rewards.
+
+    TRL logs ``rewards/chosen`` and ``rewards/rejected``, i.e. ``beta * (log pi(y|x) - log ref(y|x))`` averaged over
+    the pairs. We add the log-ratios themselves (``logratio/chosen``, ``logratio/rejected``, nats per reply) and
+    ``kl_gap``, their mean over both replies: a KL-like measure of how far the policy has moved from the reference
+    on the preference data (0 at the start; it is measured on the data's replies, not on samples from the policy,
+    so it is not a true KL and can be negative). Must run before ``RunCallback`` so ``metrics.jsonl`` gets it.
+    """
+
+    def __init__(self, beta: float):
+        self.beta = beta
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        for prefix in ("", "eval_"):
+            chosen, rejected = logs.get(f"{prefix}rewards/chosen"), logs.get(f"{prefix}rewards/rejected")
+            if chosen is None or rejected is None:
+                continue
+            logs[f"{prefix}logratio/chosen"] = chosen / self.beta
+            logs[f"{prefix}logratio/rejected"] = rejected / self.beta
+            logs[f"{prefix}kl_gap"] = (chosen + rejected) / (2 * self.beta)
+
+
+def load_policy(cfg: DPOConfig, init_kind: str):
+    """The base, loaded once, with the SFT adapter as the trainable ``default`` adapter; returns ``(model,
+    peft_config)`` where ``peft_config`` is the new adapter for a full-weights init (else ``None``)."""
+    if init_kind == "adapter":
+        base = load_base_model(cfg.model, cfg.adapter.method)
+        return load_adapter(base, cfg.init, POLICY_ADAPTER, trainable=True), None
+    base = load_base_model(dataclasses.replace(cfg.model, name=cfg.init), cfg.adapter.method)
+    return base, lora_config(cfg.adapter)
+
+
+def build_trainer(cfg: DPOConfig, model, peft_config, tokenizer, train_rows, eval_rows, output_dir, callbacks=()):
+    """TRL's ``DPOTrainer`` on our rows; with a trained adapter in ``model`` it adds the frozen ``ref`` copy."""
+    from datasets import Dataset
+
+    trainer = _trainer_class()(
+        model=model,
+        args=trl_arguments(cfg, Path(output_dir), bool(eval_rows)),
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=list(callbacks),
+    )
+    for name, param in trainer.model.named_parameters():
+        if f".{REFERENCE_ADAPTER}." in name:
+            param.requires_grad_(False)  # frozen: the optimizer must never hold the reference
+    return trainer
+
+
+def resolve_init(cfg: DPOConfig) -> tuple[DPOConfig, str, list[str]]:
+    """Check ``cfg.init`` and take the adapter shape from it: ``(cfg, init kind, adapter fields that changed)``."""
+    kind = check_init_run(cfg.init, cfg.model.name, cfg.data.template)
+    changed: list[str] = []
+    if kind == "adapter":
+        adapter, changed = adapter_config_from_run(cfg.adapter, cfg.init)
+        cfg = dataclasses.replace(cfg, adapter=adapter)
+    return cfg, kind, changed
+
+
+def run(cfg: DPOConfig) -> dict:
+    """Train, evaluate and save; returns the summary also written to ``summary.json``."""
+    from transformers import set_seed
+
+    state = process_state()
+    main = state.is_main_process
+    cfg, init_kind, changed = resolve_init(cfg)  # a bad --init fails before anything is written
+
+    tokenizer = load_tokenizer(cfg.model.name)
+    template = get_template(cfg.data.template, tokenizer)
+    train_pairs = load_preferences(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples)
+    train_rows, train_report = tokenize_pairs_for_dpo(train_pairs, template, tokenizer, cfg.data.max_length)
+    eval_pairs, eval_rows, eval_report = [], [], None
+    if cfg.data.eval:
+        eval_pairs = load_preferences(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples)
+        eval_rows, eval_report = tokenize_pairs_for_dpo(eval_pairs, template, tokenizer, cfg.data.max_length)
+    if not train_rows:
+        raise ValueError(f"no training pairs left from {cfg.data.train}: {train_report.describe('train data')}")
+
+    output_dir = prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, main)
+    state.wait_for_everyone()
+    if cfg.resume and main:
+        for path in discard_incomplete_checkpoints(output_dir):
+            print(f"discarded incomplete checkpoint {path}")
+    state.wait_for_everyone()
+    if main:
+        write_config(output_dir, cfg)
+        if changed:
+            print(f"adapter {', '.join(changed)} taken from --init {cfg.init} (the policy continues that adapter)")
+        print(train_report.describe("train data"))
+        if eval_report:
+            print(eval_report.describe("eval data"))
+    set_seed(cfg.train.seed)
+
+    model, peft_config = load_policy(cfg, init_kind)
+    verifier = load_callable(cfg.eval.verifier) if cfg.eval.verifier and eval_pairs else None
+    eval_convs = chosen_conversations(eval_pairs)
+    generation_convs = eval_convs[: cfg.eval.num_samples] if cfg.eval.num_samples else eval_convs
+
+    summary: dict = {"model": cfg.model.name, "resolved_model": resolve_model(cfg.model.name), "init": cfg.init}
+    if verifier and cfg.eval.before_training:
+        before = verifier_accuracy(
+            model, tokenizer, template, generation_convs, verifier, cfg.eval.max_new_tokens, cfg.eval.batch_size
+        )
+        summary["init_eval_accuracy"] = before.accuracy
+        if main:
+            print(f"verifier accuracy of the SFT init: {before.accuracy:.3f} on {before.num_prompts} eval prompts")
+
+    nan_guard = NonFiniteLossCallback()
+    callbacks = [ReferenceGapCallback(cfg.dpo.beta), RunCallback(output_dir), nan_guard]
+    trainer = build_trainer(cfg, model, peft_config, tokenizer, train_rows, eval_rows, output_dir, callbacks)
+    resume_from = latest_complete_checkpoint(output_dir) if cfg.resume else None
+    if resume_from and main:
+        print(f"resuming from {resume_from}")
+    started = time.perf_counter()
+    train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.perf_counter() - started
+    if nan_guard.bad_step is not None:
+        last_good = latest_complete_checkpoint(output_dir)
+        raise NonFiniteLossError(
+            f"{nan_guard.bad_value} at step {nan_guard.bad_step}; stopped without saving. "
+            f"Last good checkpoint: {last_good or 'none'}. Lower train.learning_rate or check the data."
+        )
+
+    summary.update(
+        loss=cfg.dpo.loss,
+        beta=cfg.dpo.beta,
+        train_loss=train_result.training_loss,
+        train_steps=train_result.global_step,
+        train_seconds=train_seconds,
+        train_data=train_report.as_dict(),
+    )
+    if eval_rows:
+        metrics = trainer.evaluate()
+        if not math.isfinite(metrics["eval_loss"]):
+            raise NonFiniteLossError(f"eval loss is {metrics['eval_loss']}")
+        summary.update(
+            eval_loss=metrics["eval_loss"],
+            eval_reward_accuracy=metrics["eval_rewards/accuracies"],
+            eval_rewards_chosen=metrics["eval_rewards/chosen"],
+            eval_rewards_rejected=metrics["eval_rewards/rejected"],
+            eval_reward_margin=metrics["eval_rewards/margins"],
+            eval_kl_gap=(metrics["eval_rewards/chosen"] + metrics["eval_rewards/rejected"]) / (2 * cfg.dpo.beta),
+            eval_data=eval_report.as_dict(),
+        )
+    if verifier:
+        after = verifier_accuracy(
+            trainer.model, tokenizer, template, generation_convs, verifier, cfg.eval.max_new_tokens, cfg.eval.batch_size
+        )
+        summary["eval_accuracy"] = after.accuracy
+        summary["eval_samples"] = after.samples
+
+    # The run's output is the policy alone: the reference is the --init run's adapter, already on disk.
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if REFERENCE_ADAPTER in getattr(unwrapped, "peft_config", {}):
+        unwrapped.delete_adapter(REFERENCE_ADAPTER)
+    trainer.save_model(str(output_dir))
+    if main:
+        save_with_template(tokenizer, template, output_dir, model_config=unwrapped.config)
+        write_summary(output_dir, summary)
+        plot_loss(output_dir)
+    state.wait_for_everyone()
+    return summary

@@ -1,0 +1,307 @@
+"""DPO on one base with policy and reference adapters: the reference is the SFT model, TRL's loss is ours, log-probs
+cover the reply only, and bad input fails in one line. A stand-in SFT run (a random non-zero LoRA adapter saved like
+recipes/sft.py saves one) keeps these tests to seconds; tests/test_dpo_recipe.py chains from a real SFT run."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from finetune.config import AdapterConfig, ConfigError, DPOConfig, DPOParams, SFTConfig, parse_args
+from finetune.data import load_preferences
+from finetune.logprobs import sequence_logprobs
+from finetune.losses import dpo_hinge_loss, dpo_label_smoothed_loss, dpo_sigmoid_loss, ipo_loss, sft_loss
+from finetune.models import load_tokenizer, lora_config, resolve_model
+from finetune.preference_data import split_pair, tokenize_pairs_for_dpo
+from finetune.recipe import launch
+from finetune.runs import write_config
+from finetune.stages import dpo
+from finetune.templates import get_template
+
+EVAL = "bundled:suite_preference_eval.jsonl"
+
+
+def make_sft_run(directory, seed=0, scale=0.05):
+    """Save what recipes/sft.py leaves for DPO to start from: config.yaml and a LoRA adapter whose B is non-zero
+    (a fresh adapter has B = 0 and would equal the base, which would hide a reference taken from the raw base)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"))
+    model = get_peft_model(base, lora_config(AdapterConfig(r=8, alpha=16)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, scale)
+    model.save_pretrained(directory)
+    write_config(directory, SFTConfig(output_dir=str(directory)))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    return make_sft_run(tmp_path_factory.mktemp("sft"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny")
+
+
+def dpo_config(sft_run, tmp_path, **dpo_params):
+    cfg = parse_args(DPOConfig, ["--init", str(sft_run), "--output_dir", str(tmp_path / "dpo"),
+                                 "--train.per_device_batch_size=2", "--train.max_steps=2", "--train.logging_steps=1",
+                                 "--train.save_steps=100", "--eval.verifier=null"])
+    return dataclasses.replace(cfg, dpo=DPOParams(**dpo_params)) if dpo_params else cfg
+
+
+def make_trainer(cfg, tokenizer, num_pairs=4):
+    cfg, kind, _ = dpo.resolve_init(cfg)
+    template = get_template(cfg.data.template, tokenizer)
+    rows, _ = tokenize_pairs_for_dpo(load_preferences(EVAL, limit=num_pairs), template, tokenizer, cfg.data.max_length)
+    model, peft_config = dpo.load_policy(cfg, kind)
+    trainer = dpo.build_trainer(cfg, model, peft_config, tokenizer, rows, [], cfg.output_dir)
+    return trainer, trainer.data_collator(rows)
+
+
+def forward_logps(model, batch, average=False):
+    """Per-sequence log-probs from the full logits with our sequence_logprobs: [chosen..., rejected...]."""
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logprobs(logits, labels, average=average)
+
+
+def sft_model(sft_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"))
+    return PeftModel.from_pretrained(base, str(sft_run)).eval()
+
+
+def test_policy_and_reference_are_two_adapters_on_one_base(sft_run, tokenizer, tmp_path):
+    trainer, _ = make_trainer(dpo_config(sft_run, tmp_path), tokenizer)
+    model = trainer.model
+    assert set(model.peft_config) == {dpo.POLICY_ADAPTER, dpo.REFERENCE_ADAPTER}
+    assert trainer.ref_model is None  # no second model: the reference is an adapter on the same base
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(f".{dpo.POLICY_ADAPTER}." in n for n in trainable)
+    # Both adapters start as the SFT adapter.
+    params = dict(model.named_parameters())
+    for name in trainable:
+        assert torch.equal(params[name], params[name.replace(".default.", ".ref.")])
+
+
+def test_reference_logps_during_training_equal_the_sft_model_not_the_base(sft_run, tokenizer, tmp_path):
+    """After two optimizer steps the policy has moved; the reference log-probs TRL uses are still the SFT model's
+    (base + SFT adapter, loaded independently), and clearly not the raw base's."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = dpo_config(sft_run, tmp_path)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, learning_rate=1e-2))
+    trainer, batch = make_trainer(cfg, tokenizer)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    ref = torch.cat([ref_chosen, ref_rejected])
+
+    sft = forward_logps(sft_model(sft_run), batch)
+    base = forward_logps(AutoModelForCausalLM.from_pretrained(resolve_model("tiny")).eval(), batch)
+    trainer.model.eval()
+    policy = forward_logps(trainer.model, batch)
+    assert_close(ref, sft, rtol=1e-4, atol=1e-4)
+    assert (ref - base).abs().max() > 0.05, "the reference must not be the raw base"
+    assert (ref - policy).abs().max() > 0.05, "the policy trained, the reference did not"
+
+
+def test_logprobs_sum_over_reply_tokens_only(sft_run, tokenizer, tmp_path):
+    """The reply tokens are exactly the chosen text and <|eot_id|>; TRL's per-sequence log-prob is the sum over those
+    positions, computed here by hand from the full logits, and not the sum that also counts the prompt."""
+    trainer, batch = make_trainer(dpo_config(sft_run, tmp_path), tokenizer, num_pairs=2)
+    pair = load_preferences(EVAL, limit=1)[0]
+    mask = batch["completion_mask"][0].bool()
+    reply = tokenizer.decode(batch["input_ids"][0][mask])
+    assert reply == pair.chosen[0]["content"] + "<|eot_id|>"
+    prompt = tokenizer.decode(batch["input_ids"][0][: int(mask.nonzero()[0])])
+    assert prompt.endswith(pair.prompt[-1]["content"] + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    model = sft_model(sft_run)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ids = batch["input_ids"]
+    for row, trl_value in enumerate(torch.cat([ref_chosen, ref_rejected])):
+        reply_sum = sum(logp[row, t - 1, ids[row, t]] for t in range(1, ids.shape[1]) if batch["completion_mask"][row, t])
+        all_sum = sum(logp[row, t - 1, ids[row, t]] for t in range(1, ids.shape[1]) if batch["attention_mask"][row, t])
+        assert_close(trl_value, reply_sum, rtol=1e-4, atol=1e-4)
+        assert abs(trl_value - all_sum) > 1.0
+
+
+LOSSES = {
+    "sigmoid": (dict(loss="sigmoid", beta=0.1), lambda *a: dpo_sigmoid_loss(*a, beta=0.1), False),
+    "ipo": (dict(loss="ipo", beta=0.5), lambda *a: ipo_loss(*a, beta=0.5), True),
+    "hinge": (dict(loss="hinge", beta=0.1), lambda *a: dpo_hinge_loss(*a, beta=0.1), False),
+    "label_smoothed": (
+        dict(loss="label_smoothed", beta=0.1, label_smoothing=0.2),
+        lambda *a: dpo_label_smoothed_loss(*a, beta=0.1, label_smoothing=0.2),
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", [*LOSSES, "sigmoid+nll"])
+def test_trl_loss_equals_ours_on_the_same_batch(name, sft_run, tokenizer, tmp_path):
+    """The policy adapter is perturbed so it differs from the reference (h != 0); TRL's loss on a batch equals the
+    mean of finetune.losses' function over log-probs we compute ourselves (IPO on per-token means, as documented).
+    With dpo.nll_weight, plus that weight times finetune.losses.sft_loss over the chosen replies."""
+    from trl.trainer.utils import use_adapter
+
+    nll_weight = 0.2 if name == "sigmoid+nll" else 0.0
+    params, ours, average = LOSSES[name.removesuffix("+nll")]
+    trainer, batch = make_trainer(dpo_config(sft_run, tmp_path, **params, nll_weight=nll_weight), tokenizer)
+    model = trainer.model
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".default." in n and "lora_B" in n:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.eval()
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(model, batch)
+    policy = forward_logps(model, batch, average)
+    with use_adapter(model, dpo.REFERENCE_ADAPTER):
+        reference = forward_logps(model, batch, average)
+    pc, pr = policy.chunk(2)
+    rc, rr = reference.chunk(2)
+    losses, chosen_rewards, _ = ours(pc, pr, rc, rr)
+    expected = losses.mean()
+    if nll_weight:
+        chosen = slice(0, batch["input_ids"].shape[0] // 2)
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[chosen]
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"][chosen], attention_mask=batch["attention_mask"][chosen]).logits
+        expected = expected + nll_weight * sft_loss(logits, labels)[0]
+    assert (pc - rc).abs().max() > 0.1, "the perturbation should move the policy"
+    assert_close(trl_loss, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_trl_loss_mapping():
+    """cDPO is TRL's sigmoid and robust losses combined: 2(1-e) A - (1-2e) R = (1-e) A + e B (see dpo.trl_loss)."""
+    assert dpo.trl_loss(DPOParams(loss="ipo")) == dict(loss_type=["ipo"], loss_weights=[1.0], label_smoothing=0.0)
+    with_nll = dpo.trl_loss(DPOParams(nll_weight=0.2))
+    assert with_nll["loss_type"] == ["sigmoid", "sft"] and with_nll["loss_weights"] == [1.0, 0.2]
+    mapped = dpo.trl_loss(DPOParams(loss="label_smoothed", label_smoothing=0.25))
+    assert mapped == dict(loss_type=["sigmoid", "robust"], loss_weights=[1.5, -0.5], label_smoothing=0.25)
+
+
+def test_precomputed_reference_logps_equal_the_reference_adapter(sft_run, tokenizer, tmp_path):
+    trainer, batch = make_trainer(dpo_config(sft_run, tmp_path, precompute_ref_log_probs=True), tokenizer)
+    stored = trainer.train_dataset
+    assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(stored.column_names)
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    assert_close(torch.tensor(stored["ref_chosen_logps"]), ref_chosen, rtol=1e-4, atol=1e-4)
+    assert_close(torch.tensor(stored["ref_rejected_logps"]), ref_rejected, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Preference rows: long prompts, long replies, identical replies are counted, never silent
+
+
+def test_tokenize_pairs_counts_cuts_and_skips(tokenizer):
+    from data_formats import PreferencePair
+
+    template = get_template("llama3", tokenizer)
+    user = [{"role": "user", "content": "What is 2 + 2?"}]
+    pairs = [
+        PreferencePair(user, [{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}], "a:1", {}),
+        PreferencePair(user, [{"role": "assistant", "content": "4 " * 40}], [{"role": "assistant", "content": "5"}],
+                       "a:2", {}),
+        PreferencePair(user, [{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "4"}], "a:3", {}),
+        PreferencePair([{"role": "user", "content": "long " * 60}], [{"role": "assistant", "content": "4"}],
+                       [{"role": "assistant", "content": "5"}], "a:4", {}),
+    ]
+    prompt_len = len(split_pair(pairs[0], template, tokenizer)[0])
+    rows, report = tokenize_pairs_for_dpo(pairs, template, tokenizer, max_length=prompt_len + 10)
+    assert report.records == 4 and report.kept == 2 and len(rows) == 2
+    assert report.truncated_records == 1 and report.truncated_tokens > 0
+    assert len(rows[1]["prompt_ids"]) + len(rows[1]["chosen_ids"]) == prompt_len + 10
+    assert report.skipped_identical == 1 and report.skipped_long == 1
+    assert report.skipped_origins == ["a:3", "a:4"]
+    assert "1 with a reply cut" in report.describe("train") and "1 with chosen == rejected" in report.describe("train")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit status 2
+
+
+def run_recipe(argv):
+    from finetune.config import DPOConfig as Cfg
+
+    return launch(Cfg, dpo.run, argv)
+
+
+def test_missing_init_is_one_line_error(tmp_path, capsys):
+    assert run_recipe(["--output_dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: dpo needs --init DIR") and err.count("\n") == 1
+
+
+def test_init_that_is_not_a_run_is_one_line_error(tmp_path, capsys):
+    assert run_recipe(["--init", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "r")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert run_recipe(["--init", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "not a finished run" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_init_with_another_template_is_one_line_error(sft_run, tmp_path, capsys):
+    assert run_recipe(["--init", str(sft_run), "--data.template=chatml", "--output_dir", str(tmp_path / "r")]) == 2
+    assert "was trained with template 'llama3'" in capsys.readouterr().err
+
+
+def test_non_preference_data_is_one_line_error(sft_run, tmp_path, capsys):
+    code = run_recipe(["--init", str(sft_run), "--output_dir", str(tmp_path / "r"),
+                       "--data.train=bundled:suite_messages_train.jsonl"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert "suite_messages_train.jsonl" in err and "preference" in err
+
+
+def test_empty_reply_is_one_line_error_naming_the_record(sft_run, tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    good = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "yo"}],
+            "rejected": [{"role": "assistant", "content": "no"}]}
+    bad = dict(good, rejected=[{"role": "assistant", "content": ""}])
+    data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    code = run_recipe(["--init", str(sft_run), "--output_dir", str(tmp_path / "r"), f"--data.train={data}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pairs.jsonl, line 2" in err and "rejected" in err
+
+
+def test_identical_chosen_and_rejected_is_one_line_error_naming_the_record(sft_run, tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    same = {"prompt": "hi", "chosen": "yo", "rejected": "yo"}
+    data.write_text(json.dumps(same) + "\n")
+    code = run_recipe(["--init", str(sft_run), "--output_dir", str(tmp_path / "r"), f"--data.train={data}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pairs.jsonl, line 1" in err and "different from chosen" in err
+
+
+def test_dpo_config_checks():
+    with pytest.raises(ConfigError, match="label_smoothing applies only"):
+        DPOParams(loss="sigmoid", label_smoothing=0.1)
+    with pytest.raises(ConfigError, match=r"needs dpo.label_smoothing in \(0, 0.5\)"):
+        DPOParams(loss="label_smoothed")
+    with pytest.raises(ConfigError, match="dpo.nll_weight must be >= 0"):
+        DPOParams(nll_weight=-1.0)
+    with pytest.raises(ConfigError, match="dpo.loss must be one of"):
+        DPOParams(loss="kto")
+    with pytest.raises(ConfigError, match="adapter.method to lora or qlora"):
+        parse_args(DPOConfig, ["--init", "x", "--adapter.method=full"])

@@ -1,0 +1,152 @@
+"""recipes/dpo.py end to end, chained from a real (quick) recipes/sft.py run: what the run leaves behind, what it logs,
+that the saved policy is the trained adapter alone, and resume after a real kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from finetune.config import DPOConfig, SFTConfig
+from finetune.recipe import launch
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+
+SFT_QUICK = ["--data.max_train_samples=64", "--train.max_steps=4", "--train.logging_steps=2", "--train.save_steps=2",
+             "--data.max_eval_samples=8", "--eval.num_samples=4", "--eval.before_training=false"]
+DPO_QUICK = [
+    "--data.max_train_samples=32",
+    "--data.max_eval_samples=8",
+    "--train.max_steps=4",
+    "--train.per_device_batch_size=4",
+    "--train.logging_steps=2",
+    "--train.save_steps=2",
+    "--train.save_total_limit=10",
+    "--eval.num_samples=4",
+    "--eval.max_new_tokens=8",
+]
+
+
+def recipe(name):
+    sys.path.insert(0, str(RECIPES))
+    try:
+        return __import__(name)  # recipes/<name>.py
+    finally:
+        sys.path.pop(0)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "run"
+    assert launch(SFTConfig, recipe("sft").main, ["--output_dir", str(out), *SFT_QUICK]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(sft_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dpo") / "run"
+    assert launch(DPOConfig, recipe("dpo").main, ["--init", str(sft_run), "--output_dir", str(out), *DPO_QUICK]) == 0
+    return out
+
+
+def test_run_directory_contents(finished_run):
+    out = finished_run
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter_model.safetensors", "adapter_config.json",
+                 "tokenizer.json", "tokenizer_config.json", "generation_config.json", "loss.png"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard events"
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert checkpoints and all((c / "checkpoint_complete.json").is_file() for c in checkpoints)
+
+
+def test_logs_rewards_margins_accuracy_and_gap_to_the_reference(finished_run):
+    rows = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    step_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in step_rows] == [2, 4]
+    for r in step_rows:
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "kl_gap",
+                    "logratio/chosen", "logratio/rejected", "learning_rate", "tokens_per_second"):
+            assert isinstance(r[key], float), key
+        assert r["kl_gap"] == pytest.approx((r["rewards/chosen"] + r["rewards/rejected"]) / (2 * 0.1))
+    # Step 1 is policy == reference: rewards 0 and loss log 2; by step 4 the policy has moved.
+    assert step_rows[-1]["kl_gap"] != 0.0
+
+
+def test_summary_has_eval_figures_and_the_sft_baseline(finished_run):
+    summary = json.loads((finished_run / "summary.json").read_text())
+    for key in ("train_loss", "eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_kl_gap",
+                "eval_accuracy", "init_eval_accuracy"):
+        assert isinstance(summary[key], float), key
+    assert 0.0 <= summary["eval_reward_accuracy"] <= 1.0
+    assert summary["train_data"]["records"] == 32 and summary["eval_data"]["kept"] == 8
+    assert summary["loss"] == "sigmoid" and summary["init"].endswith("run")
+
+
+def test_saved_policy_is_one_adapter_that_loads_onto_the_base(finished_run, sft_run):
+    """The reference is not saved again (it is the --init run's adapter); the policy loads onto the base alone and
+    differs from the SFT adapter it started from."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from finetune.models import resolve_model
+
+    assert not (finished_run / "ref").exists()
+    policy, sft = load_file(finished_run / "adapter_model.safetensors"), load_file(sft_run / "adapter_model.safetensors")
+    assert policy.keys() == sft.keys()
+    assert any(not torch.equal(policy[k], sft[k]) for k in policy)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model("tiny")), finished_run)
+    assert list(model.peft_config) == ["default"]
+
+
+def test_refuses_non_empty_output_dir(finished_run, sft_run, capsys):
+    assert launch(DPOConfig, recipe("dpo").main, ["--init", str(sft_run), "--output_dir", str(finished_run)]) == 2
+    assert "is not empty; pass --resume" in capsys.readouterr().err
+
+
+def _subprocess_run(out, sft_run, extra=()):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    args = [*DPO_QUICK, "--train.max_steps=8", "--eval.verifier=null", "--data.eval=null", *extra]
+    return subprocess.Popen(
+        [sys.executable, str(RECIPES / "dpo.py"), "--init", str(sft_run), "--output_dir", str(out), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
+    )
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_reproduces_the_uninterrupted_loss_curve(sft_run, tmp_path):
+    """Kill -9 a DPO run once it has written checkpoint-4, resume it: the policy adapter comes back from the
+    checkpoint, the reference again from --init, and the loss at every logged step equals a run never interrupted."""
+    straight = tmp_path / "straight"
+    proc = _subprocess_run(straight, sft_run)
+    output = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, output
+
+    killed = tmp_path / "killed"
+    proc = _subprocess_run(killed, sft_run)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-4" / "checkpoint_complete.json").exists():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists()
+
+    proc = _subprocess_run(killed, sft_run, ["--resume"])
+    output = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, output
+    assert "resuming from" in output
+    assert _losses(killed) == pytest.approx(_losses(straight), rel=1e-4)

@@ -1,0 +1,212 @@
+"""recipes/reward.py on the tiny model: what the run leaves, the score API reproducing the run's figures, TRL's loss
+being Bradley-Terry, starting from an SFT adapter, and bad input."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from finetune.config import AdapterConfig, ConfigError, RewardConfig, SFTConfig, parse_args
+from finetune.data import load_preferences
+from finetune.losses import bradley_terry_loss
+from finetune.models import load_tokenizer, lora_config, resolve_model
+from finetune.preference_data import tokenize_pairs_for_reward
+from finetune.recipe import launch
+from finetune.runs import write_config
+from finetune.templates import get_template
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "reward.py"
+EVAL = "bundled:suite_preference_eval.jsonl"
+
+QUICK = [
+    "--data.max_train_samples=64",
+    "--data.max_eval_samples=16",
+    "--train.max_steps=4",
+    "--train.per_device_batch_size=4",
+    "--train.logging_steps=2",
+    "--train.save_steps=2",
+    "--train.save_total_limit=10",
+]
+
+
+def run_recipe(argv):
+    sys.path.insert(0, str(RECIPE.parent))
+    try:
+        import reward as recipe  # recipes/reward.py
+    finally:
+        sys.path.pop(0)
+    return launch(RewardConfig, recipe.main, argv)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reward") / "run"
+    assert run_recipe(["--output_dir", str(out), *QUICK]) == 0
+    return out
+
+
+def test_run_directory_contents(finished_run):
+    out = finished_run
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter_model.safetensors", "adapter_config.json",
+                 "tokenizer.json", "tokenizer_config.json", "generation_config.json", "loss.png"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard events"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in step_rows] == [2, 4]
+    for r in step_rows:
+        assert r["loss"] > 0 and r["tokens_per_second"] > 0 and 0 <= r["accuracy"] <= 1 and "margin" in r
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("train_loss", "eval_loss", "eval_accuracy", "eval_margin", "init_eval_accuracy"):
+        assert isinstance(summary[key], float), key
+    assert summary["train_data"]["records"] == 64 and summary["train_data"]["skipped_records"] == 0
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert checkpoints and all((c / "checkpoint_complete.json").is_file() for c in checkpoints)
+
+
+def test_saved_adapter_holds_lora_and_the_scalar_head(finished_run):
+    from safetensors import safe_open
+
+    config = json.loads((finished_run / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+    with safe_open(finished_run / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+        head = [k for k in keys if k.endswith("score.weight")]
+        assert head and f.get_tensor(head[0]).shape == (1, 128)
+    assert any("lora_A" in k for k in keys)
+
+
+def test_score_api_reproduces_the_run_eval_figures(finished_run):
+    """load_reward_model + score, on the eval pairs rendered as conversations, gives the accuracy and margin the run
+    wrote to summary.json (so the scorer renders and reads the head exactly as training did)."""
+    from finetune.scoring import load_reward_model
+
+    summary = json.loads((finished_run / "summary.json").read_text())
+    rm = load_reward_model(finished_run)
+    pairs = load_preferences(EVAL, limit=16)
+    chosen = torch.tensor(rm.score([p.prompt + p.chosen for p in pairs]))
+    rejected = torch.tensor(rm.score([p.prompt + p.rejected for p in pairs], batch_size=3))
+    losses, accuracy = bradley_terry_loss(chosen, rejected)
+    assert accuracy.item() == pytest.approx(summary["eval_accuracy"])
+    assert (chosen - rejected).mean().item() == pytest.approx(summary["eval_margin"], abs=1e-5)
+    assert losses.mean().item() == pytest.approx(summary["eval_loss"], abs=1e-5)
+
+
+def test_score_accepts_text_and_conversation_objects(finished_run):
+    from data_formats import Conversation
+
+    from finetune.scoring import load_reward_model
+
+    rm = load_reward_model(finished_run)
+    messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+    text = rm.template.text(messages)
+    by_messages, by_object, by_text = rm.score([messages, Conversation(messages), text])
+    assert isinstance(by_messages, float)
+    assert by_object == by_messages
+    assert by_text == pytest.approx(by_messages, abs=1e-5)
+
+
+def test_refuses_non_empty_output_dir(finished_run, capsys):
+    assert run_recipe(["--output_dir", str(finished_run), *QUICK]) == 2
+    assert "is not empty; pass --resume" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loss, and starting from an SFT run
+
+
+def make_sft_run(directory, seed=0):
+    """What recipes/sft.py leaves: config.yaml and a LoRA adapter (B made non-zero so it differs from the base)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(resolve_model("tiny")),
+                           lora_config(AdapterConfig(r=8, alpha=16)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    model.save_pretrained(directory)
+    write_config(directory, SFTConfig(output_dir=str(directory)))
+    return model
+
+
+def test_init_from_sft_copies_its_adapter_and_trl_loss_is_bradley_terry(tmp_path):
+    """The reward adapter starts as the SFT adapter (shape and weights, on the sequence-classifier backbone), and
+    TRL's RewardTrainer loss on a batch equals finetune.losses.bradley_terry_loss of the head's scores."""
+    from datasets import Dataset
+    from trl import RewardTrainer
+
+    from finetune.stages import reward
+
+    sft = make_sft_run(tmp_path / "sft")
+    cfg = parse_args(RewardConfig, ["--init", str(tmp_path / "sft"), "--output_dir", str(tmp_path / "rm")])
+    from finetune.models import adapter_config_from_run
+
+    adapter, changed = adapter_config_from_run(cfg.adapter, cfg.init)
+    assert adapter.r == 8 and adapter.alpha == 16 and changed == ["r", "alpha"]
+    cfg = cfg.__class__(**{**cfg.__dict__, "adapter": adapter})
+    model = reward.load_reward_backbone(cfg, "adapter")
+    sft_weights = {n.replace(".default", ""): p for n, p in sft.named_parameters() if "lora_" in n}
+    copied = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
+    assert sft_weights.keys() == copied.keys()
+    for name, value in sft_weights.items():
+        assert torch.equal(value, copied[name]), name
+    assert any("score" in n and p.requires_grad for n, p in model.named_parameters())
+
+    tokenizer = load_tokenizer("tiny")
+    rows, _ = tokenize_pairs_for_reward(load_preferences(EVAL, limit=4), get_template("llama3", tokenizer), tokenizer, 512)
+    trainer = RewardTrainer(model=model, args=reward.trl_arguments(cfg, tmp_path / "rm", False),
+                            train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    batch = trainer.data_collator(rows)
+    model.eval()
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(model, dict(batch))
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    chosen, rejected = scores.chunk(2)
+    losses, _ = bradley_terry_loss(chosen, rejected)
+    assert_close(trl_loss, losses.mean())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_pairs_that_cannot_be_scored_are_counted_skips():
+    from data_formats import PreferencePair
+
+    tokenizer = load_tokenizer("tiny")
+    template = get_template("llama3", tokenizer)
+    user = [{"role": "user", "content": "What is 2 + 2?"}]
+    reply = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    pairs = [
+        PreferencePair(user, reply("4"), reply("5"), "p:1", {}),
+        PreferencePair(user, reply("4"), reply("4"), "p:2", {}),
+        PreferencePair(user, reply("4 " * 50), reply("5"), "p:3", {}),
+    ]
+    rows, report = tokenize_pairs_for_reward(pairs, template, tokenizer, max_length=40)
+    assert len(rows) == 1 and report.kept == 1
+    assert report.skipped_identical == 1 and report.skipped_long == 1 and report.skipped_origins == ["p:2", "p:3"]
+    assert report.truncated_records == 0  # a reward sequence is never cut: its score is read at the last token
+
+
+def test_conversation_data_is_one_line_error(tmp_path, capsys):
+    code = run_recipe(["--output_dir", str(tmp_path / "r"), "--data.train=bundled:suite_messages_train.jsonl"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "preference" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_init_is_one_line_error(tmp_path, capsys):
+    assert run_recipe(["--output_dir", str(tmp_path / "r"), "--init", str(tmp_path / "missing")]) == 2
+    assert "--init" in capsys.readouterr().err
+
+
+def test_reward_config_checks():
+    with pytest.raises(ConfigError, match="LoRA adapter and a scalar head"):
+        parse_args(RewardConfig, ["--adapter.method=full"])
