@@ -118,6 +118,26 @@ def test_reference_logps_during_training_equal_the_sft_model_not_the_base(sft_ru
     assert (ref - policy).abs().max() > 0.05, "the policy trained, the reference did not"
 
 
+def test_full_weights_sft_run_becomes_the_base_and_the_reference(tokenizer, tmp_path):
+    """From a full fine-tune the SFT model is the base: the policy is a new LoRA adapter on it and the reference is
+    that base with the adapter off, i.e. again the SFT model, not the original tiny base."""
+    from transformers import AutoModelForCausalLM
+
+    full = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in full.model.layers[0].parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    full.save_pretrained(tmp_path / "sft_full")
+    write_config(tmp_path / "sft_full", SFTConfig(output_dir=str(tmp_path / "sft_full")))
+    trainer, batch = make_trainer(dpo_config(tmp_path / "sft_full", tmp_path), tokenizer)
+    assert list(trainer.model.peft_config) == ["default"]
+    ref = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+    assert_close(ref, forward_logps(full.eval(), batch), rtol=1e-4, atol=1e-4)
+    base = forward_logps(AutoModelForCausalLM.from_pretrained(resolve_model("tiny")).eval(), batch)
+    assert (ref - base).abs().max() > 0.05
+
+
 def test_logprobs_sum_over_reply_tokens_only(sft_run, tokenizer, tmp_path):
     """The reply tokens are exactly the chosen text and <|eot_id|>; TRL's per-sequence log-prob is the sum over those
     positions, computed here by hand from the full logits, and not the sum that also counts the prompt."""
@@ -206,6 +226,25 @@ def test_precomputed_reference_logps_equal_the_reference_adapter(sft_run, tokeni
     ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
     assert_close(torch.tensor(stored["ref_chosen_logps"]), ref_chosen, rtol=1e-4, atol=1e-4)
     assert_close(torch.tensor(stored["ref_rejected_logps"]), ref_rejected, rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_policy_and_reference_share_one_4bit_base(sft_run, tokenizer, tmp_path):
+    """adapter.method=qlora: the SFT adapter goes on a 4-bit NF4 base as policy and reference; before any step
+    both score a batch alike (to bf16 rounding: TRL keeps a quantised model's trainable adapter in bf16, the frozen
+    reference copy in fp32), and training runs."""
+    from bitsandbytes.nn import Linear4bit
+
+    cfg = dpo_config(sft_run, tmp_path)
+    cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, method="qlora"))
+    trainer, batch = make_trainer(cfg, tokenizer)
+    layer = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, Linear4bit) and set(layer.lora_A) == {"default", "ref"}
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    trainer.model.eval()
+    policy = forward_logps(trainer.model, batch)
+    assert_close(torch.cat([ref_chosen, ref_rejected]), policy, rtol=5e-3, atol=1e-2)
+    trainer.train()
+    assert trainer.state.global_step == 2
 
 
 # --------------------------------------------------------------------------------------------------------------------

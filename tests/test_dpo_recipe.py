@@ -106,13 +106,15 @@ def test_saved_policy_is_one_adapter_that_loads_onto_the_base(finished_run, sft_
 
 
 def test_refuses_non_empty_output_dir(finished_run, sft_run, capsys):
-    assert launch(DPOConfig, recipe("dpo").main, ["--init", str(sft_run), "--output_dir", str(finished_run)]) == 2
+    argv = ["--init", str(sft_run), "--output_dir", str(finished_run), *DPO_QUICK]
+    assert launch(DPOConfig, recipe("dpo").main, argv) == 2
     assert "is not empty; pass --resume" in capsys.readouterr().err
 
 
 def _subprocess_run(out, sft_run, extra=()):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    args = [*DPO_QUICK, "--train.max_steps=8", "--eval.verifier=null", "--data.eval=null", *extra]
+    args = [*DPO_QUICK, "--train.max_steps=6", "--train.per_device_batch_size=2", "--eval.verifier=null",
+            "--data.eval=null", *extra]
     return subprocess.Popen(
         [sys.executable, str(RECIPES / "dpo.py"), "--init", str(sft_run), "--output_dir", str(out), *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,

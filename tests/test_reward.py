@@ -98,7 +98,6 @@ def test_score_api_reproduces_the_run_eval_figures(finished_run):
 
 def test_score_accepts_text_and_conversation_objects(finished_run):
     from data_formats import Conversation
-
     from finetune.scoring import load_reward_model
 
     rm = load_reward_model(finished_run)
@@ -146,12 +145,9 @@ def test_init_from_sft_copies_its_adapter_and_trl_loss_is_bradley_terry(tmp_path
 
     sft = make_sft_run(tmp_path / "sft")
     cfg = parse_args(RewardConfig, ["--init", str(tmp_path / "sft"), "--output_dir", str(tmp_path / "rm")])
-    from finetune.models import adapter_config_from_run
-
-    adapter, changed = adapter_config_from_run(cfg.adapter, cfg.init)
-    assert adapter.r == 8 and adapter.alpha == 16 and changed == ["r", "alpha"]
-    cfg = cfg.__class__(**{**cfg.__dict__, "adapter": adapter})
-    model = reward.load_reward_backbone(cfg, "adapter")
+    cfg, kind, changed = reward.resolve_init(cfg)
+    assert kind == "adapter" and cfg.adapter.r == 8 and cfg.adapter.alpha == 16 and changed == ["r", "alpha"]
+    model = reward.load_reward_backbone(cfg, kind)
     sft_weights = {n.replace(".default", ""): p for n, p in sft.named_parameters() if "lora_" in n}
     copied = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
     assert sft_weights.keys() == copied.keys()
@@ -171,6 +167,25 @@ def test_init_from_sft_copies_its_adapter_and_trl_loss_is_bradley_terry(tmp_path
     chosen, rejected = scores.chunk(2)
     losses, _ = bradley_terry_loss(chosen, rejected)
     assert_close(trl_loss, losses.mean())
+
+
+def test_qlora_reward_model_trains_and_scores(tmp_path):
+    """adapter.method=qlora: a 4-bit backbone, the head kept in the compute dtype; it trains, saves and scores."""
+    from bitsandbytes.nn import Linear4bit
+
+    from finetune.scoring import load_reward_model
+
+    out = tmp_path / "rm"
+    argv = ["--output_dir", str(out), "--adapter.method=qlora", "--data.max_train_samples=16",
+            "--data.max_eval_samples=8", "--train.max_steps=2", "--train.logging_steps=1", "--train.save_steps=2"]
+    assert run_recipe(argv) == 0
+    rm = load_reward_model(out)
+    assert isinstance(rm.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer, Linear4bit)
+    summary = json.loads((out / "summary.json").read_text())
+    pairs = load_preferences(EVAL, limit=8)
+    chosen = torch.tensor(rm.score([p.prompt + p.chosen for p in pairs]))
+    rejected = torch.tensor(rm.score([p.prompt + p.rejected for p in pairs]))
+    assert (chosen > rejected).float().mean().item() == pytest.approx(summary["eval_accuracy"])
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -117,6 +117,19 @@ def load_reward_backbone(cfg: RewardConfig, init_kind: str | None):
     return model
 
 
+def resolve_init(cfg: RewardConfig) -> tuple[RewardConfig, str | None, list[str]]:
+    """Check ``cfg.init`` (if any) and take the adapter shape from it: ``(cfg, init kind or None, adapter fields
+    that changed)``."""
+    if not cfg.init:
+        return cfg, None, []
+    kind = check_init_run(cfg.init, cfg.model.name, cfg.data.template)
+    changed: list[str] = []
+    if kind == "adapter":
+        adapter, changed = adapter_config_from_run(cfg.adapter, cfg.init)
+        cfg = dataclasses.replace(cfg, adapter=adapter)
+    return cfg, kind, changed
+
+
 def run(cfg: RewardConfig) -> dict:
     """Train, evaluate and save; returns the summary also written to ``summary.json``."""
     from datasets import Dataset
@@ -125,12 +138,7 @@ def run(cfg: RewardConfig) -> dict:
 
     state = process_state()
     main = state.is_main_process
-    init_kind, changed = None, []
-    if cfg.init:  # a bad --init fails before anything is written
-        init_kind = check_init_run(cfg.init, cfg.model.name, cfg.data.template)
-        if init_kind == "adapter":
-            adapter, changed = adapter_config_from_run(cfg.adapter, cfg.init)
-            cfg = dataclasses.replace(cfg, adapter=adapter)
+    cfg, init_kind, changed = resolve_init(cfg)  # a bad --init fails before anything is written
 
     tokenizer = load_tokenizer(cfg.model.name)
     template = get_template(cfg.data.template, tokenizer)
