@@ -44,6 +44,50 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def trainer_arguments(cfg, output_dir: Path, has_eval: bool) -> dict:
+    """The ``TrainingArguments`` fields every TRL trainer we compose (SFT, DPO, reward) shares, set explicitly from
+    ``cfg.train`` / ``cfg.model`` so TRL's defaults (bf16, gradient checkpointing on) never decide for us silently.
+    Each stage adds its own fields and hands the union to its TRL config class."""
+    import torch
+
+    from .models import resolve_dtype
+
+    dtype = resolve_dtype(cfg.model.dtype)
+    train, eval_every = cfg.train, cfg.train.eval_steps
+    return dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=train.per_device_batch_size,
+        per_device_eval_batch_size=train.per_device_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        num_train_epochs=train.num_epochs,
+        max_steps=train.max_steps,
+        warmup_steps=train.warmup_ratio,  # below 1 transformers reads it as a ratio of the total steps
+        lr_scheduler_type=train.lr_scheduler,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optim,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        eval_strategy="steps" if (has_eval and eval_every) else "no",
+        eval_steps=eval_every,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.model.gradient_checkpointing else None,
+        report_to=["tensorboard"],
+        logging_nan_inf_filter=False,  # the default logs a NaN loss as 0, hiding it from NonFiniteLossCallback
+        save_only_model=False,
+        dataset_num_proc=None,
+        remove_unused_columns=True,
+        max_length=cfg.data.max_length,
+    )
+
+
 def prepare_output_dir(output_dir: str | Path, resume: bool, overwrite: bool, is_main_process: bool = True) -> Path:
     """Create ``output_dir``; refuse a non-empty one unless resuming or overwriting (never silently clobber a run)."""
     path = Path(output_dir)

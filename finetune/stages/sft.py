@@ -13,8 +13,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
-
 from ..config import ConfigError, SFTConfig
 from ..data import load_conversations, tokenize_conversations
 from ..evaluate import eval_loss, load_callable, verifier_accuracy
@@ -25,7 +23,6 @@ from ..models import (
     load_base_model,
     load_tokenizer,
     lora_config,
-    resolve_dtype,
     resolve_model,
 )
 from ..runs import (
@@ -37,6 +34,7 @@ from ..runs import (
     plot_loss,
     prepare_output_dir,
     process_state,
+    trainer_arguments,
     write_config,
     write_summary,
 )
@@ -44,48 +42,16 @@ from ..templates import get_template, save_with_template
 
 
 def trl_arguments(cfg: SFTConfig, output_dir: Path, has_eval: bool):
-    """TRL's ``SFTConfig`` for our config: every field set explicitly, so TRL's defaults (bf16, gradient
-    checkpointing on) never decide for us silently."""
+    """TRL's ``SFTConfig``: the shared trainer fields (``finetune.runs.trainer_arguments``) plus packing."""
     from trl import SFTConfig as TRLSFTConfig
 
-    dtype = resolve_dtype(cfg.model.dtype)
-    eval_every = cfg.train.eval_steps
     return TRLSFTConfig(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=cfg.train.per_device_batch_size,
-        per_device_eval_batch_size=cfg.train.per_device_batch_size,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        learning_rate=cfg.train.learning_rate,
-        num_train_epochs=cfg.train.num_epochs,
-        max_steps=cfg.train.max_steps,
-        warmup_steps=cfg.train.warmup_ratio,  # below 1 transformers reads it as a ratio of the total steps
-        lr_scheduler_type=cfg.train.lr_scheduler,
-        weight_decay=cfg.train.weight_decay,
-        max_grad_norm=cfg.train.max_grad_norm,
-        optim=cfg.train.optim,
-        seed=cfg.train.seed,
-        data_seed=cfg.train.seed,
-        logging_steps=cfg.train.logging_steps,
-        save_steps=cfg.train.save_steps,
-        save_total_limit=cfg.train.save_total_limit,
-        eval_strategy="steps" if (has_eval and eval_every) else "no",
-        eval_steps=eval_every,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.model.gradient_checkpointing else None,
-        max_length=cfg.data.max_length,
+        **trainer_arguments(cfg, output_dir, has_eval),
         packing=cfg.data.packing,
         packing_strategy="bfd",
         padding_free=cfg.data.packing,
         eval_packing=cfg.data.packing,
         shuffle_dataset=False,
-        report_to=["tensorboard"],
-        logging_nan_inf_filter=False,  # the default logs a NaN loss as 0, hiding it from NonFiniteLossCallback
-        save_only_model=False,
-        dataset_num_proc=None,
-        remove_unused_columns=True,
     )
 
 
