@@ -14,11 +14,15 @@ positions where the mask is 1, i.e. the positions that count.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
+    "chunked_entropy",
     "chunked_token_logprobs",
     "entropy_from_logits",
     "masked_mean",
@@ -150,24 +154,55 @@ def chunked_token_logprobs(
         ``[B, T]`` float32 (float64 for float64 inputs) per-token log-probs, equal to
         ``token_logprobs(hidden_states @ lm_head_weight.T, labels)``.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    batch, seq, hidden = hidden_states.shape
+    batch, seq, _ = hidden_states.shape
     if labels.shape != (batch, seq):
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden_states {tuple(hidden_states.shape)}")
-    flat_hidden = hidden_states.reshape(-1, hidden)
-    flat_labels = labels.reshape(-1)
+    chunk = functools.partial(_chunk_logprobs, ignore_index=ignore_index)
+    return _map_position_chunks(chunk, hidden_states, lm_head_weight, chunk_size, labels)
+
+
+def chunked_entropy(hidden_states: Tensor, lm_head_weight: Tensor, chunk_size: int = 1024) -> Tensor:
+    """Entropy (nats) of the next-token distribution at each position, straight from the final hidden states.
+
+    ``entropy_from_logits(hidden_states @ lm_head_weight.T)`` without ever holding the full logits: the positions are
+    processed ``chunk_size`` at a time, each chunk checkpointed as in :func:`chunked_token_logprobs`, so the forward
+    and the backward hold one chunk of float32 logits at a time. Divide ``hidden_states`` by a sampling temperature
+    first to get the entropy of the tempered distribution.
+
+    Args:
+        hidden_states: ``[..., H]`` final hidden states (after the final norm).
+        lm_head_weight: ``[V, H]`` output projection; no bias.
+        chunk_size: positions per chunk.
+
+    Returns:
+        ``[...]`` float32 (float64 for float64 inputs) entropies.
+    """
+    return _map_position_chunks(_chunk_entropy, hidden_states, lm_head_weight, chunk_size)
+
+
+def _map_position_chunks(fn, hidden_states: Tensor, lm_head_weight: Tensor, chunk_size: int, *per_position: Tensor):
+    """The one chunking loop behind :func:`chunked_token_logprobs` and :func:`chunked_entropy` (and, through the
+    former, ``finetune.kernels.policy_token_logprobs``).
+
+    Flattens ``hidden_states`` ``[..., H]`` (and each ``per_position`` tensor ``[...]``) over positions and returns
+    ``fn(hidden_chunk, lm_head_weight, *per_position_chunks)`` (``[n]`` per chunk of ``n`` positions) joined back
+    into ``[...]``. With autograd on, each chunk is checkpointed (``use_reentrant=False``): only its inputs are kept
+    and its logits are recomputed in the backward.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    shape = hidden_states.shape[:-1]
+    flat_hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    flat_extra = [t.reshape(-1) for t in per_position]
     use_checkpoint = torch.is_grad_enabled() and (hidden_states.requires_grad or lm_head_weight.requires_grad)
     chunks = []
-    for start in range(0, flat_labels.numel(), chunk_size):
-        args = (flat_hidden[start : start + chunk_size], lm_head_weight, flat_labels[start : start + chunk_size])
-        if use_checkpoint:
-            chunks.append(checkpoint(_chunk_logprobs, *args, ignore_index, use_reentrant=False))
-        else:
-            chunks.append(_chunk_logprobs(*args, ignore_index))
+    for start in range(0, flat_hidden.shape[0], chunk_size):
+        args = (flat_hidden[start : start + chunk_size], lm_head_weight,
+                *(t[start : start + chunk_size] for t in flat_extra))
+        chunks.append(checkpoint(fn, *args, use_reentrant=False) if use_checkpoint else fn(*args))
     if not chunks:
-        return hidden_states.new_zeros((batch, seq), dtype=_compute_dtype(hidden_states.dtype))
-    return torch.cat(chunks).view(batch, seq)
+        return hidden_states.new_zeros(shape, dtype=_compute_dtype(hidden_states.dtype))
+    return torch.cat(chunks).view(shape)
 
 
 def _chunk_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
@@ -175,11 +210,22 @@ def _chunk_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index
     return _gather_logprobs(hidden @ weight.t(), labels, ignore_index)
 
 
+def _chunk_entropy(hidden: Tensor, weight: Tensor) -> Tensor:
+    """One chunk of ``chunked_entropy``: ``[n, H]`` hidden, ``[V, H]`` weight -> ``[n]``."""
+    return _entropy(hidden @ weight.t())
+
+
+def _entropy(logits: Tensor) -> Tensor:
+    """``-sum_v p_v log p_v`` over the last dimension, in float32 (float64 for float64 logits)."""
+    logp = logits.to(_compute_dtype(logits.dtype)).log_softmax(dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
 def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
     """Entropy (nats) of the categorical distribution at each position, ``-sum_v p_v log p_v``.
 
     Rows of the flattened logits are processed ``chunk_size`` at a time in float32, so the float32 temporaries never
-    cover the whole ``[..., V]`` tensor.
+    cover the whole ``[..., V]`` tensor. (From hidden states, :func:`chunked_entropy` never builds the logits.)
 
     Args:
         logits: ``[..., V]`` logits in any floating dtype.
@@ -189,11 +235,7 @@ def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
         ``[...]`` float32 (float64 for float64 logits) entropies.
     """
     vocab = logits.shape[-1]
-    flat = logits.reshape(-1, vocab)
-    parts = []
-    for chunk in flat.split(chunk_size, dim=0):
-        logp = chunk.to(_compute_dtype(chunk.dtype)).log_softmax(dim=-1)
-        parts.append(-(logp.exp() * logp).sum(dim=-1))
+    parts = [_entropy(chunk) for chunk in logits.reshape(-1, vocab).split(chunk_size, dim=0)]
     if not parts:
         return logits.new_zeros(logits.shape[:-1], dtype=_compute_dtype(logits.dtype))
     return torch.cat(parts).view(logits.shape[:-1])
@@ -256,7 +298,13 @@ def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return variance
 
 
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(
+    values: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    sum_across_processes: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Normalise ``values`` to zero mean and unit (unbiased) std over the positions where ``mask`` is 1.
 
     PPO whitens advantages this way over all response tokens of the batch (``shift_mean=True``), and sometimes
@@ -265,18 +313,35 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: fl
     only from masked positions, so padding never changes the result, and the output is set to 0 outside the mask so
     padding contributes nothing if the caller sums it.
 
+    Under data parallelism each process holds part of the batch; pass ``sum_across_processes`` (an all-reduce sum,
+    called in the same order on every process) and the mean and variance are those of every process's masked
+    values together, as if one process held the whole batch. They are computed in two passes (sum and count, then
+    the sum of squared deviations from the global mean), each one all-reduce, which keeps the variance as accurate
+    as the one-process ``masked_var``.
+
     Args:
         values: ``[...]`` tensor, e.g. ``[B, T]`` advantages.
-        mask: 0/1 tensor (bool or numeric) of the same shape, with at least two positions set.
+        mask: 0/1 tensor (bool or numeric) of the same shape, with at least two positions set (over all processes).
         shift_mean: subtract the mean (True) or only rescale around the existing mean (False).
         eps: added to the variance before the square root.
+        sum_across_processes: ``tensor -> its sum over processes`` (e.g. ``accelerator.reduce(t, "sum")``); None
+            for one process.
 
     Returns:
         Tensor shaped like ``values``: ``(values - mean) / sqrt(var + eps)`` (``+ mean`` when ``shift_mean`` is
         False) at masked positions, 0 elsewhere.
+
+    Raises:
+        ValueError: if fewer than two positions are set over all processes (the unbiased variance is undefined).
     """
-    mean = masked_mean(values, mask)
-    whitened = (values - mean) * torch.rsqrt(masked_var(values, mask) + eps)
+    total = sum_across_processes or (lambda t: t)
+    sum_and_count = total(torch.stack([masked_sum(values, mask), masked_sum(torch.ones_like(values), mask)]))
+    count = sum_and_count[1]
+    if count.item() < 2:
+        raise ValueError(f"masked_whiten over {int(count.item())} position(s): the unbiased variance is undefined")
+    mean = sum_and_count[0] / count
+    variance = total(masked_sum((values - mean) ** 2, mask)) / (count - 1)
+    whitened = (values - mean) * torch.rsqrt(variance + eps)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))

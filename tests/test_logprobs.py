@@ -8,6 +8,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.testing import assert_close
 
 from finetune.logprobs import (
+    chunked_entropy,
     chunked_token_logprobs,
     entropy_from_logits,
     masked_mean,
@@ -151,6 +152,39 @@ def test_entropy_from_logits_hand_worked():
     assert entropy_from_logits(logits.bfloat16()).dtype == torch.float32
 
 
+@pytest.mark.parametrize("chunk_size", [1, 5, 1000])
+def test_chunked_entropy_values_and_grads_match_full_logits(chunk_size):
+    """[2, 6, 8] hidden states (12 positions: chunks of 5 give 5 + 5 + 2) and a 13-token head in float64: the
+    entropies and their gradients w.r.t. hidden states and weight equal entropy_from_logits of the full logits."""
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 6, dtype=torch.float64)
+    out = chunked_entropy(hidden, weight, chunk_size=chunk_size)
+    expected = entropy_from_logits(hidden @ weight.t())
+    assert out.shape == (2, 6) and out.dtype == torch.float64
+    assert_close(out, expected)
+    assert_close(torch.autograd.grad((out * upstream).sum(), (hidden, weight)),
+                 torch.autograd.grad((expected * upstream).sum(), (hidden, weight)))
+
+
+def test_chunked_entropy_hand_worked_and_lean():
+    """Hidden [1, 0] and [0, 1] against a head with rows [0, 0] and [ln 3, 0]: logits [0, ln 3] (H = 2 ln 2 -
+    (3/4) ln 3) and [0, 0] (H = ln 2); bf16 inputs give float32; an empty batch gives an empty result; and under
+    autograd only views of the inputs are saved for the backward (no chunk of logits)."""
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    weight = torch.tensor([[0.0, 0.0], [LN3, 0.0]])
+    assert_close(chunked_entropy(hidden, weight, chunk_size=1), torch.tensor([2 * LN2 - 0.75 * LN3, LN2]))
+    assert chunked_entropy(hidden.bfloat16(), weight.bfloat16()).dtype == torch.float32
+    assert chunked_entropy(torch.zeros(0, 2), weight).shape == (0,)
+    hidden, weight = torch.randn(2, 5, 4, requires_grad=True), torch.randn(50, 4, requires_grad=True)
+    inputs = {t.untyped_storage().data_ptr() for t in (hidden, weight)}
+    saved = []
+    with saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        chunked_entropy(hidden, weight, chunk_size=3)
+    assert saved and all(t.untyped_storage().data_ptr() in inputs for t in saved)
+
+
 def test_masked_sum_mean_var_hand_worked():
     """values [1, 2, 3, 100], mask [1, 1, 1, 0]: sum 6, mean 2, squared deviations 1 + 0 + 1 = 2, so unbiased var
     2 / 2 = 1 and biased var 2 / 3. Along dim 1 on [[1, 2], [3, nan]] with mask [[1, 1], [0, 0]]: sums [3, 0],
@@ -185,3 +219,29 @@ def test_masked_whiten():
     kept = masked_whiten(values, mask, shift_mean=False)
     assert_close(kept[mask].mean(), values[mask].mean())
     assert_close(kept[mask].std(), torch.tensor(1.0))
+
+
+def test_masked_whiten_hand_worked():
+    """values [1, 2, 3, 6, pad]: mean 3, squared deviations 4 + 1 + 0 + 9 = 14, unbiased var 14 / 3, so the
+    whitened values are (x - 3) / sqrt(14 / 3) = [-0.9258, -0.4629, 0, 1.3887] and 0 on the padding."""
+    values = torch.tensor([1.0, 2.0, 3.0, 6.0, 50.0])
+    mask = torch.tensor([1, 1, 1, 1, 0])
+    std = math.sqrt(14 / 3)
+    assert_close(masked_whiten(values, mask, eps=0.0), torch.tensor([-2 / std, -1 / std, 0.0, 3 / std, 0.0]))
+    assert_close(masked_whiten(values, mask, shift_mean=False, eps=0.0),
+                 torch.tensor([-2 / std + 3, -1 / std + 3, 3.0, 3 / std + 3, 0.0]))
+    with pytest.raises(ValueError, match="1 position"):
+        masked_whiten(values, torch.tensor([0, 0, 1, 0, 0]))
+
+
+def test_masked_whiten_sums_statistics_across_processes():
+    """Two processes each holding [1, 3] (a stand-in all-reduce that doubles every sum): the statistics are those of
+    [1, 3, 1, 3], mean 2 and unbiased var (1 + 1 + 1 + 1) / 3 = 4 / 3, so 1 -> -1 / sqrt(4 / 3) = -0.8660; one
+    process alone has var 2 / 1 and gives -1 / sqrt(2) = -0.7071. The stand-in sees (sum, count) first, then the
+    squared deviations."""
+    values, mask = torch.tensor([1.0, 3.0]), torch.ones(2)
+    seen = []
+    doubled = masked_whiten(values, mask, eps=0.0, sum_across_processes=lambda t: seen.append(t.clone()) or 2 * t)
+    assert_close(doubled, torch.tensor([-1.0, 1.0]) / math.sqrt(4 / 3))
+    assert_close(masked_whiten(values, mask, eps=0.0), torch.tensor([-1.0, 1.0]) / math.sqrt(2.0))
+    assert_close(seen, [torch.tensor([4.0, 2.0]), torch.tensor(2.0)])
