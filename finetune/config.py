@@ -32,7 +32,7 @@ class ModelConfig:
     """Base model: ``tiny`` (the embedded LLaMA), a local directory, or a hub id such as ``meta-llama/Meta-Llama-3-8B``."""
     dtype: str = "auto"
     """Weights and compute dtype: ``auto`` (bf16 on a GPU that has it, else float32), ``bfloat16``, ``float16``, ``float32``."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"
     """Attention backend: ``auto`` (FlashAttention 3 or 2 on a CUDA GPU that has it and a bf16/fp16 model, else
     ``sdpa``; the choice is printed), ``sdpa``, ``eager``, ``flash_attention_2``, ``flash_attention_3``."""
     gradient_checkpointing: bool = False
@@ -424,8 +424,6 @@ class RejectionSamplingConfig(RunConfig):
             raise ConfigError("rejection sampling continues the SFT adapter; set adapter.method to lora or qlora")
         if self.adapter.method == "qlora" and self.model.dtype == "float16":
             raise ConfigError("adapter.method=qlora trains in bf16 or fp32 compute; set model.dtype to auto or bfloat16")
-        if self.resume:
-            raise ConfigError("rejection sampling cannot --resume; rerun with --overwrite")
 
 
 @dataclass
@@ -497,8 +495,16 @@ class PPOParams:
     """Subtracted from the score of a response that never produced an end-of-turn token; ``null`` for none."""
     seed: int = 42
     """Seed for the value head, prompt order and minibatch shuffling."""
+    save_every: int = 10
+    """Write ``checkpoint-N/`` (the trainable adapters and value head, optimizer, KL coefficient, RNG states and the
+    metrics so far; ``--resume`` continues from the newest) every N iterations and after the last; 0 for none."""
+    save_total_limit: int | None = 2
+    """Keep at most this many checkpoints (the newest); ``null`` keeps all."""
 
     def __post_init__(self):
+        if self.save_every < 0 or (self.save_total_limit is not None and self.save_total_limit < 1):
+            raise ConfigError(f"ppo.save_every must be >= 0 and ppo.save_total_limit >= 1 or null; got "
+                              f"{self.save_every} and {self.save_total_limit}")
         if min(self.num_iterations, self.rollout_batch_size, self.mini_batch_size, self.ppo_epochs) < 1:
             raise ConfigError("ppo.num_iterations, rollout_batch_size, mini_batch_size and ppo_epochs must be >= 1")
         if self.learning_rate <= 0 or self.kl_coef < 0 or self.clip_range <= 0 or self.clip_range_value <= 0:
@@ -540,8 +546,8 @@ class PPOConfig(RunConfig):
                 "ppo samples from the policy itself: set sampling.temperature > 0, sampling.top_p=1 and sampling.top_k=0"
                 " (truncated sampling would make the rollout log-probs wrong)"
             )
-        if self.resume:
-            raise ConfigError("ppo cannot --resume yet; rerun with --overwrite")
+        if self.resume and not self.ppo.save_every:
+            raise ConfigError("--resume needs checkpoints; ppo.save_every=0 writes none")
 
 
 # ---------------------------------------------------------------------------------------------------------------

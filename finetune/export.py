@@ -64,7 +64,8 @@ class RunSource:
     """``lora``, ``qlora`` or ``full``."""
     template: str
     """Chat template name (see :mod:`finetune.templates`)."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"
+    """The run's ``model.attn_implementation``; ``auto`` is resolved for this machine when the base is loaded."""
     config: dict = field(default_factory=dict)
     """The run's resolved ``config.yaml`` (empty for a plain model directory)."""
 
@@ -136,7 +137,7 @@ def inspect_run(run_dir: str | Path, template: str | None = None) -> RunSource:
         base_model=base,
         method=method,
         template=name,
-        attn_implementation=model_cfg.get("attn_implementation") or "sdpa",
+        attn_implementation=model_cfg.get("attn_implementation") or "auto",
         config=config,
     )
 
@@ -171,6 +172,7 @@ def load_model(source: RunSource, dtype: str | None = None, merge: bool = True):
     """
     from transformers import AutoModelForCausalLM
 
+    from .kernels import resolve_attn_implementation
     from .models import resolve_model
 
     torch_dtype = _torch_dtype(dtype)
@@ -181,7 +183,9 @@ def load_model(source: RunSource, dtype: str | None = None, merge: bool = True):
             raise ExportError(f"cannot load the model in {source.path}: {' '.join(str(e).split())}") from None
     try:
         base = AutoModelForCausalLM.from_pretrained(
-            resolve_model(source.base_model), dtype=torch_dtype, attn_implementation=source.attn_implementation
+            resolve_model(source.base_model),
+            dtype=torch_dtype,
+            attn_implementation=resolve_attn_implementation(source.attn_implementation, torch_dtype),
         )
     except OSError as e:
         raise ExportError(f"cannot load the base model {source.base_model!r}: {' '.join(str(e).split())}") from None
