@@ -2,14 +2,11 @@
 that the saved policy is the trained adapter alone, and resume after a real kill."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from recipe_processes import checkpoint_complete, losses_by_step, run_to_end, run_until
 
 from finetune.config import DPOConfig, SFTConfig
 from finetune.recipe import launch
@@ -111,44 +108,21 @@ def test_refuses_non_empty_output_dir(finished_run, sft_run, capsys):
     assert "is not empty; pass --resume" in capsys.readouterr().err
 
 
-def _subprocess_run(out, sft_run, extra=()):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def _command(out, sft_run, extra=()):
     args = [*DPO_QUICK, "--train.max_steps=6", "--train.per_device_batch_size=2", "--eval.verifier=null",
             "--data.eval=null", *extra]
-    return subprocess.Popen(
-        [sys.executable, str(RECIPES / "dpo.py"), "--init", str(sft_run), "--output_dir", str(out), *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
-    )
-
-
-def _losses(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    by_step = {r["step"]: r["loss"] for r in rows if "loss" in r}
-    return [by_step[s] for s in sorted(by_step)]
+    return [sys.executable, RECIPES / "dpo.py", "--init", sft_run, "--output_dir", out, *args]
 
 
 @pytest.mark.slow
 def test_resume_after_kill_reproduces_the_uninterrupted_loss_curve(sft_run, tmp_path):
     """Kill -9 a DPO run once it has written checkpoint-4, resume it: the policy adapter comes back from the
     checkpoint, the reference again from --init, and the loss at every logged step equals a run never interrupted."""
-    straight = tmp_path / "straight"
-    proc = _subprocess_run(straight, sft_run)
-    output = proc.communicate(timeout=300)[0].decode()
-    assert proc.returncode == 0, output
-
-    killed = tmp_path / "killed"
-    proc = _subprocess_run(killed, sft_run)
-    deadline = time.time() + 300
-    while not (killed / "checkpoint-4" / "checkpoint_complete.json").exists():
-        assert proc.poll() is None, proc.stdout.read().decode()
-        assert time.time() < deadline
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_to_end(_command(straight, sft_run))
+    run_until(_command(killed, sft_run), checkpoint_complete(killed, 4))
     assert not (killed / "summary.json").exists()
 
-    proc = _subprocess_run(killed, sft_run, ["--resume"])
-    output = proc.communicate(timeout=300)[0].decode()
-    assert proc.returncode == 0, output
+    output = run_to_end(_command(killed, sft_run, ["--resume"]))
     assert "resuming from" in output
-    assert _losses(killed) == pytest.approx(_losses(straight), rel=1e-4)
+    assert losses_by_step(killed) == pytest.approx(losses_by_step(straight), rel=1e-4)

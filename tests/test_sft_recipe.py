@@ -1,14 +1,11 @@
 """recipes/sft.py end to end on the tiny model: what the run leaves behind, bad input, resume after a real kill."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from recipe_processes import checkpoint_complete, losses_by_step, run_to_end, run_until
 
 from finetune.config import SFTConfig
 from finetune.recipe import launch
@@ -104,47 +101,24 @@ def test_unknown_key_is_one_line_error(tmp_path, capsys):
     assert "unknown config key 'train.lr'" in capsys.readouterr().err
 
 
-def _subprocess_run(out, extra=()):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def _command(out, extra=()):
     args = [*QUICK, "--train.max_steps=16", "--eval.before_training=false", "--eval.num_samples=4", *extra]
-    return subprocess.Popen(
-        [sys.executable, str(RECIPE), "--output_dir", str(out), *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
-    )
-
-
-def _losses(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    by_step = {r["step"]: r["loss"] for r in rows if "loss" in r}
-    return [by_step[s] for s in sorted(by_step)]
+    return [sys.executable, RECIPE, "--output_dir", out, *args]
 
 
 @pytest.mark.slow
 def test_resume_after_kill_reproduces_the_uninterrupted_loss_curve(tmp_path):
     """Kill -9 a run once it has written checkpoint-4, resume it, and compare its loss curve with a run that was
     never interrupted: the same losses at every logged step."""
-    straight = tmp_path / "straight"
-    proc = _subprocess_run(straight)
-    output = proc.communicate(timeout=600)[0].decode()
-    assert proc.returncode == 0, output
-
-    killed = tmp_path / "killed"
-    proc = _subprocess_run(killed)
-    deadline = time.time() + 300
-    while not (killed / "checkpoint-4" / "checkpoint_complete.json").exists():
-        assert proc.poll() is None, proc.stdout.read().decode()
-        assert time.time() < deadline
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_to_end(_command(straight))
+    run_until(_command(killed), checkpoint_complete(killed, 4))
     assert not (killed / "summary.json").exists()
 
-    proc = _subprocess_run(killed, ["--resume"])
-    output = proc.communicate(timeout=600)[0].decode()
-    assert proc.returncode == 0, output
+    output = run_to_end(_command(killed, ["--resume"]))
     assert "resuming from" in output
     # metrics.jsonl holds the killed run's rows and the resumed run's; the latest row per step wins.
-    assert _losses(killed) == pytest.approx(_losses(straight), rel=1e-4)
+    assert losses_by_step(killed) == pytest.approx(losses_by_step(straight), rel=1e-4)
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
