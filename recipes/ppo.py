@@ -7,8 +7,9 @@
 
 Writes OUTPUT_DIR/metrics.jsonl (per iteration: score, KL to the reference, policy and value loss, clip fraction,
 entropy, response length), rollouts.jsonl, summary.json (with verifier accuracy against the SFT model's), the
-policy adapter (chain on with --init OUTPUT_DIR) and the value adapter and head under value/.
-Options: --config FILE.yaml, --init DIR, --output_dir DIR, --overwrite, --section.key=value (see --help).
+policy adapter (chain on with --init OUTPUT_DIR) and the value adapter and head under value/, and checkpoint-N/
+every ppo.save_every iterations; --resume continues from the newest complete one.
+Options: --config FILE.yaml, --init DIR, --output_dir DIR, --resume, --overwrite, --section.key=value (see --help).
 """
 
 import sys

@@ -212,6 +212,9 @@ def test_run_logs_every_iteration_and_writes_the_run_directory(trained):
         assert row["optimizer_steps"] % 4 == 0  # 8 responses / minibatch 4 x 2 epochs per iteration
         assert 0 <= row["clip_fraction"] <= 1 and row["entropy"] > 0 and row["value_loss"] > 0
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5), "the first rollout comes from the SFT policy itself"
+    # ppo.save_every (10) > iterations: the only checkpoint is the one after the last iteration, complete.
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert (out / "checkpoint-2" / "checkpoint_complete.json").is_file()
     assert rows[1]["kl"] != 0.0
     rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
     assert len(rollouts) == 2 * 4 * 2 and {r["iteration"] for r in rollouts} == {1, 2}
@@ -279,3 +282,22 @@ def test_config_errors_are_one_line(tmp_path, sft_run, capsys):
         ppo.resolve_init(parse_args(PPOConfig, ["--init", str(sft_run), f"--score.reward_model={tmp_path}"]))
     assert launch(PPOConfig, lambda cfg: ppo.run(cfg), ["--init", str(tmp_path / "missing")]) == 2
     assert "error: --init" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="ppo.save_every=0 writes none"):
+        parse_args(PPOConfig, ["--init", "x", "--resume", "--ppo.save_every=0"])
+    with pytest.raises(ConfigError, match="no complete checkpoint-N/"):
+        ppo.train(ppo_config(tmp_path, sft_run, "--resume"))
+
+
+def test_response_entropy_equals_the_full_logits_entropy(tmp_path, sft_run, tokenizer):
+    """The stage's entropy (chunked, from hidden states, response tokens only) equals the entropy of the full
+    tempered logits averaged over the response tokens; a minibatch without response tokens gives 0, not NaN."""
+    from finetune.logprobs import entropy_from_logits
+
+    roles = ppo.load_roles(ppo.resolve_init(ppo_config(tmp_path, sft_run)))
+    rollout, _, _ = rollout_batch(tokenizer)
+    weight = roles.model.get_base_model().get_output_embeddings().weight
+    with torch.no_grad():
+        hidden, _ = ppo.PolicyAndValue(roles)(rollout.input_ids, rollout.attention_mask)
+        full = entropy_from_logits(hidden[:, :-1] @ weight.t() / 0.7)
+        assert_close(ppo.response_entropy(hidden, weight, rollout.mask, 0.7), full[rollout.mask].mean())
+        assert ppo.response_entropy(hidden, weight, torch.zeros_like(rollout.mask), 0.7) == 0

@@ -17,11 +17,19 @@ Details of RLHF with PPO", Huang et al. 2024):
    scores them; then, without gradients, the rollout policy's, the reference's and the value head's per-token
    log-probs and values are computed.
 2. Rewards and advantages: per-token KL penalty against the reference plus the score at the last token
-   (``per_token_rewards``), ``gae`` advantages and returns, advantages whitened (``masked_whiten``).
+   (``per_token_rewards``), ``gae`` advantages and returns, advantages whitened (``masked_whiten``) with the mean
+   and variance of every process's response tokens together, so N processes whiten as one process would.
 3. Updates: ``ppo_epochs`` passes of shuffled minibatches; each is one forward of the policy and one of the value
    adapter (:class:`PolicyAndValue`, the module accelerate prepares), ``ppo_policy_loss`` +
    ``value_loss_coef * ppo_value_loss``, backward, gradient clipping, an AdamW step.
 4. The KL controller is updated with the rollout's KL; the iteration's figures go to ``metrics.jsonl``.
+5. Every ``ppo.save_every`` iterations a ``checkpoint-N/`` is written (:func:`save_checkpoint`): the trainable
+   weights, optimizer and scheduler, KL coefficient, every process's RNG states and the metrics so far, staged and
+   renamed into place once complete. ``--resume`` continues from the newest complete one exactly as the run would
+   have gone on (on CPU: the same figures at every later iteration).
+
+Entropies and log-probs are computed from the last hidden states a chunk of positions at a time
+(``chunked_token_logprobs``, ``chunked_entropy``): the ``[N, T, V]`` float32 logits never exist.
 
 Dropout is switched off (every dropout's p set to 0, so activation checkpointing, which acts in train mode, still
 can), and at the first minibatch the policy's log-probs equal the rollout's: the ratio is exactly 1.
@@ -32,7 +40,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import random
+import shutil
 import time
+from pathlib import Path
 
 import torch
 
@@ -40,7 +52,8 @@ from ..config import ConfigError, PPOConfig
 from ..data import load_conversations
 from ..evaluate import load_callable, verifier_accuracy
 from ..generation import SamplingConfig, generate
-from ..logprobs import chunked_token_logprobs, entropy_from_logits, masked_whiten
+from ..kernels import auto_chunk_size
+from ..logprobs import chunked_entropy, chunked_token_logprobs, masked_whiten
 from ..losses import AdaptiveKLController, FixedKLController, gae, per_token_rewards, ppo_policy_loss, ppo_value_loss
 from ..models import (
     activate_adapter,
@@ -55,7 +68,18 @@ from ..models import (
     run_config,
     save_adapter,
 )
-from ..runs import plot_loss, prepare_output_dir, process_state, write_config, write_summary
+from ..runs import (
+    COMPLETE_MARKER,
+    atomic_write_text,
+    checkpoints,
+    discard_incomplete_checkpoints,
+    latest_complete_checkpoint,
+    plot_loss,
+    prepare_output_dir,
+    process_state,
+    write_config,
+    write_summary,
+)
 from ..scorers import Sample, build_scorer
 from ..templates import get_template, render, save_with_template, stop_token_ids
 from .rejection_sampling import Prompt, load_prompts
@@ -196,8 +220,26 @@ def build_rollout(prompt_ids: list[list[int]], response_ids: list[list[int]], pa
 
 def policy_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, temperature: float):
     """``[N, T]`` log-probs of the sampled tokens at the sampling temperature, from the last hidden states (never
-    materialising the ``[N, T, V]`` logits: ``chunked_token_logprobs``)."""
-    return chunked_token_logprobs(hidden[:, :-1] / temperature, lm_head_weight, labels)
+    materialising the ``[N, T, V]`` logits: ``chunked_token_logprobs``, chunks of 64 MiB of float32 logits)."""
+    return chunked_token_logprobs(hidden[:, :-1] / temperature, lm_head_weight, labels,
+                                  auto_chunk_size(lm_head_weight.shape[0]))
+
+
+def response_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, mask: torch.Tensor, temperature: float):
+    """Mean entropy of the tempered policy over the response tokens (``mask`` ``[N, T]``), 0 when there are none;
+    from the last hidden states of the response positions only, a chunk at a time (``chunked_entropy``)."""
+    response_hidden = hidden[:, :-1][mask.bool()]  # [tokens, H]
+    if not len(response_hidden):
+        return torch.zeros((), device=hidden.device)
+    return chunked_entropy(response_hidden / temperature, lm_head_weight, auto_chunk_size(lm_head_weight.shape[0])).mean()
+
+
+def process_sum(accelerator):
+    """``tensor -> its sum over every process`` (an all-reduce), for ``masked_whiten``'s statistics; None with one
+    process. Tensors go to the accelerator's device for the collective (NCCL needs CUDA tensors) and come back."""
+    if accelerator.num_processes == 1:
+        return None
+    return lambda t: accelerator.reduce(t.to(accelerator.device), "sum").to(t.device)
 
 
 @torch.no_grad()
@@ -263,6 +305,105 @@ def prompt_schedule(num_prompts: int, iteration: int, batch: int, seed: int) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+TRAINABLE_FILE, OPTIMIZER_FILE, STATE_FILE = "trainable.safetensors", "optimizer.pt", "ppo_state.json"
+
+
+def rng_states(shuffle: torch.Generator) -> dict:
+    """This process's random states: Python, NumPy, torch (CPU and CUDA) and the minibatch shuffle generator."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "shuffle": shuffle.get_state()}
+
+
+def set_rng_states(states: dict, shuffle: torch.Generator) -> None:
+    """Restore what :func:`rng_states` recorded."""
+    import numpy as np
+
+    random.setstate(states["python"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    shuffle.set_state(states["shuffle"])
+
+
+def save_checkpoint(output_dir: Path, iteration: int, trainable: torch.nn.Module, optimizer, scheduler, shuffle,
+                    progress: dict, accelerator, keep: int | None) -> Path:
+    """Write ``checkpoint-ITERATION/`` (called by every process, after the iteration's metrics row).
+
+    It is built in ``.checkpoint-ITERATION.staging/`` (a name ``--resume`` never matches), marked complete, then
+    renamed into place, so a process killed at any point leaves either no ``checkpoint-ITERATION`` or a whole one.
+    Holds: every trainable tensor of ``trainable`` (the policy and value adapters and the value head) by name, the
+    optimizer and scheduler state, ``progress`` (iteration, optimizer steps, KL coefficient, what ``summary.json``
+    has gathered so far, the length of ``rollouts.jsonl``) as JSON, a copy of ``metrics.jsonl``, and each process's
+    RNG states. Afterwards only the newest ``keep`` checkpoints are kept (all when None)."""
+    from safetensors.torch import save_file
+
+    main = accelerator.is_main_process
+    final, staging = output_dir / f"checkpoint-{iteration}", output_dir / f".checkpoint-{iteration}.staging"
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    accelerator.wait_for_everyone()
+    torch.save(rng_states(shuffle), staging / f"rng_state_{accelerator.process_index}.pt")
+    if main:  # the weights and optimizer state are the same on every process (DDP keeps them in step)
+        save_file({n: p.detach().cpu().contiguous() for n, p in trainable.named_parameters() if p.requires_grad},
+                  staging / TRAINABLE_FILE)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / OPTIMIZER_FILE)
+        shutil.copyfile(output_dir / "metrics.jsonl", staging / "metrics.jsonl")
+        (staging / STATE_FILE).write_text(json.dumps({**progress, "num_processes": accelerator.num_processes}))
+    accelerator.wait_for_everyone()  # every process's RNG file is written before the checkpoint counts
+    if main:
+        atomic_write_text(staging / COMPLETE_MARKER, json.dumps({"step": iteration}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        complete = [path for _, path in checkpoints(output_dir) if (path / COMPLETE_MARKER).is_file()]
+        for old in complete[: -keep] if keep else ():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path: Path, trainable: torch.nn.Module, optimizer, scheduler, shuffle, accelerator) -> dict:
+    """Load what :func:`save_checkpoint` wrote into the freshly built run (every process); returns its progress."""
+    from safetensors.torch import load_file
+
+    progress = json.loads((path / STATE_FILE).read_text())
+    if progress["num_processes"] != accelerator.num_processes:
+        raise ConfigError(f"--resume: {path} was written by {progress['num_processes']} processes, this run has "
+                          f"{accelerator.num_processes}; resume with the same number (the minibatch order is per process)")
+    saved = load_file(path / TRAINABLE_FILE)
+    params = {n: p for n, p in trainable.named_parameters() if p.requires_grad}
+    if saved.keys() != params.keys():
+        raise ConfigError(f"--resume: the trainable tensors of {path} are not this run's (adapter or model changed?): "
+                          f"{sorted(saved.keys() ^ params.keys())[:3]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
+    state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_states(torch.load(path / f"rng_state_{accelerator.process_index}.pt", weights_only=True), shuffle)
+    return progress
+
+
+def restore_logs(output_dir: Path, checkpoint: Path, progress: dict) -> None:
+    """Roll ``metrics.jsonl`` and ``rollouts.jsonl`` back to the checkpoint (main process), so the rows of the
+    iterations run after it, which the resumed run repeats, are not written twice."""
+    atomic_write_text(output_dir / "metrics.jsonl", (checkpoint / "metrics.jsonl").read_text())
+    rollouts = output_dir / "rollouts.jsonl"
+    if rollouts.exists():
+        with open(rollouts, "r+b") as f:
+            f.truncate(progress["rollouts_bytes"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -315,8 +456,13 @@ def train(cfg: PPOConfig) -> tuple[dict, Roles]:
         eval_convs = load_conversations(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples)
         eval_convs = eval_convs[: cfg.eval.num_samples] if cfg.eval.num_samples else eval_convs
 
-    output_dir = prepare_output_dir(cfg.output_dir, False, cfg.overwrite, main)
+    output_dir = prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, main)
     state.wait_for_everyone()
+    if cfg.resume and main:
+        for path in discard_incomplete_checkpoints(output_dir):
+            print(f"discarded incomplete checkpoint {path}")
+    state.wait_for_everyone()
+    resume_from = latest_complete_checkpoint(output_dir) if cfg.resume else None
     if main:
         write_config(output_dir, cfg)
         print(f"prompts: {len(prompts)} from {cfg.data.train}, {len(skipped)} skipped (longer than "
@@ -333,7 +479,7 @@ def train(cfg: PPOConfig) -> tuple[dict, Roles]:
     summary: dict = {"model": cfg.model.name, "resolved_model": resolve_model(cfg.model.name), "init": cfg.init,
                      "reward_model": cfg.score.reward_model, "scorer": scorer.name,
                      "num_processes": accelerator.num_processes}
-    if verifier and cfg.eval.before_training:
+    if verifier and cfg.eval.before_training and not resume_from:  # a resumed run has it from its checkpoint
         roles.use(POLICY)
         before = verifier_accuracy(roles.model, tokenizer, template, eval_convs, verifier, cfg.eval.max_new_tokens,
                                    cfg.eval.batch_size)
@@ -353,11 +499,22 @@ def train(cfg: PPOConfig) -> tuple[dict, Roles]:
     kl_ctl = (AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon) if cfg.ppo.adaptive_kl
               else FixedKLController(cfg.ppo.kl_coef))
     shuffle = torch.Generator().manual_seed(cfg.ppo.seed + accelerator.process_index)
-    writer = SummaryWriter(str(output_dir / "runs" / time.strftime("%b%d_%H-%M-%S"))) if main else None
+    sum_across_processes = process_sum(accelerator)
+    trainable = accelerator.unwrap_model(policy_and_value)
 
-    optimizer_steps = 0
+    optimizer_steps, start_iteration, previous_seconds = 0, 0, 0.0
+    if resume_from:
+        progress = load_checkpoint(resume_from, trainable, optimizer, scheduler, shuffle, accelerator)
+        start_iteration, optimizer_steps = progress["iteration"], progress["optimizer_steps"]
+        kl_ctl.value, previous_seconds = progress["kl_coef"], progress["train_seconds"]
+        summary.update(progress["summary"])
+        if main:
+            restore_logs(output_dir, resume_from, progress)
+            print(f"resuming from {resume_from} (iteration {start_iteration} of {cfg.ppo.num_iterations})")
+        state.wait_for_everyone()
+    writer = SummaryWriter(str(output_dir / "runs" / time.strftime("%b%d_%H-%M-%S"))) if main else None
     started = time.perf_counter()
-    for iteration in range(cfg.ppo.num_iterations):
+    for iteration in range(start_iteration, cfg.ppo.num_iterations):
         t0 = time.perf_counter()
         batch = [prompts[i] for i in prompt_schedule(len(prompts), iteration, cfg.ppo.rollout_batch_size, cfg.ppo.seed)]
         with state.split_between_processes(batch) as share:
@@ -368,10 +525,12 @@ def train(cfg: PPOConfig) -> tuple[dict, Roles]:
         # Rewards, advantages, returns: pure functions over [N, T] response tokens.
         mask = rollout.mask.float()
         rewards, kl = per_token_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_ctl.value)
+        # Whitening statistics over every process's tokens: per-process ones would differ between processes and
+        # change with the number of processes.
         if cfg.ppo.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = masked_whiten(rewards, mask, shift_mean=False, sum_across_processes=sum_across_processes)
         advantages, returns = gae(rewards, rollout.values, mask, cfg.ppo.gamma, cfg.ppo.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, sum_across_processes=sum_across_processes)
 
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction",
                                                           "value_clip_fraction", "approx_kl", "entropy", "grad_norm")}
@@ -400,9 +559,7 @@ def train(cfg: PPOConfig) -> tuple[dict, Roles]:
                 optimizer.zero_grad()
                 optimizer_steps += 1
                 with torch.no_grad():
-                    response_hidden = hidden[:, :-1][mb_mask.bool()]  # [tokens, H]: logits of response tokens only
-                    entropy = (entropy_from_logits((response_hidden / temperature) @ lm_head_weight.t()).mean()
-                               if len(response_hidden) else torch.zeros(()))
+                    entropy = response_entropy(hidden, lm_head_weight, mb_mask, temperature)
                 for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
                                    ("value_clip_fraction", value_clip_fraction), ("approx_kl", approx_kl),
                                    ("entropy", entropy), ("grad_norm", grad_norm)):
@@ -448,7 +605,16 @@ def train(cfg: PPOConfig) -> tuple[dict, Roles]:
             from ..runs import NonFiniteLossError
 
             raise NonFiniteLossError(f"iteration {iteration + 1}: non-finite figures {figures}; lower ppo.learning_rate")
-    train_seconds = time.perf_counter() - started
+        done = iteration + 1
+        if cfg.ppo.save_every and (done % cfg.ppo.save_every == 0 or done == cfg.ppo.num_iterations):
+            rollouts_file = output_dir / "rollouts.jsonl"
+            progress = {"iteration": done, "optimizer_steps": optimizer_steps, "kl_coef": kl_ctl.value,
+                        "train_seconds": previous_seconds + time.perf_counter() - started,
+                        "summary": {k: summary[k] for k in ("init_eval_accuracy",) if k in summary},
+                        "rollouts_bytes": rollouts_file.stat().st_size if main else 0}
+            save_checkpoint(output_dir, done, trainable, optimizer, scheduler, shuffle, progress, accelerator,
+                            cfg.ppo.save_total_limit)
+    train_seconds = previous_seconds + time.perf_counter() - started
     if writer:
         writer.close()
 
