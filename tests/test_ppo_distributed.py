@@ -1,9 +1,15 @@
 """PPO under 2 CPU processes (accelerate_configs/cpu_ddp.yaml, DDP over the policy and value adapters): each process
-samples its share of every iteration's prompts, and the gathered rollouts hold each prompt exactly once."""
+samples its share of every iteration's prompts, and the gathered rollouts hold each prompt exactly once; advantages
+are whitened with the statistics of both processes' tokens together.
+
+Run as a script (by ``accelerate launch``), this file is the whitening test's worker."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 from test_rejection_sampling_distributed import launch_two_processes
 
 
@@ -30,3 +36,52 @@ def test_two_processes_roll_out_every_prompt_exactly_once(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert (out / "adapter_model.safetensors").is_file()
     assert json.loads((out / "summary.json").read_text())["num_processes"] == 2
+
+
+def whitening_case():
+    """5 responses x 7 tokens of advantages with a ragged mask; the last two responses (the second process's share)
+    have a mean 4 higher, so each process's own statistics differ from the whole batch's."""
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(5, 7, generator=generator, dtype=torch.float64) * 2 + 1
+    values[3:] += 4
+    mask = torch.rand(5, 7, generator=generator) > 0.3
+    return values, mask
+
+
+def whiten_on_this_process(out: Path) -> None:
+    """The worker: process 0 takes responses 0-2, process 1 responses 3-4, and each whitens its share as the PPO stage
+    does (``process_sum`` over the accelerator), advantages and (mean kept) rewards."""
+    from accelerate import Accelerator
+
+    from finetune.logprobs import masked_whiten
+    from finetune.stages.ppo import process_sum
+
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2
+    values, mask = whitening_case()
+    rows = slice(0, 3) if accelerator.process_index == 0 else slice(3, 5)
+    total = process_sum(accelerator)
+    torch.save({"advantages": masked_whiten(values[rows], mask[rows], sum_across_processes=total),
+                "rewards": masked_whiten(values[rows], mask[rows], shift_mean=False, sum_across_processes=total)},
+               out / f"process{accelerator.process_index}.pt")
+
+
+@pytest.mark.slow
+def test_whitening_over_two_processes_equals_one_process_over_the_whole_batch(tmp_path):
+    from torch.testing import assert_close
+
+    from finetune.logprobs import masked_whiten
+
+    # launch_two_processes joins the script to recipes/; an absolute path replaces it.
+    launch_two_processes(str(Path(__file__).resolve()), [str(tmp_path)], timeout=300)
+    halves = [torch.load(tmp_path / f"process{i}.pt") for i in (0, 1)]
+    values, mask = whitening_case()
+    for key, shift_mean in (("advantages", True), ("rewards", False)):
+        together = torch.cat([h[key] for h in halves])
+        assert_close(together, masked_whiten(values, mask, shift_mean=shift_mean), rtol=1e-12, atol=1e-12)
+        local = torch.cat([masked_whiten(values[:3], mask[:3], shift_mean), masked_whiten(values[3:], mask[3:], shift_mean)])
+        assert (local - together).abs().max() > 0.1, "per-process statistics would have given other values"
+
+
+if __name__ == "__main__":
+    whiten_on_this_process(Path(sys.argv[1]))
