@@ -42,6 +42,7 @@ def eval_loss(model, rows: list[dict], pad_token_id: int, batch_size: int = 16) 
     from accelerate.utils import gather_object
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+    from .kernels import policy_token_logprobs
     from .runs import process_state
 
     state = process_state()
@@ -53,13 +54,10 @@ def eval_loss(model, rows: list[dict], pad_token_id: int, batch_size: int = 16) 
     with state.split_between_processes(rows) as share:
         for start in range(0, len(share), batch_size):
             batch = collate(share[start : start + batch_size])
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-            labels = batch["labels"][:, 1:].to(device)
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
-            )
-            total += nll.item()
-            count += int((labels != -100).sum())
+            input_ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+            # Chunked from hidden states: a Llama 3 vocabulary's [B, T, V] float32 logits never exist at once.
+            total -= policy_token_logprobs(model, input_ids, mask, labels).sum().item()
+            count += int((labels[:, 1:] != -100).sum())
     model.train(was_training)
     if state.num_processes > 1:
         parts = gather_object([(total, count)])
