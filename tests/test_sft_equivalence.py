@@ -6,9 +6,9 @@ import pytest
 import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from finetune.config import ModelConfig
 from finetune.data import load_conversations, tokenize_conversations
 from finetune.models import load_base_model, load_tokenizer
-from finetune.config import ModelConfig
 from finetune.templates import get_template
 
 
