@@ -141,6 +141,30 @@ def discard_incomplete_checkpoints(output_dir: Path) -> list[Path]:
     return removed
 
 
+def whole_run_train_loss(train_result, log_history: list[dict], resumed_from: Path | None) -> float:
+    """The mean training loss over every optimizer step of the run, resumed or not.
+
+    transformers' ``training_loss`` averages over the steps of this ``train()`` call only, so after ``--resume`` it
+    leaves out the steps before the checkpoint. Those are in the log history the checkpoint restored: each logged
+    ``loss`` is the mean over the steps since the previous log. Exact when ``logging_steps`` divides
+    ``save_steps``; otherwise the steps between the checkpoint's last log and the checkpoint count at the mean of
+    the logged ones.
+    """
+    if resumed_from is None:
+        return train_result.training_loss
+    start = int(_CHECKPOINT.match(Path(resumed_from).name).group(1))
+    logged = sorted((row["step"], row["loss"]) for row in log_history if "loss" in row and row["step"] <= start)
+    if not logged or start == 0:
+        return train_result.training_loss
+    total, previous = 0.0, 0
+    for step, loss in logged:
+        total += loss * (step - previous)
+        previous = step
+    before = total / previous * start
+    after = train_result.training_loss * (train_result.global_step - start)
+    return (before + after) / max(train_result.global_step, 1)
+
+
 def write_config(output_dir: Path, config) -> None:
     atomic_write_text(Path(output_dir) / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
 

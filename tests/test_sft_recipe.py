@@ -119,6 +119,9 @@ def test_resume_after_kill_reproduces_the_uninterrupted_loss_curve(tmp_path):
     assert "resuming from" in output
     # metrics.jsonl holds the killed run's rows and the resumed run's; the latest row per step wins.
     assert losses_by_step(killed) == pytest.approx(losses_by_step(straight), rel=1e-4)
+    # The summary's train_loss is the mean over all steps, not only those run after the resume.
+    summaries = [json.loads((out / "summary.json").read_text()) for out in (straight, killed)]
+    assert summaries[1]["train_loss"] == pytest.approx(summaries[0]["train_loss"], rel=1e-4)
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):

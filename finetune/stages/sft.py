@@ -35,6 +35,7 @@ from ..runs import (
     prepare_output_dir,
     process_state,
     trainer_arguments,
+    whole_run_train_loss,
     write_config,
     write_summary,
 )
@@ -154,7 +155,7 @@ def run(cfg: SFTConfig) -> dict:
         )
 
     summary.update(
-        train_loss=train_result.training_loss,
+        train_loss=whole_run_train_loss(train_result, trainer.state.log_history, resume_from),
         train_steps=train_result.global_step,
         train_seconds=train_seconds,
         train_data=train_report.as_dict(),
