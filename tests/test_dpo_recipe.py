@@ -126,3 +126,6 @@ def test_resume_after_kill_reproduces_the_uninterrupted_loss_curve(sft_run, tmp_
     output = run_to_end(_command(killed, sft_run, ["--resume"]))
     assert "resuming from" in output
     assert losses_by_step(killed) == pytest.approx(losses_by_step(straight), rel=1e-4)
+    # The summary's train_loss is the mean over all steps, not only those run after the resume.
+    summaries = [json.loads((out / "summary.json").read_text()) for out in (straight, killed)]
+    assert summaries[1]["train_loss"] == pytest.approx(summaries[0]["train_loss"], rel=1e-4)

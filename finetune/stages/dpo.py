@@ -45,6 +45,7 @@ from ..runs import (
     prepare_output_dir,
     process_state,
     trainer_arguments,
+    whole_run_train_loss,
     write_config,
     write_summary,
 )
@@ -248,7 +249,7 @@ def run(cfg: DPOConfig) -> dict:
     summary.update(
         loss=cfg.dpo.loss,
         beta=cfg.dpo.beta,
-        train_loss=train_result.training_loss,
+        train_loss=whole_run_train_loss(train_result, trainer.state.log_history, resume_from),
         train_steps=train_result.global_step,
         train_seconds=train_seconds,
         train_data=train_report.as_dict(),
