@@ -7,20 +7,24 @@ kept (and best-vs-worst preference pairs written), then the SFT adapter is fine-
 
 Writes OUTPUT_DIR/samples.jsonl, kept.jsonl (chat messages + score), pairs.jsonl (for recipes/dpo.py) and
 summary.json; the fine-tuned adapter goes to OUTPUT_DIR/sft (chain on with --init OUTPUT_DIR/sft).
-Options: --config FILE.yaml, --init DIR, --output_dir DIR, --overwrite, --generate_only, --section.key=value (--help).
+--resume continues a killed run: complete samples (generation_complete.json) are reused, and the fine-tune resumes
+from its newest complete checkpoint.
+Options: --config FILE.yaml, --init DIR, --output_dir DIR, --resume, --overwrite, --generate_only,
+--section.key=value (--help).
 """
 
 import sys
 
 from finetune.config import RejectionSamplingConfig
 from finetune.recipe import launch
+from finetune.runs import process_state
 from finetune.stages import rejection_sampling
 
 
 def main(cfg: RejectionSamplingConfig) -> dict:
     """Config -> SFT run on one base -> K samples per prompt -> scores -> kept samples and pairs -> SFT stage."""
     summary = rejection_sampling.run(cfg)
-    if not cfg.generate_only:
+    if not cfg.generate_only and process_state().is_main_process:  # every process returns the summary; print once
         print(rejection_sampling.results_table(summary))
     return summary
 

@@ -186,3 +186,59 @@ def test_bad_input_is_one_line(tmp_path, sft_run, capsys):
     assert "score.verifier: cannot import module 'nope'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="rejection.selection must be best or threshold"):
         parse_args(RejectionSamplingConfig, ["--init", "x", "--rejection.selection=top"])
+
+
+def test_resume_reuses_complete_samples_and_redraws_incomplete_ones(tmp_path, generated, sft_run, capsys):
+    """--resume on a finished --generate_only run reuses its samples as they are; with other sampling settings it is
+    refused; without the completion marker (killed while sampling) it samples again, the same seeded samples."""
+    import shutil
+
+    out = tmp_path / "gen"
+    shutil.copytree(generated, out)
+    argv = ["--init", str(sft_run), "--output_dir", str(out), *QUICK, "--generate_only", "--resume"]
+    samples = (out / "samples.jsonl").read_bytes()
+    marker = (out / rs.GENERATION_MARKER).read_bytes()
+
+    assert run_recipe(argv) == 0
+    assert "reusing the complete samples" in capsys.readouterr().out
+    assert (out / "samples.jsonl").read_bytes() == samples and (out / rs.GENERATION_MARKER).read_bytes() == marker
+
+    assert run_recipe([*argv, "--sampling.temperature=0.5"]) == 2
+    assert "drawn with other settings (sampling.temperature)" in capsys.readouterr().err
+
+    (out / rs.GENERATION_MARKER).unlink()
+    (out / "samples.jsonl").write_text('{"half a line')
+    assert run_recipe(argv) == 0
+    assert "reusing" not in capsys.readouterr().out
+    assert (out / "samples.jsonl").read_bytes() == samples and (out / rs.GENERATION_MARKER).is_file()
+
+    assert run_recipe(["--init", str(sft_run), "--output_dir", str(tmp_path / "none"), *QUICK, "--resume"]) == 2
+    assert "holds no rejection-sampling run to resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_after_kill_in_the_fine_tune_matches_an_uninterrupted_run(tmp_path, sft_run):
+    """Kill -9 a run once its fine-tune has written sft/checkpoint-2, resume it: the samples are reused (not drawn
+    again), the fine-tune continues from the checkpoint, and the loss curve and summary equal a run never killed."""
+    from recipe_processes import checkpoint_complete, losses_by_step, run_to_end, run_until
+
+    def command(out, *extra):
+        return [sys.executable, RECIPE, "--init", sft_run, "--output_dir", out, *QUICK, "--train.max_steps=6",
+                "--train.per_device_batch_size=2", "--train.logging_steps=1", "--train.save_steps=2",
+                "--train.save_total_limit=10", "--train.warmup_ratio=0", *extra]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_to_end(command(straight))
+    run_until(command(killed), checkpoint_complete(killed / "sft", 2))
+    assert not (killed / "summary.json").exists()
+    samples = (killed / "samples.jsonl").read_bytes()
+
+    output = run_to_end(command(killed, "--resume"))
+    assert "reusing the complete samples" in output and "resuming from" in output
+    assert (killed / "samples.jsonl").read_bytes() == samples
+    assert losses_by_step(killed / "sft") == pytest.approx(losses_by_step(straight / "sft"), rel=1e-4)
+    a = json.loads((straight / "summary.json").read_text())
+    b = json.loads((killed / "summary.json").read_text())
+    for key in ("train_loss", "eval_loss", "init_eval_loss", "eval_accuracy", "init_eval_accuracy", "mean_score_all",
+                "kept_samples", "preference_pairs", "train_steps"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4), key

@@ -15,6 +15,14 @@ for DPO. Here:
    dataset that ``recipes/dpo.py`` reads).
 5. Unless ``generate_only``, the SFT stage itself (``finetune.stages.sft.run``) continues the SFT adapter on
    ``kept.jsonl`` into ``OUTPUT_DIR/sft``, measuring verifier accuracy before (the SFT model) and after.
+
+``--resume`` continues a killed run. The three files are each written whole (temporary file renamed into place) and
+``generation_complete.json`` is written after them, with the sampling figures and the settings that decided the
+samples: with that marker present the samples are reused, never drawn again; without it sampling starts over (a
+run killed while sampling left nothing reusable). The fine-tune then resumes from the newest complete checkpoint of
+``OUTPUT_DIR/sft``, as ``recipes/sft.py --resume`` does, or starts afresh if it had saved none. Sampling itself
+does not resume mid-way: each process draws its samples from one seeded random stream, so continuing a partial set
+into the same samples would need that stream's state saved with every batch, which is not done.
 """
 
 from __future__ import annotations
@@ -26,13 +34,28 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError, RejectionParams, RejectionSamplingConfig, SFTConfig
+import yaml
+
+from ..config import ConfigError, RejectionParams, RejectionSamplingConfig, SFTConfig, to_dict
 from ..data import load_conversations
 from ..generation import SamplingConfig, generate
 from ..models import adapter_config_from_run, check_init_run, load_adapter, load_base_model, load_tokenizer
-from ..runs import prepare_output_dir, process_state, write_config, write_summary
+from ..runs import (
+    atomic_write_text,
+    latest_complete_checkpoint,
+    prepare_output_dir,
+    process_state,
+    write_config,
+    write_summary,
+)
 from ..scorers import Sample, build_scorer
 from ..templates import get_template, render_prompt, stop_token_ids
+
+GENERATION_FILES = ("samples.jsonl", "kept.jsonl", "pairs.jsonl")
+GENERATION_MARKER = "generation_complete.json"
+"""Written after the files of ``GENERATION_FILES``: they are complete, and reusable by ``--resume``, only with it."""
+GENERATION_SECTIONS = ("init", "model", "data", "sampling", "score", "rejection")
+"""The config sections that decide the samples, the kept samples and the pairs."""
 
 
 @dataclass
@@ -134,10 +157,11 @@ def write_outputs(output_dir: Path, rows: list[dict], kept: list[dict], pairs: l
     from data_formats import Conversation, PreferencePair, write
 
     kept_ids = {(r["prompt_index"], r["sample"]) for r in kept}
-    with open(output_dir / "samples.jsonl", "w") as f:
-        for row in rows:
-            f.write(json.dumps({**row, "kept": (row["prompt_index"], row["sample"]) in kept_ids}) + "\n")
-    write(
+    atomic_write_text(
+        output_dir / "samples.jsonl",
+        "".join(json.dumps({**row, "kept": (row["prompt_index"], row["sample"]) in kept_ids}) + "\n" for row in rows),
+    )
+    write(  # data_formats.write also writes a temporary file and renames it
         [
             Conversation(
                 [*r["prompt"], {"role": "assistant", "content": r["response"]}],
@@ -187,12 +211,64 @@ def sample_figures(rows: list[dict], kept: list[dict], pairs: list, num_prompts:
     return figures
 
 
-def sft_config(cfg: RejectionSamplingConfig, output_dir: Path) -> SFTConfig:
-    """The SFT stage's config for the fine-tune: continue the ``init`` adapter on ``kept.jsonl``."""
+def generation_settings(cfg: RejectionSamplingConfig) -> dict[str, object]:
+    """``GENERATION_SECTIONS`` of ``cfg`` as flat ``section.key`` -> value, JSON round-tripped so they compare equal
+    to what a marker file holds."""
+    tree = {name: value for name, value in to_dict(cfg).items() if name in GENERATION_SECTIONS}
+    flat: dict[str, object] = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(tree, "")
+    return json.loads(json.dumps(flat))
+
+
+def write_generation_marker(output_dir: Path, cfg: RejectionSamplingConfig, summary: dict) -> None:
+    """Mark the generation outputs complete, with the sampling figures a resumed run reports again."""
+    marker = {"settings": generation_settings(cfg), "summary": summary}
+    atomic_write_text(output_dir / GENERATION_MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n")
+
+
+def completed_generation(output_dir: Path, cfg: RejectionSamplingConfig) -> dict | None:
+    """The sampling figures of a complete generation in ``output_dir`` (``None`` if there is none). Samples drawn with
+    other settings are refused rather than silently trained on."""
+    path = output_dir / GENERATION_MARKER
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    now, before = generation_settings(cfg), saved["settings"]
+    changed = sorted(key for key in now.keys() | before.keys() if now.get(key) != before.get(key))
+    if changed:
+        raise ConfigError(
+            f"--resume: the samples in {output_dir} were drawn with other settings ({', '.join(changed)}); "
+            "resume with the same settings, or pass --overwrite to sample again"
+        )
+    return saved["summary"]
+
+
+def resumable_output_dir(cfg: RejectionSamplingConfig) -> Path:
+    """``output_dir`` for ``--resume``: it must hold a rejection-sampling run (its ``config.yaml``)."""
+    if cfg.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pick one")
+    path = Path(cfg.output_dir)
+    config = path / "config.yaml"
+    if not config.is_file() or "sampling" not in (yaml.safe_load(config.read_text()) or {}):
+        raise ConfigError(f"--resume: {path} holds no rejection-sampling run to resume (no config.yaml of one)")
+    return path
+
+
+def sft_config(cfg: RejectionSamplingConfig, output_dir: Path, resume: bool = False) -> SFTConfig:
+    """The SFT stage's config for the fine-tune: continue the ``init`` adapter on ``kept.jsonl``. Without ``resume``
+    a leftover ``OUTPUT_DIR/sft`` (a fine-tune killed before its first checkpoint) is replaced."""
     data = dataclasses.replace(cfg.data, train=str(output_dir / "kept.jsonl"), format="messages", split=None,
                                max_train_samples=None)
     return SFTConfig(output_dir=str(output_dir / "sft"), init=cfg.init, model=cfg.model, adapter=cfg.adapter,
-                     data=data, train=cfg.train, eval=cfg.eval)
+                     data=data, train=cfg.train, eval=cfg.eval, resume=resume, overwrite=not resume)
 
 
 def run(cfg: RejectionSamplingConfig) -> dict:
@@ -218,36 +294,53 @@ def run(cfg: RejectionSamplingConfig) -> dict:
     if not prompts:
         raise ConfigError(f"no prompt of {cfg.data.train} fits data.max_length={cfg.data.max_length}")
 
-    output_dir = prepare_output_dir(cfg.output_dir, False, cfg.overwrite, main)
-    state.wait_for_everyone()
+    if cfg.resume:
+        output_dir = resumable_output_dir(cfg)
+        reused = completed_generation(output_dir, cfg)
+    else:
+        output_dir = prepare_output_dir(cfg.output_dir, False, cfg.overwrite, main)
+        reused = None
+    state.wait_for_everyone()  # every process has read the marker before the main process touches the directory
     if main:
+        if cfg.resume and reused is None:  # killed while sampling: whatever it left is not trusted
+            for name in GENERATION_FILES:
+                (output_dir / name).unlink(missing_ok=True)
         write_config(output_dir, cfg)
         print(f"prompts: {len(prompts)} from {cfg.data.train}, {len(skipped)} skipped (longer than data.max_length)")
     set_seed(cfg.train.seed)
 
-    model = load_adapter(load_base_model(cfg.model, cfg.adapter.method, for_training=False), cfg.init)
-    started = time.perf_counter()
-    rows = sample_and_score(model, tokenizer, prompts, stop_token_ids(template, tokenizer), cfg.sampling, scorer)
-    sampling_seconds = time.perf_counter() - started
-    del model
-    gc.collect()
+    if reused is not None:
+        summary = dict(reused)
+        if main:
+            print(f"reusing the complete samples in {output_dir} ({GENERATION_MARKER}); not sampling again")
+            print(describe(summary))
+    else:
+        model = load_adapter(load_base_model(cfg.model, cfg.adapter.method, for_training=False), cfg.init)
+        started = time.perf_counter()
+        rows = sample_and_score(model, tokenizer, prompts, stop_token_ids(template, tokenizer), cfg.sampling, scorer)
+        sampling_seconds = time.perf_counter() - started
+        del model
+        gc.collect()
 
-    kept, pairs = select(rows, cfg.rejection)
-    summary = {"init": cfg.init, "scorer": scorer.name, "num_processes": state.num_processes,
-               "skipped_prompts": len(skipped), "sampling_seconds": sampling_seconds,
-               **sample_figures(rows, kept, pairs, len(prompts))}
-    if main:
-        write_outputs(output_dir, rows, kept, pairs if cfg.rejection.preference_pairs else None)
-        print(describe(summary))
+        kept, pairs = select(rows, cfg.rejection)
+        summary = {"init": cfg.init, "scorer": scorer.name, "num_processes": state.num_processes,
+                   "skipped_prompts": len(skipped), "sampling_seconds": sampling_seconds,
+                   **sample_figures(rows, kept, pairs, len(prompts))}
+        if main:
+            write_outputs(output_dir, rows, kept, pairs if cfg.rejection.preference_pairs else None)
+            write_generation_marker(output_dir, cfg, summary)  # last: the outputs above are complete
+            print(describe(summary))
     state.wait_for_everyone()
 
     if not cfg.generate_only:
-        if not kept:
+        if not summary["kept_samples"]:
             raise ConfigError(
                 "no sample was kept, so there is nothing to fine-tune on; lower rejection.threshold or "
                 "rejection.min_score, sample more (sampling.num_samples), or pass --generate_only"
             )
-        result = sft.run(sft_config(cfg, output_dir))
+        # The fine-tune resumes only on top of reused samples: fresh samples make any old checkpoint stale.
+        sft_resume = reused is not None and latest_complete_checkpoint(output_dir / "sft") is not None
+        result = sft.run(sft_config(cfg, output_dir, resume=sft_resume))
         summary["sft_output_dir"] = str(output_dir / "sft")
         for key in ("base_eval_accuracy", "base_eval_loss"):
             if key in result:
