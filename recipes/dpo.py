@@ -13,15 +13,17 @@ import sys
 
 from finetune.config import DPOConfig
 from finetune.recipe import launch
+from finetune.runs import process_state
 from finetune.stages import dpo
 
 
 def main(cfg: DPOConfig) -> dict:
     """Config -> SFT run -> tokenizer and template -> pairs -> base + policy/reference adapters -> train -> save."""
     summary = dpo.run(cfg)
-    for key in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "init_eval_accuracy", "eval_accuracy"):
-        if key in summary:
-            print(f"{key}: {summary[key]:.4f}")
+    if process_state().is_main_process:  # every process returns the summary; print it once
+        for key in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "init_eval_accuracy", "eval_accuracy"):
+            if key in summary:
+                print(f"{key}: {summary[key]:.4f}")
     return summary
 
 

@@ -12,15 +12,17 @@ import sys
 
 from finetune.config import RewardConfig
 from finetune.recipe import launch
+from finetune.runs import process_state
 from finetune.stages import reward
 
 
 def main(cfg: RewardConfig) -> dict:
     """Config -> tokenizer and template -> pairs -> backbone, head and adapter -> train -> pairwise eval -> save."""
     summary = reward.run(cfg)
-    for key in ("init_eval_accuracy", "eval_accuracy", "eval_margin", "eval_loss"):
-        if key in summary:
-            print(f"{key}: {summary[key]:.4f}")
+    if process_state().is_main_process:  # every process returns the summary; print it once
+        for key in ("init_eval_accuracy", "eval_accuracy", "eval_margin", "eval_loss"):
+            if key in summary:
+                print(f"{key}: {summary[key]:.4f}")
     return summary
 
 

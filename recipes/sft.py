@@ -11,13 +11,15 @@ import sys
 
 from finetune.config import SFTConfig
 from finetune.recipe import launch
+from finetune.runs import process_state
 from finetune.stages import sft
 
 
 def main(cfg: SFTConfig) -> dict:
     """Config -> tokenizer and template -> data -> base model and adapter -> train -> evaluate -> save."""
     summary = sft.run(cfg)
-    print(sft.before_after_table(summary))
+    if process_state().is_main_process:  # every process returns the summary; print it once
+        print(sft.before_after_table(summary))
     return summary
 
 
