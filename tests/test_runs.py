@@ -12,6 +12,7 @@ from finetune.runs import (
     discard_incomplete_checkpoints,
     latest_complete_checkpoint,
     prepare_output_dir,
+    whole_run_train_loss,
 )
 
 
@@ -61,3 +62,16 @@ def test_non_finite_gradient_norm_also_stops(tmp_path):
     guard.on_log(args, TrainerState(global_step=2), control, logs={"loss": 6.9, "grad_norm": math.nan})
     assert control.should_training_stop and not control.should_save
     assert guard.bad_value == "grad_norm nan"
+
+
+def test_whole_run_train_loss_folds_in_the_steps_before_the_checkpoint():
+    """Losses 4, 3 (steps 1-2, logged at step 2), 2, 1 (steps 3-4, logged at 4), checkpoint at 4, then steps 5-6 at a
+    mean of 0.5 after the resume. transformers reports 0.5 (this call's steps); the run's mean is (7 + 3 + 1) / 6."""
+    from types import SimpleNamespace
+
+    history = [{"step": 2, "loss": 3.5}, {"step": 4, "loss": 1.5}, {"step": 4, "eval_loss": 9.0}]
+    resumed = SimpleNamespace(training_loss=0.5, global_step=6)
+    assert whole_run_train_loss(resumed, [*history, {"step": 6, "loss": 0.5}], "out/checkpoint-4") == pytest.approx(
+        11 / 6)
+    straight = SimpleNamespace(training_loss=11 / 6, global_step=6)
+    assert whole_run_train_loss(straight, history, None) == 11 / 6
