@@ -26,73 +26,46 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
-             num_key_value_heads=4)
+from peak_memory import (
+    LORA,
+    build_base_and_sft,
+    measure,
+    measure_description,
+    model_description,
+    run_arm,
+    write_results,
+)
+
 PROMPTS, SAMPLES, NEW_TOKENS = 2, 1, 8  # small: a 7-8B model's weights dwarf its activations (checkpointed)
 
 
-def rss_mb() -> float:
-    """Current resident memory of this process (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def build_runs(directory: Path) -> dict:
-    """A base model directory, a stand-in SFT run and a stand-in reward run on it."""
-    import torch
+    """The shared base and stand-in SFT run (``peak_memory``), and a stand-in reward run on the base."""
     from peft import get_peft_model
-    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForSequenceClassification
 
-    from finetune.config import AdapterConfig, ModelConfig, RewardConfig, SFTConfig
-    from finetune.models import load_tokenizer, lora_config
+    from finetune.config import AdapterConfig, ModelConfig, RewardConfig
+    from finetune.models import load_tokenizer
     from finetune.runs import write_config
     from finetune.stages.reward import reward_lora_config
     from finetune.templates import save_with_template
-    from finetune.tiny import tiny_model_dir
 
-    tiny = json.loads((tiny_model_dir() / "config.json").read_text())
-    config = LlamaConfig(**{**{k: tiny[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id",
-                                                    "max_position_embeddings", "rms_norm_eps")}, **SHAPE})
-    torch.manual_seed(0)
-    base_dir, sft_dir, reward_dir = directory / "base", directory / "sft", directory / "reward"
-    LlamaForCausalLM(config).save_pretrained(base_dir)
-    tokenizer = load_tokenizer("tiny")
-    tokenizer.save_pretrained(base_dir)
-    model_cfg = ModelConfig(name=str(base_dir))
-    adapter = AdapterConfig(r=16, alpha=32, dropout=0.0)
-
-    sft = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), lora_config(adapter))
-    with torch.no_grad():
-        for name, param in sft.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.01)
-    sft.save_pretrained(sft_dir)
-    write_config(sft_dir, SFTConfig(output_dir=str(sft_dir), model=model_cfg, adapter=adapter))
-
+    runs = build_base_and_sft(directory)
+    base_dir, reward_dir = Path(runs["base"]), directory / "reward"
+    tokenizer = load_tokenizer(str(base_dir))
+    adapter = AdapterConfig(**LORA)
     classifier = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
     classifier.config.pad_token_id = tokenizer.pad_token_id
     reward = get_peft_model(classifier, reward_lora_config(adapter))
     reward.save_pretrained(reward_dir)
     save_with_template(tokenizer, "llama3", reward_dir)
-    write_config(reward_dir, RewardConfig(output_dir=str(reward_dir), model=model_cfg, adapter=adapter))
-    n_params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
-    return {"base": str(base_dir), "sft": str(sft_dir), "reward": str(reward_dir), "base_parameters": n_params}
+    write_config(reward_dir, RewardConfig(output_dir=str(reward_dir), model=ModelConfig(name=str(base_dir)),
+                                          adapter=adapter))
+    return {**runs, "reward": str(reward_dir)}
 
 
 def ppo_args(runs: dict, out: Path) -> list[str]:
@@ -180,7 +153,6 @@ def child(arm: str, runs_json: str, out: str, device: str) -> None:
     # Both arms import the same modules before the baseline is taken, so imports do not count in either.
     import accelerate  # noqa: F401
     import peft  # noqa: F401
-    import torch
     import torch.utils.tensorboard  # noqa: F401
     import transformers  # noqa: F401
     import trl  # noqa: F401
@@ -190,16 +162,7 @@ def child(arm: str, runs_json: str, out: str, device: str) -> None:
     import finetune.stages.reward  # noqa: F401
 
     runs = json.loads(runs_json)
-    torch.manual_seed(0)
-    before = rss_mb()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    (arm_shared if arm == "shared" else arm_separate)(runs, Path(out), device)
-    result = {"arm": arm, "rss_before_mb": before, "peak_rss_mb": peak_rss_mb(),
-              "peak_mb": peak_rss_mb() - before}
-    if device.startswith("cuda"):
-        result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    print("RESULT " + json.dumps(result))
+    measure(arm, lambda: (arm_shared if arm == "shared" else arm_separate)(runs, Path(out), device), device)
 
 
 def main() -> None:
@@ -215,31 +178,21 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ppo_memory_"))
     try:
         runs = build_runs(tmp)
-        arms = {}
-        for arm in ("shared", "separate"):
-            env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-            proc = subprocess.run([sys.executable, __file__, "--device", args.device, "--child", arm, json.dumps(runs),
-                                   str(tmp / f"out-{arm}")], env=env, capture_output=True, text=True, cwd=ROOT)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                raise SystemExit(f"{arm} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-            arms[arm] = json.loads(lines[-1][len("RESULT "):])
+        arms = {arm: run_arm(__file__, ["--device", args.device, "--child", arm, json.dumps(runs),
+                                        str(tmp / f"out-{arm}")])
+                for arm in ("shared", "separate")}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = {
         "device": args.device,
-        "measure": "peak CUDA memory allocated" if args.device.startswith("cuda") else
-                   "peak resident memory of the process minus its resident memory before loading",
-        "model": f"LLaMA {SHAPE}, {runs['base_parameters'] / 1e6:.0f}M parameters, fp32; LoRA r=16 on every linear",
+        "measure": measure_description(args.device),
+        "model": model_description(runs["base_parameters"]),
         "iteration": f"{PROMPTS} prompts x {SAMPLES} samples, {NEW_TOKENS} new tokens, one update",
         "torch": torch.__version__,
         "arms": arms,
         "ratio": arms["shared"]["peak_mb"] / arms["separate"]["peak_mb"],
         "goal": "<= 0.5",
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"ppo_memory_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     text = "\n".join([
         f"PPO peak memory, {result['model']}, {result['iteration']} ({result['measure']})",
         "",
@@ -250,7 +203,7 @@ def main() -> None:
         "",
         f"Shared / separate: **{result['ratio']:.2f}** (goal {result['goal']}).",
     ])
-    stem.with_suffix(".md").write_text(text + "\n")
+    write_results("ppo_memory", args.device, result, text)
     print(text)
 
 
