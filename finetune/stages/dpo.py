@@ -153,12 +153,18 @@ def load_policy(cfg: DPOConfig, init_kind: str):
     return base, lora_config(cfg.adapter)
 
 
-def build_trainer(cfg: DPOConfig, model, peft_config, tokenizer, train_rows, eval_rows, output_dir, callbacks=()):
-    """TRL's ``DPOTrainer`` on our rows; with a trained adapter in ``model`` it adds the frozen ``ref`` copy."""
+def build_trainer(cfg: DPOConfig, model, peft_config, tokenizer, train_rows, eval_rows, output_dir, callbacks=(),
+                  ref_model=None):
+    """TRL's ``DPOTrainer`` on our rows; with a trained adapter in ``model`` it adds the frozen ``ref`` copy.
+
+    ``ref_model`` (a separate, full reference model) replaces that copy; ``run`` never passes one, the memory
+    benchmark does to measure what sharing the base saves (``benchmarks/dpo_memory.py``).
+    """
     from datasets import Dataset
 
     trainer = _trainer_class()(
         model=model,
+        ref_model=ref_model,
         args=trl_arguments(cfg, Path(output_dir), bool(eval_rows)),
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
