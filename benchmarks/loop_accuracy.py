@@ -1,0 +1,236 @@
+"""Verifier accuracy on the bundled suite: the SFT model, then rejection sampling, PPO and DPO from it, over seeds.
+
+    python benchmarks/loop_accuracy.py                         # SFT once, then RS, PPO, DPO for seeds 0 1 2 (CPU: ~1 h)
+    python benchmarks/loop_accuracy.py --sft runs/sft --seeds 0 1 2 --methods dpo
+    python benchmarks/loop_accuracy.py --smoke                 # every step end to end in minutes, tiny overrides
+
+Every run is the shipped recipe with the shipped tiny config (``recipes/configs/tiny/sft_lora.yaml``,
+``rejection_sampling.yaml``, ``ppo_lora.yaml``, ``dpo_lora.yaml``), all from the same SFT run, the suite's verifier
+as the score / reward, and only the seeds changed: ``--sampling.seed`` and ``--train.seed`` (RS),
+``--sampling.seed`` and ``--ppo.seed`` (PPO), ``--train.seed`` (DPO). Accuracy is the fraction of the 200 held-out
+suite prompts whose greedy answer the verifier accepts. Reported per method: each seed's accuracy, the mean, the
+spread (max - min); for PPO the KL to the reference at the last iteration and its largest value over the run; for
+DPO the held-out pairs' reward accuracy (chosen scored above rejected) and ``kl_gap``. Results go to
+``benchmarks/results/loop_accuracy_cpu.json`` and ``.md`` (``--smoke``: ``loop_accuracy_cpu_smoke.*``, not
+figures); the runs stay under ``--runs`` (default ``runs/bench-loop``, ``runs/bench-loop-smoke``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+CONFIGS = ROOT / "recipes" / "configs" / "tiny"
+METHODS = ("rs", "ppo", "dpo")
+EVAL_PROMPTS, SMOKE_EVAL_PROMPTS = 200, 8
+# --smoke: each recipe a few steps on a few prompts, so the whole loop (and this script) is checked in minutes.
+SMOKE_EVAL = [f"--data.max_eval_samples={SMOKE_EVAL_PROMPTS}", f"--eval.num_samples={SMOKE_EVAL_PROMPTS}",
+              "--eval.max_new_tokens=8"]
+SMOKE = {
+    "sft": ["--train.max_steps=2", "--data.max_train_samples=16", *SMOKE_EVAL],
+    # A 2-step SFT answers nothing right, so the smoke run keeps every sample (threshold 0) to reach the fine-tune.
+    "rejection_sampling": ["--data.max_train_samples=16", "--sampling.num_samples=2", "--rejection.threshold=0.0",
+                           "--train.max_steps=2", *SMOKE_EVAL],
+    "ppo": ["--ppo.num_iterations=2", "--ppo.rollout_batch_size=4", "--ppo.mini_batch_size=4", "--ppo.ppo_epochs=1",
+            *SMOKE_EVAL],
+    "dpo": ["--train.max_steps=2", "--data.max_train_samples=16", *SMOKE_EVAL],
+}
+CONFIG_FILES = {"sft": "sft_lora.yaml", "rejection_sampling": "rejection_sampling.yaml", "ppo": "ppo_lora.yaml",
+                "dpo": "dpo_lora.yaml"}
+SEED_ARGS = {
+    "rejection_sampling": ["--sampling.seed={seed}", "--train.seed={seed}"],
+    "ppo": ["--sampling.seed={seed}", "--ppo.seed={seed}"],
+    "dpo": ["--train.seed={seed}"],
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="what to run from the SFT model: rs (rejection sampling), ppo, dpo (default: all)")
+    parser.add_argument("--sft", help="an existing SFT run to start from (default: train one with sft_lora.yaml)")
+    parser.add_argument("--runs", help="where the runs go (default runs/bench-loop, with --smoke runs/bench-loop-smoke)")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs under --runs instead of rerunning")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few steps and prompts per run: checks the loop end to end; results *_smoke.*")
+    args = parser.parse_args(argv)
+    args.methods = [m for m in METHODS if m in args.methods]  # fixed order, no repeats
+    if args.runs is None:
+        args.runs = str(ROOT / "runs" / ("bench-loop-smoke" if args.smoke else "bench-loop"))
+    return args
+
+
+def recipe_args(name: str, out: Path, init: Path | None = None, seed: int | None = None,
+                smoke: bool = False) -> list[str]:
+    """The command-line arguments of ``recipes/NAME.py`` for one run: the shipped tiny config, ``--init``, the
+    seed overrides, and with ``smoke`` the tiny overrides last (they win)."""
+    args = ["--config", str(CONFIGS / CONFIG_FILES[name]), "--output_dir", str(out), "--overwrite"]
+    if init is not None:
+        args += ["--init", str(init)]
+    if seed is not None:
+        args += [a.format(seed=seed) for a in SEED_ARGS[name]]
+    return args + (SMOKE[name] if smoke else [])
+
+
+def recipe(name: str, args: list[str], log: Path, reuse: bool = False) -> dict:
+    """Run ``recipes/NAME.py`` in one process (OMP_NUM_THREADS=1), its output in ``log``; returns its summary. With
+    ``reuse``, a run whose ``summary.json`` exists (it finished) is read instead of run again."""
+    out = Path(args[args.index("--output_dir") + 1])
+    if reuse and (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    started = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, str(ROOT / "recipes" / f"{name}.py"), *args], env=env, cwd=ROOT,
+                              stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"recipes/{name}.py failed (exit {proc.returncode}); see {log}")
+    summary = json.loads((out / "summary.json").read_text())
+    summary["wall_seconds"] = time.perf_counter() - started
+    return summary
+
+
+def stats(values: list[float]) -> dict:
+    mean = sum(values) / len(values)
+    return {"values": values, "mean": mean, "spread": max(values) - min(values), "min": min(values), "max": max(values)}
+
+
+def summarise(sft: dict, sft_run: str, seeds: list[int], eval_prompts: int, rs: list[dict] = (),
+              ppo: list[dict] = (), dpo: list[dict] = ()) -> dict:
+    """The results JSON from the runs' summaries (one per seed for each method that ran; PPO's also carry
+    ``max_kl`` and ``first_score`` from its ``metrics.jsonl``)."""
+    result = {"device": "cpu", "seeds": seeds, "eval_prompts": eval_prompts, "sft_run": sft_run,
+              "sft": {"eval_accuracy": sft["eval_accuracy"]}}
+    if rs:
+        result["rejection_sampling"] = {
+            "eval_accuracy": stats([r["eval_accuracy"] for r in rs]),
+            "mean_score_all": stats([r["mean_score_all"] for r in rs]),
+            "mean_score_kept": stats([r["mean_score_kept"] for r in rs]),
+            "kept_samples": [r["kept_samples"] for r in rs],
+            "prompts_kept_nothing": [r["prompts_kept_nothing"] for r in rs],
+            "wall_seconds": [r.get("wall_seconds") for r in rs],
+        }
+    if ppo:
+        result["ppo"] = {
+            "eval_accuracy": stats([r["eval_accuracy"] for r in ppo]),
+            "final_kl": stats([r["final_kl"] for r in ppo]),
+            "max_kl": stats([r["max_kl"] for r in ppo]),
+            "final_score": stats([r["final_score"] for r in ppo]),
+            "first_score": stats([r["first_score"] for r in ppo]),
+            "wall_seconds": [r.get("wall_seconds") for r in ppo],
+        }
+    if dpo:
+        result["dpo"] = {
+            "eval_accuracy": stats([r["eval_accuracy"] for r in dpo]),
+            "eval_reward_accuracy": stats([r["eval_reward_accuracy"] for r in dpo]),
+            "eval_kl_gap": stats([r["eval_kl_gap"] for r in dpo]),
+            "wall_seconds": [r.get("wall_seconds") for r in dpo],
+        }
+    return result
+
+
+def table(result: dict) -> str:
+    """The results as a markdown table and a line of detail per method; methods absent from ``result`` are left
+    out (``--methods``)."""
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    seeds = ", ".join(str(s) for s in result["seeds"])
+    lines = [
+        f"Verifier accuracy on the {result['eval_prompts']} held-out suite prompts (greedy answers), tiny LLaMA, "
+        f"CPU, seeds {seeds}",
+        "",
+        "| model | accuracy per seed | mean | spread (max - min) |",
+        "|---|---|---:|---:|",
+        f"| SFT (`sft_lora.yaml`, one run) | {pct(result['sft']['eval_accuracy'])} | "
+        f"{pct(result['sft']['eval_accuracy'])} | - |",
+    ]
+    names = {"rejection_sampling": "rejection sampling (`rejection_sampling.yaml`)", "ppo": "PPO (`ppo_lora.yaml`)",
+             "dpo": "DPO (`dpo_lora.yaml`)"}
+    for key, name in names.items():
+        if key in result:
+            acc = result[key]["eval_accuracy"]
+            lines.append(f"| {name} | {', '.join(pct(v) for v in acc['values'])} | {pct(acc['mean'])} | "
+                         f"{pct(acc['spread'])} |")
+    lines.append("")
+    if "rejection_sampling" in result:
+        rs = result["rejection_sampling"]
+        lines.append(
+            f"Rejection sampling: mean score of all samples {rs['mean_score_all']['mean']:.3f}, of the kept ones "
+            f"{rs['mean_score_kept']['mean']:.3f}; kept {rs['kept_samples']} samples, prompts that kept nothing "
+            f"{rs['prompts_kept_nothing']}.")
+    if "ppo" in result:
+        ppo = result["ppo"]
+        lines.append(
+            f"PPO: KL to the reference at the last iteration {ppo['final_kl']['mean']:.2f} nats per response (largest "
+            f"over the runs {ppo['max_kl']['max']:.2f}); rollout score {ppo['first_score']['mean']:.3f} at the first "
+            f"iteration, {ppo['final_score']['mean']:.3f} at the last.")
+    if "dpo" in result:
+        dpo = result["dpo"]
+        reward_acc = dpo["eval_reward_accuracy"]
+        lines.append(
+            f"DPO: held-out pairs' reward accuracy {', '.join(f'{v:.3f}' for v in reward_acc['values'])} (mean "
+            f"{reward_acc['mean']:.3f}, spread {reward_acc['spread']:.3f}); kl_gap to the reference "
+            f"{dpo['eval_kl_gap']['mean']:.2f} nats per reply.")
+    return "\n".join(lines).rstrip()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    runs = Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+
+    if args.sft:
+        sft_dir = Path(args.sft)
+        sft = json.loads((sft_dir / "summary.json").read_text())
+    else:
+        sft_dir = runs / "sft"
+        sft = recipe("sft", recipe_args("sft", sft_dir, smoke=args.smoke), runs / "sft.log", args.reuse)
+    print(f"SFT: verifier accuracy {sft['eval_accuracy']:.3f}", flush=True)
+
+    rs, ppo, dpo = [], [], []
+    for seed in args.seeds:
+        if "rs" in args.methods:
+            out = runs / f"rs-seed{seed}"
+            rs.append(recipe("rejection_sampling", recipe_args("rejection_sampling", out, sft_dir, seed, args.smoke),
+                             runs / f"rs-seed{seed}.log", args.reuse))
+            r = rs[-1]
+            print(f"RS seed {seed}: {r['init_eval_accuracy']:.3f} -> {r['eval_accuracy']:.3f} "
+                  f"(mean score all {r['mean_score_all']:.3f}, kept {r['mean_score_kept']:.3f}, "
+                  f"{r['kept_samples']} kept, {r['prompts_kept_nothing']} prompts kept nothing)", flush=True)
+        if "ppo" in args.methods:
+            out = runs / f"ppo-seed{seed}"
+            ppo.append(recipe("ppo", recipe_args("ppo", out, sft_dir, seed, args.smoke), runs / f"ppo-seed{seed}.log",
+                              args.reuse))
+            metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            ppo[-1]["max_kl"] = max(m["kl"] for m in metrics)
+            ppo[-1]["first_score"] = metrics[0]["score"]
+            r = ppo[-1]
+            print(f"PPO seed {seed}: {r['init_eval_accuracy']:.3f} -> {r['eval_accuracy']:.3f} "
+                  f"(final KL {r['final_kl']:.2f}, max KL {r['max_kl']:.2f})", flush=True)
+        if "dpo" in args.methods:
+            out = runs / f"dpo-seed{seed}"
+            dpo.append(recipe("dpo", recipe_args("dpo", out, sft_dir, seed, args.smoke), runs / f"dpo-seed{seed}.log",
+                              args.reuse))
+            r = dpo[-1]
+            print(f"DPO seed {seed}: {r['init_eval_accuracy']:.3f} -> {r['eval_accuracy']:.3f} "
+                  f"(reward accuracy {r['eval_reward_accuracy']:.3f}, kl_gap {r['eval_kl_gap']:.2f})", flush=True)
+
+    result = summarise(sft, str(sft_dir), args.seeds, SMOKE_EVAL_PROMPTS if args.smoke else EVAL_PROMPTS, rs, ppo, dpo)
+    result["methods"] = args.methods
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"loop_accuracy_cpu{'_smoke' if args.smoke else ''}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    text = table(result)
+    stem.with_suffix(".md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

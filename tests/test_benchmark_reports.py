@@ -1,0 +1,85 @@
+"""The benchmark scripts' pure parts: argument parsing, the runs they launch, and their results tables, on fake
+summaries (milliseconds; the benchmarks themselves are ``make bench``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str, monkeypatch):
+    # The scripts run as ``python benchmarks/NAME.py`` and import their neighbours (``peak_memory``) by name.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loop_accuracy_arguments(monkeypatch):
+    loop = load("loop_accuracy", monkeypatch)
+    args = loop.parse_args([])
+    assert args.methods == ["rs", "ppo", "dpo"] and args.seeds == [0, 1, 2] and not args.smoke
+    assert args.runs.endswith("bench-loop")
+    args = loop.parse_args(["--methods", "dpo", "rs", "dpo", "--smoke", "--sft", "runs/sft"])
+    assert args.methods == ["rs", "dpo"] and args.sft == "runs/sft" and args.runs.endswith("bench-loop-smoke")
+    with pytest.raises(SystemExit):
+        loop.parse_args(["--methods", "grpo"])
+
+
+def test_loop_accuracy_recipe_args(monkeypatch, tmp_path):
+    loop = load("loop_accuracy", monkeypatch)
+    full = loop.recipe_args("dpo", tmp_path / "dpo", tmp_path / "sft", seed=2)
+    assert full[:2] == ["--config", str(loop.CONFIGS / "dpo_lora.yaml")]
+    assert full[full.index("--init") + 1] == str(tmp_path / "sft") and "--train.seed=2" in full
+    assert not any(a.startswith("--train.max_steps") for a in full)
+    smoke = loop.recipe_args("dpo", tmp_path / "dpo", tmp_path / "sft", seed=2, smoke=True)
+    assert smoke[: len(full)] == full and smoke[len(full):] == loop.SMOKE["dpo"]  # overrides last: they win
+    ppo = loop.recipe_args("ppo", tmp_path / "ppo", tmp_path / "sft", seed=1)
+    assert "--ppo.seed=1" in ppo and "--sampling.seed=1" in ppo
+    assert "--init" not in loop.recipe_args("sft", tmp_path / "sft")
+
+
+def test_loop_accuracy_table(monkeypatch):
+    loop = load("loop_accuracy", monkeypatch)
+    dpo = [{"eval_accuracy": a, "eval_reward_accuracy": r, "eval_kl_gap": -0.5}
+           for a, r in ((0.08, 0.785), (0.09, 0.82), (0.095, 0.78))]
+    result = loop.summarise({"eval_accuracy": 0.065}, "runs/sft", [0, 1, 2], 200, dpo=dpo)
+    assert result["dpo"]["eval_accuracy"]["mean"] == pytest.approx(0.0883333)
+    assert result["dpo"]["eval_accuracy"]["spread"] == pytest.approx(0.015)
+    text = loop.table(result)
+    assert "| DPO (`dpo_lora.yaml`) | 8.0%, 9.0%, 9.5% | 8.8% | 1.5% |" in text
+    assert "| SFT (`sft_lora.yaml`, one run) | 6.5% | 6.5% | - |" in text
+    assert "reward accuracy 0.785, 0.820, 0.780 (mean 0.795, spread 0.040)" in text
+    assert "PPO" not in text and "Rejection" not in text  # methods that did not run are left out
+
+    rs = [{"eval_accuracy": 0.095, "mean_score_all": 0.05, "mean_score_kept": 1.0, "kept_samples": 811,
+           "prompts_kept_nothing": 1787}]
+    ppo = [{"eval_accuracy": 0.08, "final_kl": 0.3, "max_kl": 1.3, "final_score": 0.1, "first_score": 0.13}]
+    text = loop.table(loop.summarise({"eval_accuracy": 0.065}, "runs/sft", [0], 200, rs, ppo, dpo[:1]))
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "%" in line]
+    assert rows == ["| SFT (`sft_lora.yaml`, one run)", "| rejection sampling (`rejection_sampling.yaml`)",
+                    "| PPO (`ppo_lora.yaml`)", "| DPO (`dpo_lora.yaml`)"]
+
+
+def test_dpo_memory_table(monkeypatch):
+    mem = load("dpo_memory", monkeypatch)
+    regimes = {
+        "none": {"sft": {"peak_mb": 300.0}, "dpo_shared": {"peak_mb": 400.0}, "dpo_full_reference": {"peak_mb": 600.0}},
+        "full": {"sft": {"peak_mb": 250.0}, "dpo_shared": {"peak_mb": 270.0}, "dpo_full_reference": {"peak_mb": 480.0}},
+    }
+    result = mem.summarise(regimes, "cpu", 52_000_000, 4, 3, "2.13.0")
+    assert result["regimes"]["none"]["ratio_to_sft"]["dpo_shared"] == pytest.approx(4 / 3)
+    assert not result["regimes"]["none"]["goal_met"] and result["regimes"]["full"]["goal_met"]
+    text = mem.table(result)
+    assert "| DPO with a second full reference model | 600 | 2.00 | 480 | 1.92 |" in text
+    assert "Activation checkpointing none: DPO (shared base) / SFT **1.33** (goal <= 1.15: **not met**)" in text
+    assert "Activation checkpointing full: DPO (shared base) / SFT **1.08** (goal <= 1.15: met)" in text
+    assert "/ DPO with a full reference 0.56" in text  # 270 / 480
+    assert "| SFT on the chosen and the rejected replies (DPO's sequences, no reference) | - | - | - | - |" in text
