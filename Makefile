@@ -32,12 +32,19 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check finetune data_formats recipes tests benchmarks
 
-# CPU benchmarks, then the GPU one (which prints a line and exits 0 where there is no CUDA GPU); see docs/performance.md.
+# CPU benchmarks, then the GPU one (which prints a line and exits 0 where there is no CUDA GPU); see docs/performance.md,
+# docs/rl.md and docs/preference.md. The accuracy benchmark is last because it is long: SFT, then rejection sampling,
+# PPO and DPO for 3 seeds each, about an hour on a 2-core CPU (`python benchmarks/loop_accuracy.py --smoke` checks it
+# in minutes).
 bench: install
 	$(PY) benchmarks/sft_throughput.py
 	$(PY) benchmarks/logprobs_memory.py
 	$(PY) benchmarks/checkpointing.py
+	$(PY) benchmarks/sampling_throughput.py
+	$(PY) benchmarks/ppo_memory.py
+	$(PY) benchmarks/dpo_memory.py
 	$(PY) benchmarks/gpu_sft.py
+	$(PY) benchmarks/loop_accuracy.py
 
 clean:
 	rm -rf runs build *.egg-info
