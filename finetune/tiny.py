@@ -26,7 +26,7 @@ from pathlib import Path
 
 TINY_NAME = "tiny"
 # Bump when anything below changes what gets built, so stale caches are never reused.
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 LLAMA3_SPECIAL_TOKENS = (
     "<|begin_of_text|>",
@@ -139,7 +139,9 @@ def build_model(tokenizer, seed: int = 0):
 
 
 PRETRAIN_DOCUMENTS = 24000
-PRETRAIN_EPOCHS = 4
+# 4 epochs answered 9% of the eval prompts in plain Q/A form; on this 12-epoch schedule word reversal and sorting
+# are learned between epochs 3 and 6 (10% -> 79%), 88% at the end (measured after every epoch; see the README).
+PRETRAIN_EPOCHS = 12
 PRETRAIN_LR = 3e-3
 PRETRAIN_ROW = 128
 PRETRAIN_BATCH = 32
@@ -187,6 +189,31 @@ def pretrain(model, tokenizer, epochs: int = PRETRAIN_EPOCHS, seed: int = 0, log
     return losses
 
 
+def plain_qa_accuracy(model, tokenizer) -> tuple[float, dict[str, float]]:
+    """Greedy accuracy on the suite's eval prompts asked in the pretraining's own ``Question: / Answer:`` form (the
+    answer is the first line of the reply): what the base knows before any chat fine-tuning. Returns the overall
+    fraction and the fraction per task family. Greedy decoding draws no random numbers, so calling this between
+    pretraining epochs leaves the training unchanged."""
+    from collections import defaultdict
+
+    from .generation import SamplingConfig, generate
+    from .suite import generate as suite_records
+    from .suite import verify
+
+    records = suite_records()["eval"]
+    prompts = [tokenizer(f"Question: {r['prompt']}\nAnswer:", add_special_tokens=False).input_ids for r in records]
+    newline = tokenizer.convert_tokens_to_ids("\u010a")  # byte-level BPE's "\n"
+    was_training = model.training
+    model.eval()
+    replies = generate(model, tokenizer, prompts, [tokenizer.eos_token_id, newline], SamplingConfig(max_new_tokens=24))
+    model.train(was_training)
+    per_family = defaultdict(list)
+    for record, reply in zip(records, replies):
+        per_family[record["task"]].append(verify(record["prompt"], reply.text.split("\n")[0]))
+    overall = sum(sum(v) for v in per_family.values()) / len(records)
+    return overall, {name: sum(v) / len(v) for name, v in sorted(per_family.items())}
+
+
 SHIPPED_DIR = Path(__file__).resolve().parent / "tiny_base"
 
 
@@ -198,7 +225,7 @@ def tiny_model_dir() -> Path:
 
 
 def rebuild(target: Path = SHIPPED_DIR) -> Path:
-    """Regenerate the tiny base from scratch: tokenizer, random init, pretraining (several CPU minutes).
+    """Regenerate the tiny base from scratch: tokenizer, random init, pretraining (about 15 minutes on 2 CPU cores).
 
     Written to a staging directory and renamed into place, so an interrupted rebuild leaves the old one intact.
     """
@@ -208,12 +235,20 @@ def rebuild(target: Path = SHIPPED_DIR) -> Path:
     torch.use_deterministic_algorithms(True)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)
-    losses = pretrain(model, tokenizer)
+    accuracies = []
+
+    def log(message: str) -> None:
+        accuracies.append(plain_qa_accuracy(model, tokenizer))
+        overall, per_family = accuracies[-1]
+        print(f"{message} | plain Q/A accuracy {overall:.3f} {({k: round(v, 2) for k, v in per_family.items()})}")
+
+    losses = pretrain(model, tokenizer, log=log)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        info = {"version": TINY_VERSION, "shape": MODEL_SHAPE, "pretrain_losses": losses}
+        info = {"version": TINY_VERSION, "shape": MODEL_SHAPE, "pretrain_losses": losses,
+                "pretrain_plain_qa_accuracy": [{"overall": a, **f} for a, f in accuracies]}
         (staging / "finetune_tiny.json").write_text(json.dumps(info, indent=2) + "\n")
         if target.exists():
             shutil.rmtree(target)
