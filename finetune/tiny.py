@@ -26,7 +26,7 @@ from pathlib import Path
 
 TINY_NAME = "tiny"
 # Bump when anything below changes what gets built, so stale caches are never reused.
-TINY_VERSION = 2
+TINY_VERSION = 3
 
 LLAMA3_SPECIAL_TOKENS = (
     "<|begin_of_text|>",
@@ -140,7 +140,7 @@ def build_model(tokenizer, seed: int = 0):
 
 PRETRAIN_DOCUMENTS = 24000
 # 4 epochs answered 9% of the eval prompts in plain Q/A form; on this 12-epoch schedule word reversal and sorting
-# are learned between epochs 3 and 6 (10% -> 79%), 88% at the end (measured after every epoch; see the README).
+# are learned between epochs 4 and 7 (7% -> 75%), 84% at the end (rebuild() measures it after every epoch).
 PRETRAIN_EPOCHS = 12
 PRETRAIN_LR = 3e-3
 PRETRAIN_ROW = 128
@@ -148,12 +148,17 @@ PRETRAIN_BATCH = 32
 
 
 def pretraining_documents(count: int = PRETRAIN_DOCUMENTS, seed: int = 7) -> list[str]:
-    """Plain-text ``Question: ...\nAnswer: ...`` documents from the suite's task families, excluding every eval
-    prompt. No chat markup: the base knows the tasks but not how to answer in a conversation, which SFT teaches."""
+    """Plain-text ``Question:\n...\nAnswer:\n...`` documents from the suite's task families, excluding every eval
+    prompt. No chat markup: the base knows the tasks but not how to answer in a conversation, which SFT teaches.
+
+    Prompt and answer each start a line, as they start a turn in every chat template (after ``\n\n`` in Llama 3's):
+    with ``Answer: cake`` the answer's first word would be BPE's `` cake``, a different token from the ``cake`` a
+    chat reply starts with, and the fine-tuned model could not copy it (measured: SFT sorted words answered
+    ``cherry carpet walnut`` for ``drum carpet walnut``, 16.5% accuracy from a base at 88%)."""
     from .suite import generate, pretraining_prompts
 
     held_out = {r["prompt"] for r in generate()["eval"]}
-    return [f"Question: {p}\nAnswer: {a}" for p, a in pretraining_prompts(count, seed, exclude=held_out)]
+    return [f"Question:\n{p}\nAnswer:\n{a}" for p, a in pretraining_prompts(count, seed, exclude=held_out)]
 
 
 def pretrain(model, tokenizer, epochs: int = PRETRAIN_EPOCHS, seed: int = 0, log=print) -> list[float]:
@@ -190,7 +195,7 @@ def pretrain(model, tokenizer, epochs: int = PRETRAIN_EPOCHS, seed: int = 0, log
 
 
 def plain_qa_accuracy(model, tokenizer) -> tuple[float, dict[str, float]]:
-    """Greedy accuracy on the suite's eval prompts asked in the pretraining's own ``Question: / Answer:`` form (the
+    """Greedy accuracy on the suite's eval prompts asked in the pretraining's own ``Question:\n / Answer:\n`` form (the
     answer is the first line of the reply): what the base knows before any chat fine-tuning. Returns the overall
     fraction and the fraction per task family. Greedy decoding draws no random numbers, so calling this between
     pretraining epochs leaves the training unchanged."""
@@ -201,7 +206,7 @@ def plain_qa_accuracy(model, tokenizer) -> tuple[float, dict[str, float]]:
     from .suite import verify
 
     records = suite_records()["eval"]
-    prompts = [tokenizer(f"Question: {r['prompt']}\nAnswer:", add_special_tokens=False).input_ids for r in records]
+    prompts = [tokenizer(f"Question:\n{r['prompt']}\nAnswer:\n", add_special_tokens=False).input_ids for r in records]
     newline = tokenizer.convert_tokens_to_ids("\u010a")  # byte-level BPE's "\n"
     was_training = model.training
     model.eval()
