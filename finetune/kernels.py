@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from dataclasses import dataclass
 
 __all__ = [
@@ -51,9 +52,10 @@ LIGER_LLAMA_KERNELS = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=
 
 @functools.cache
 def announce(message: str) -> None:
-    """Print ``message`` once per process, and only on the main process of a distributed run (``RANK`` 0 or unset)."""
+    """Print ``message`` on the main process of a distributed run (``RANK`` 0 or unset), to stderr: stdout carries
+    what a command is for (a chat reply, rendered JSON) and must stay clean for pipes."""
     if os.environ.get("RANK", "0") == "0":
-        print(message, flush=True)
+        print(message, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
