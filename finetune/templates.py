@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -69,7 +70,7 @@ def _merge(segments: list[Segment]) -> list[Segment]:
 
 
 @dataclass(frozen=True)
-class ChatTemplate:
+class ChatTemplate(ABC):
     """A conversation format. Subclasses define :meth:`_segments`, :attr:`jinja` and :attr:`stop_strings`."""
 
     name: ClassVar[str]
@@ -81,9 +82,9 @@ class ChatTemplate:
         return self
 
     @property
+    @abstractmethod
     def stop_strings(self) -> tuple[str, ...]:
         """The end-of-turn tokens: generation stops at the first of them."""
-        raise NotImplementedError
 
     def segments(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[Segment]:
         """The conversation as ``(text, trained)`` segments; neighbours with the same flag are merged."""
@@ -104,8 +105,9 @@ class ChatTemplate:
             labels += ids if seg.trained else [IGNORE_INDEX] * len(ids)
         return input_ids, labels
 
+    @abstractmethod
     def _segments(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[Segment]:
-        raise NotImplementedError
+        """The format's segments before merging (each subclass spells its own)."""
 
 
 @dataclass(frozen=True)
