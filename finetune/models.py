@@ -244,6 +244,22 @@ def adapter_config_from_run(adapter_cfg, run_dir: str | Path):
     return dataclasses.replace(adapter_cfg, **shape), changed
 
 
+
+def resolve_init(cfg):
+    """Check a stage config's ``init`` run (if any) against its base and template, and when it is an adapter run take
+    the adapter shape from it: ``(cfg, init kind or None, adapter fields that changed)``. A bad ``--init`` fails here,
+    before anything is written."""
+    import dataclasses
+
+    if not cfg.init:
+        return cfg, None, []
+    kind = check_init_run(cfg.init, cfg.model.name, cfg.data.template)
+    changed: list[str] = []
+    if kind == "adapter":
+        adapter, changed = adapter_config_from_run(cfg.adapter, cfg.init)
+        cfg = dataclasses.replace(cfg, adapter=adapter)
+    return cfg, kind, changed
+
 def activate_adapter(peft_model, adapter_name: str, trainable: tuple[str, ...] | list[str] = ()) -> None:
     """Make ``adapter_name`` the active role of a base that holds several adapters, without changing which adapters
     train: PEFT's ``set_adapter`` would make the active adapter trainable and freeze every other one, so after it only

@@ -26,12 +26,11 @@ from ..config import DPOConfig, DPOParams
 from ..data import load_preferences
 from ..evaluate import load_callable, verifier_accuracy
 from ..models import (
-    adapter_config_from_run,
-    check_init_run,
     load_adapter,
     load_base_model,
     load_tokenizer,
     lora_config,
+    resolve_init,
     resolve_model,
 )
 from ..preference_data import chosen_conversations, tokenize_pairs_for_dpo
@@ -176,16 +175,6 @@ def build_trainer(cfg: DPOConfig, model, peft_config, tokenizer, train_rows, eva
         if f".{REFERENCE_ADAPTER}." in name:
             param.requires_grad_(False)  # frozen: the optimizer must never hold the reference
     return trainer
-
-
-def resolve_init(cfg: DPOConfig) -> tuple[DPOConfig, str, list[str]]:
-    """Check ``cfg.init`` and take the adapter shape from it: ``(cfg, init kind, adapter fields that changed)``."""
-    kind = check_init_run(cfg.init, cfg.model.name, cfg.data.template)
-    changed: list[str] = []
-    if kind == "adapter":
-        adapter, changed = adapter_config_from_run(cfg.adapter, cfg.init)
-        cfg = dataclasses.replace(cfg, adapter=adapter)
-    return cfg, kind, changed
 
 
 def run(cfg: DPOConfig) -> dict:

@@ -10,7 +10,6 @@ loss in ``summary.json`` are computed exactly over every eval pair with that fun
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -18,12 +17,11 @@ from pathlib import Path
 from ..config import RewardConfig
 from ..data import load_preferences
 from ..models import (
-    adapter_config_from_run,
-    check_init_run,
     copy_adapter_weights,
     load_sequence_classifier,
     load_tokenizer,
     resolve_dtype,
+    resolve_init,
     resolve_model,
 )
 from ..preference_data import tokenize_pairs_for_reward
@@ -83,19 +81,6 @@ def load_reward_backbone(cfg: RewardConfig, init_kind: str | None):
     if init_kind == "adapter":
         copy_adapter_weights(model, cfg.init)
     return model
-
-
-def resolve_init(cfg: RewardConfig) -> tuple[RewardConfig, str | None, list[str]]:
-    """Check ``cfg.init`` (if any) and take the adapter shape from it: ``(cfg, init kind or None, adapter fields
-    that changed)``."""
-    if not cfg.init:
-        return cfg, None, []
-    kind = check_init_run(cfg.init, cfg.model.name, cfg.data.template)
-    changed: list[str] = []
-    if kind == "adapter":
-        adapter, changed = adapter_config_from_run(cfg.adapter, cfg.init)
-        cfg = dataclasses.replace(cfg, adapter=adapter)
-    return cfg, kind, changed
 
 
 def run(cfg: RewardConfig) -> dict:

@@ -17,13 +17,14 @@ from ..config import ConfigError, SFTConfig
 from ..data import load_conversations, tokenize_conversations
 from ..evaluate import eval_loss, load_callable, verifier_accuracy
 from ..models import (
-    adapter_config_from_run,
-    check_init_run,
     load_adapter,
     load_base_model,
     load_tokenizer,
     lora_config,
     resolve_model,
+)
+from ..models import (
+    resolve_init as resolve_adapter_init,
 )
 from ..runs import (
     NonFiniteLossCallback,
@@ -57,18 +58,12 @@ def trl_arguments(cfg: SFTConfig, output_dir: Path, has_eval: bool):
 
 
 def resolve_init(cfg: SFTConfig) -> tuple[SFTConfig, str | None]:
-    """Check ``cfg.init`` (if any) and take the adapter shape from it: ``(cfg, init kind or None)``."""
-    if not cfg.init:
-        return cfg, None
-    kind = check_init_run(cfg.init, cfg.model.name, cfg.data.template)
-    if kind == "adapter":
-        if cfg.adapter.method == "full":
-            raise ConfigError(f"--init {cfg.init} is a LoRA run; continue it with adapter.method lora or qlora")
-        adapter, _ = adapter_config_from_run(cfg.adapter, cfg.init)
-        cfg = dataclasses.replace(cfg, adapter=adapter)
+    """:func:`finetune.models.resolve_init`, refusing to continue a LoRA run with full fine-tuning:
+    ``(cfg, init kind or None)``."""
+    cfg, kind, _ = resolve_adapter_init(cfg)
+    if kind == "adapter" and cfg.adapter.method == "full":
+        raise ConfigError(f"--init {cfg.init} is a LoRA run; continue it with adapter.method lora or qlora")
     return cfg, kind
-
-
 def load_model(cfg: SFTConfig, init_kind: str | None):
     """The model to train and the ``peft_config`` for TRL: a new adapter on ``model.name`` (or on a full-weights
     ``init``), or the ``init`` run's adapter loaded trainable (then ``peft_config`` is ``None``)."""
