@@ -273,3 +273,29 @@ class NonFiniteLossCallback(TrainerCallback):
             control.should_save = False
             control.should_evaluate = False
         return control
+
+
+def train_resumable(trainer, output_dir: Path, resume: bool, nan_guard: NonFiniteLossCallback, is_main_process: bool,
+                    train_report) -> dict:
+    """Run a composed TRL trainer: from the newest complete checkpoint when ``resume``, stopping with a one-line
+    error when ``nan_guard`` saw a non-finite loss (nothing saved; the last good checkpoint is named). Returns the
+    summary's training figures: ``train_loss`` (over the whole run, resumed or not), ``train_steps``,
+    ``train_seconds`` and ``train_data`` (``train_report``, what was kept, cut and skipped)."""
+    resume_from = latest_complete_checkpoint(output_dir) if resume else None
+    if resume_from and is_main_process:
+        print(f"resuming from {resume_from}")
+    started = time.perf_counter()
+    train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.perf_counter() - started
+    if nan_guard.bad_step is not None:
+        last_good = latest_complete_checkpoint(output_dir)
+        raise NonFiniteLossError(
+            f"{nan_guard.bad_value} at step {nan_guard.bad_step}; stopped without saving. "
+            f"Last good checkpoint: {last_good or 'none'}. Lower train.learning_rate or check the data."
+        )
+    return dict(
+        train_loss=whole_run_train_loss(train_result, trainer.state.log_history, resume_from),
+        train_steps=train_result.global_step,
+        train_seconds=train_seconds,
+        train_data=train_report.as_dict(),
+    )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -39,12 +38,11 @@ from ..runs import (
     NonFiniteLossError,
     RunCallback,
     discard_incomplete_checkpoints,
-    latest_complete_checkpoint,
     plot_loss,
     prepare_output_dir,
     process_state,
+    train_resumable,
     trainer_arguments,
-    whole_run_train_loss,
     write_config,
     write_summary,
 )
@@ -228,26 +226,12 @@ def run(cfg: DPOConfig) -> dict:
     nan_guard = NonFiniteLossCallback()
     callbacks = [ReferenceGapCallback(cfg.dpo.beta), RunCallback(output_dir), nan_guard]
     trainer = build_trainer(cfg, model, peft_config, tokenizer, train_rows, eval_rows, output_dir, callbacks)
-    resume_from = latest_complete_checkpoint(output_dir) if cfg.resume else None
-    if resume_from and main:
-        print(f"resuming from {resume_from}")
-    started = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    train_seconds = time.perf_counter() - started
-    if nan_guard.bad_step is not None:
-        last_good = latest_complete_checkpoint(output_dir)
-        raise NonFiniteLossError(
-            f"{nan_guard.bad_value} at step {nan_guard.bad_step}; stopped without saving. "
-            f"Last good checkpoint: {last_good or 'none'}. Lower train.learning_rate or check the data."
-        )
+    train_figures = train_resumable(trainer, output_dir, cfg.resume, nan_guard, main, train_report)
 
     summary.update(
         loss=cfg.dpo.loss,
         beta=cfg.dpo.beta,
-        train_loss=whole_run_train_loss(train_result, trainer.state.log_history, resume_from),
-        train_steps=train_result.global_step,
-        train_seconds=train_seconds,
-        train_data=train_report.as_dict(),
+        **train_figures,
     )
     if eval_rows:
         metrics = trainer.evaluate()

@@ -11,7 +11,6 @@ loss in ``summary.json`` are computed exactly over every eval pair with that fun
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 from ..config import RewardConfig
@@ -30,12 +29,11 @@ from ..runs import (
     NonFiniteLossError,
     RunCallback,
     discard_incomplete_checkpoints,
-    latest_complete_checkpoint,
     plot_loss,
     prepare_output_dir,
     process_state,
+    train_resumable,
     trainer_arguments,
-    whole_run_train_loss,
     write_config,
     write_summary,
 )
@@ -139,25 +137,9 @@ def run(cfg: RewardConfig) -> dict:
     if eval_rows:
         before = pairwise_metrics(trainer.model, eval_rows, tokenizer.pad_token_id, cfg.train.per_device_batch_size)
         summary.update(init_eval_accuracy=before["accuracy"], init_eval_margin=before["margin"])
-    resume_from = latest_complete_checkpoint(output_dir) if cfg.resume else None
-    if resume_from and main:
-        print(f"resuming from {resume_from}")
-    started = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    train_seconds = time.perf_counter() - started
-    if nan_guard.bad_step is not None:
-        last_good = latest_complete_checkpoint(output_dir)
-        raise NonFiniteLossError(
-            f"{nan_guard.bad_value} at step {nan_guard.bad_step}; stopped without saving. "
-            f"Last good checkpoint: {last_good or 'none'}. Lower train.learning_rate or check the data."
-        )
+    train_figures = train_resumable(trainer, output_dir, cfg.resume, nan_guard, main, train_report)
 
-    summary.update(
-        train_loss=whole_run_train_loss(train_result, trainer.state.log_history, resume_from),
-        train_steps=train_result.global_step,
-        train_seconds=train_seconds,
-        train_data=train_report.as_dict(),
-    )
+    summary.update(train_figures)
     if eval_rows:
         after = pairwise_metrics(trainer.model, eval_rows, tokenizer.pad_token_id, cfg.train.per_device_batch_size)
         if not math.isfinite(after["loss"]):
