@@ -83,8 +83,9 @@ def _prepare(model, model_cfg, for_training: bool):
     return model
 
 
-def lora_config(adapter_cfg):
-    """A PEFT ``LoraConfig`` from :class:`finetune.config.AdapterConfig` (``None`` for full fine-tuning)."""
+def lora_config(adapter_cfg, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+    """A PEFT ``LoraConfig`` from :class:`finetune.config.AdapterConfig` (``None`` for full fine-tuning);
+    ``task_type`` and ``modules_to_save`` as PEFT takes them (the reward model: ``SEQ_CLS`` and its ``score`` head)."""
     if adapter_cfg.method == "full":
         return None
     from peft import LoraConfig
@@ -95,7 +96,8 @@ def lora_config(adapter_cfg):
         lora_dropout=adapter_cfg.dropout,
         target_modules=list(adapter_cfg.target_modules),
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
+        modules_to_save=modules_to_save,
     )
 
 

@@ -19,6 +19,7 @@ from ..models import (
     copy_adapter_weights,
     load_sequence_classifier,
     load_tokenizer,
+    lora_config,
     resolve_dtype,
     resolve_init,
     resolve_model,
@@ -57,19 +58,7 @@ def trl_arguments(cfg: RewardConfig, output_dir: Path, has_eval: bool):
 
 def reward_lora_config(adapter_cfg):
     """The reward adapter: LoRA on the backbone plus the ``score`` head, trained and saved with it."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=adapter_cfg.r,
-        lora_alpha=adapter_cfg.alpha,
-        lora_dropout=adapter_cfg.dropout,
-        target_modules=list(adapter_cfg.target_modules),
-        bias="none",
-        task_type="SEQ_CLS",
-        modules_to_save=["score"],
-    )
-
-
+    return lora_config(adapter_cfg, task_type="SEQ_CLS", modules_to_save=["score"])
 def load_reward_backbone(cfg: RewardConfig, init_kind: str | None):
     """Backbone + new scalar head + LoRA adapter, the adapter copied from ``cfg.init`` when it is an adapter run."""
     from peft import get_peft_model
