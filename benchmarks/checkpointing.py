@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from logprobs_memory import PeakRSS, peak_rss_supported  # noqa: E402
+from report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -195,10 +196,8 @@ def main() -> int:
         }
         for mode, r in results["runs"].items()
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
-    args.out.with_suffix(".md").write_text(text + "\n")
+    write_report(args.out, results, text)
     print(text)
     return 0
 

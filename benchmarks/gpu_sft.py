@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import write_report
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -398,10 +400,8 @@ def main() -> int:
                 "tokens_per_second": ours["tokens_per_second"] / base["tokens_per_second"],
                 "peak_memory": (ours["peak_memory_gib"] / base["peak_memory_gib"]) if base["peak_memory_gib"] else None,
             }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
-    out.with_suffix(".md").write_text(text + "\n")
+    write_report(out, results, text)
     print(text)
     return 0
 

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import write_report
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -252,10 +254,8 @@ def main() -> int:
         for phase in PHASES
         for variant in VARIANTS
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
-    args.out.with_suffix(".md").write_text(text + "\n")
+    write_report(args.out, results, text)
     print(text)
     return 0
 

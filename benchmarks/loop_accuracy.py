@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from report import write_report
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ROOT / "recipes" / "configs" / "tiny"
@@ -224,11 +226,8 @@ def main(argv: list[str] | None = None) -> None:
 
     result = summarise(sft, str(sft_dir), args.seeds, SMOKE_EVAL_PROMPTS if args.smoke else EVAL_PROMPTS, rs, ppo, dpo)
     result["methods"] = args.methods
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"loop_accuracy_cpu{'_smoke' if args.smoke else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     text = table(result)
-    stem.with_suffix(".md").write_text(text + "\n")
+    write_report(RESULTS / f"loop_accuracy_cpu{'_smoke' if args.smoke else ''}.json", result, text)
     print(text)
 
 

@@ -20,6 +20,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from report import write_report
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
@@ -119,7 +121,4 @@ def run_arm(script: str, child_args: list[str]) -> dict:
 
 def write_results(stem: str, device: str, result: dict, text: str) -> None:
     """``benchmarks/results/<stem>_<cpu|cuda>.json`` and ``.md``."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{stem}_{'cuda' if device.startswith('cuda') else 'cpu'}"
-    path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    path.with_suffix(".md").write_text(text + "\n")
+    write_report(RESULTS / f"{stem}_{'cuda' if device.startswith('cuda') else 'cpu'}.json", result, text)

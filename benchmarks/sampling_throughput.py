@@ -11,10 +11,11 @@ same tokens (tests/test_generation.py checks that left padding changes nothing);
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
+
+from report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -89,11 +90,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     result = measure(args.num_prompts, args.max_new_tokens, args.batch_size, args.device)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"sampling_throughput_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(table(result) + "\n")
-    print(table(result))
+    text = table(result)
+    write_report(RESULTS / f"sampling_throughput_{'cuda' if args.device.startswith('cuda') else 'cpu'}.json", result, text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import write_report
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -181,10 +183,8 @@ def main() -> int:
         "peak_rss": ours["peak_rss_mib"] / base["peak_rss_mib"],
         "eval_loss": ours["eval_loss"] / base["eval_loss"],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
     text = table(results)
-    args.out.with_suffix(".md").write_text(text + "\n")
+    write_report(args.out, results, text)
     print(text)
     return 0
 
