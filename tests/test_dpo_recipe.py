@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from recipe_processes import checkpoint_complete, losses_by_step, run_to_end, run_until
+from recipe_runs import assert_run_directory, run_recipe
 
 from finetune.config import DPOConfig, SFTConfig
-from finetune.recipe import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -29,34 +29,23 @@ DPO_QUICK = [
 ]
 
 
-def recipe(name):
-    sys.path.insert(0, str(RECIPES))
-    try:
-        return __import__(name)  # recipes/<name>.py
-    finally:
-        sys.path.pop(0)
-
-
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft") / "run"
-    assert launch(SFTConfig, recipe("sft").main, ["--output_dir", str(out), *SFT_QUICK]) == 0
+    assert run_recipe("sft", SFTConfig, ["--output_dir", str(out), *SFT_QUICK]) == 0
     return out
 
 
 @pytest.fixture(scope="module")
 def finished_run(sft_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo") / "run"
-    assert launch(DPOConfig, recipe("dpo").main, ["--init", str(sft_run), "--output_dir", str(out), *DPO_QUICK]) == 0
+    assert run_recipe("dpo", DPOConfig, ["--init", str(sft_run), "--output_dir", str(out), *DPO_QUICK]) == 0
     return out
 
 
 def test_run_directory_contents(finished_run):
     out = finished_run
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter_model.safetensors", "adapter_config.json",
-                 "tokenizer.json", "tokenizer_config.json", "generation_config.json", "loss.png"):
-        assert (out / name).is_file(), name
-    assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard events"
+    assert_run_directory(out)
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert checkpoints and all((c / "checkpoint_complete.json").is_file() for c in checkpoints)
 
@@ -104,7 +93,7 @@ def test_saved_policy_is_one_adapter_that_loads_onto_the_base(finished_run, sft_
 
 def test_refuses_non_empty_output_dir(finished_run, sft_run, capsys):
     argv = ["--init", str(sft_run), "--output_dir", str(finished_run), *DPO_QUICK]
-    assert launch(DPOConfig, recipe("dpo").main, argv) == 2
+    assert run_recipe("dpo", DPOConfig, argv) == 2
     assert "is not empty; pass --resume" in capsys.readouterr().err
 
 

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import recipe_runs
 import torch
 
 from finetune.config import ConfigError, RejectionParams, RejectionSamplingConfig, parse_args
-from finetune.recipe import launch
 from finetune.stages import rejection_sampling as rs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,12 +59,7 @@ QUICK = ["--data.max_train_samples=6", "--data.max_eval_samples=4", "--eval.num_
 
 
 def run_recipe(argv):
-    sys.path.insert(0, str(RECIPE.parent))
-    try:
-        import rejection_sampling as recipe  # recipes/rejection_sampling.py
-    finally:
-        sys.path.pop(0)
-    return launch(RejectionSamplingConfig, recipe.main, argv)
+    return recipe_runs.run_recipe("rejection_sampling", RejectionSamplingConfig, argv)
 
 
 @pytest.fixture(scope="module")

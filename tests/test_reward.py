@@ -2,11 +2,12 @@
 being Bradley-Terry, starting from an SFT adapter, and bad input."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+import recipe_runs
 import torch
+from recipe_runs import assert_run_directory
 from torch.testing import assert_close
 
 from finetune.config import AdapterConfig, ConfigError, RewardConfig, SFTConfig, parse_args
@@ -14,7 +15,6 @@ from finetune.data import load_preferences
 from finetune.losses import bradley_terry_loss
 from finetune.models import load_tokenizer, lora_config, resolve_model
 from finetune.preference_data import tokenize_pairs_for_reward
-from finetune.recipe import launch
 from finetune.runs import write_config
 from finetune.templates import get_template
 
@@ -34,12 +34,7 @@ QUICK = [
 
 
 def run_recipe(argv):
-    sys.path.insert(0, str(RECIPE.parent))
-    try:
-        import reward as recipe  # recipes/reward.py
-    finally:
-        sys.path.pop(0)
-    return launch(RewardConfig, recipe.main, argv)
+    return recipe_runs.run_recipe("reward", RewardConfig, argv)
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +46,7 @@ def finished_run(tmp_path_factory):
 
 def test_run_directory_contents(finished_run):
     out = finished_run
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter_model.safetensors", "adapter_config.json",
-                 "tokenizer.json", "tokenizer_config.json", "generation_config.json", "loss.png"):
-        assert (out / name).is_file(), name
-    assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard events"
+    assert_run_directory(out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     step_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in step_rows] == [2, 4]

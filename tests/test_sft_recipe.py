@@ -5,10 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import recipe_runs
 from recipe_processes import checkpoint_complete, losses_by_step, run_to_end, run_until
+from recipe_runs import assert_run_directory
 
 from finetune.config import SFTConfig
-from finetune.recipe import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "sft.py"
@@ -27,12 +28,7 @@ QUICK = [
 
 
 def run_recipe(argv):
-    sys.path.insert(0, str(RECIPE.parent))
-    try:
-        import sft as recipe  # recipes/sft.py
-    finally:
-        sys.path.pop(0)
-    return launch(SFTConfig, recipe.main, argv)
+    return recipe_runs.run_recipe("sft", SFTConfig, argv)
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +40,7 @@ def finished_run(tmp_path_factory):
 
 def test_run_directory_contents(finished_run):
     out = finished_run
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter_model.safetensors", "adapter_config.json",
-                 "tokenizer.json", "tokenizer_config.json", "generation_config.json", "loss.png"):
-        assert (out / name).is_file(), name
-    assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard events"
+    assert_run_directory(out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     step_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in step_rows] == [2, 4, 6, 8]
