@@ -23,3 +23,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The tiny model's tokenizer, once per test module (a test may set its chat template)."""
+    from finetune.models import load_tokenizer
+
+    return load_tokenizer("tiny")
+
+
+@pytest.fixture(scope="module")
+def rows(tokenizer):
+    """Five bundled suite conversations of different lengths, tokenised with the llama3 template (``input_ids`` and
+    ``labels``), for the packed-equals-padded tests."""
+    from finetune.data import load_conversations, tokenize_conversations
+    from finetune.templates import get_template
+
+    conversations = load_conversations("bundled:suite_messages_train.jsonl", limit=5)
+    rows, report = tokenize_conversations(conversations, get_template("llama3", tokenizer), tokenizer, 256)
+    assert report.kept == 5
+    return rows

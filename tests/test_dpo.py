@@ -13,7 +13,7 @@ from finetune.config import AdapterConfig, ConfigError, DPOConfig, DPOParams, SF
 from finetune.data import load_preferences
 from finetune.logprobs import sequence_logprobs
 from finetune.losses import dpo_hinge_loss, dpo_label_smoothed_loss, dpo_sigmoid_loss, ipo_loss, sft_loss
-from finetune.models import load_tokenizer, lora_config, resolve_model
+from finetune.models import lora_config, resolve_model
 from finetune.preference_data import split_pair, tokenize_pairs_for_dpo
 from finetune.recipe import launch
 from finetune.runs import write_config
@@ -44,11 +44,6 @@ def make_sft_run(directory, seed=0, scale=0.05):
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     return make_sft_run(tmp_path_factory.mktemp("sft"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("tiny")
 
 
 def dpo_config(sft_run, tmp_path, **dpo_params):

@@ -114,11 +114,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("tiny")
-
-
-@pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     return make_run_dir(tmp_path_factory.mktemp("run") / "sft")
 

@@ -42,11 +42,6 @@ TOLERANCE = {"f32": (1e-5, 1.0), "f16": (2e-3, 0.98), "q8_0": (0.05, 0.9)}
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("tiny")
-
-
-@pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     return make_run_dir(tmp_path_factory.mktemp("run") / "sft", seed=3)
 

@@ -265,11 +265,6 @@ def _cases(name):
         yield messages[:-1], True
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("tiny")
-
-
 def _with_bos(template, tokenizer, rendered: str) -> str:
     """Ollama prepends BOS when the GGUF says add_bos_token, which the export sets when the template starts with BOS."""
     starts = template.text([TURNS[0]], add_generation_prompt=True).startswith(tokenizer.bos_token)

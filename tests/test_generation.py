@@ -7,13 +7,8 @@ import torch
 from finetune.config import ModelConfig
 from finetune.data import load_conversations, prompt_and_reference
 from finetune.generation import Completion, SamplingConfig, cut_at_stop, generate, left_pad
-from finetune.models import load_base_model, load_tokenizer
+from finetune.models import load_base_model
 from finetune.templates import get_template, render_prompt, stop_token_ids
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("tiny")
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,13 @@ import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from finetune.config import ModelConfig
-from finetune.data import load_conversations, tokenize_conversations
 from finetune.kernels import (
     available_attention_backends,
     choose_attention,
     choose_liger,
     resolve_attn_implementation,
 )
-from finetune.models import load_base_model, load_tokenizer
-from finetune.templates import get_template
+from finetune.models import load_base_model
 
 ROOT = Path(__file__).resolve().parent.parent
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -51,19 +49,6 @@ def test_auto_is_sdpa_on_cpu():
     assert resolve_attn_implementation("auto", FP32) == "sdpa"
     model = load_base_model(ModelConfig(attn_implementation="auto"), "full", for_training=False)
     assert model.config._attn_implementation == "sdpa"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("tiny")
-
-
-@pytest.fixture(scope="module")
-def rows(tokenizer):
-    conversations = load_conversations("bundled:suite_messages_train.jsonl", limit=5)
-    rows, report = tokenize_conversations(conversations, get_template("llama3", tokenizer), tokenizer, 256)
-    assert report.kept == 5
-    return rows
 
 
 def padded_and_packed(rows, pad_token_id):

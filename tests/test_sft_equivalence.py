@@ -7,22 +7,7 @@ import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from finetune.config import ModelConfig
-from finetune.data import load_conversations, tokenize_conversations
-from finetune.models import load_base_model, load_tokenizer
-from finetune.templates import get_template
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("tiny")
-
-
-@pytest.fixture(scope="module")
-def rows(tokenizer):
-    conversations = load_conversations("bundled:suite_messages_train.jsonl", limit=5)
-    rows, report = tokenize_conversations(conversations, get_template("llama3", tokenizer), tokenizer, 256)
-    assert report.kept == 5
-    return rows
+from finetune.models import load_base_model
 
 
 def test_packed_loss_and_logits_equal_unpacked(tokenizer, rows):
