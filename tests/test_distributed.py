@@ -34,17 +34,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_recipe(recipe: str, processes: int, args: list[str]) -> subprocess.CompletedProcess:
-    """``accelerate launch recipes/RECIPE ARGS`` with 1 process, or N CPU processes under cpu_ddp.yaml (DDP, gloo)."""
+def launch_recipe(recipe: str, processes: int, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    """``accelerate launch recipes/RECIPE ARGS`` with 1 process, or N CPU processes under cpu_ddp.yaml (DDP, gloo) on
+    a free port; tests/ is on the path (the test scorers live there). An absolute RECIPE path runs that script."""
     if processes == 1:
         launcher = [str(ACCELERATE), "launch", "--num_processes", "1", "--num_machines", "1",
                     "--mixed_precision", "no", "--dynamo_backend", "no"]
     else:
         launcher = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"),
                     "--num_processes", str(processes), "--main_process_port", str(free_port())]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([*launcher, str(ROOT / "recipes" / recipe), *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_rejection_sampling_distributed import launch_two_processes
+from test_distributed import launch_recipe
 
 
 @pytest.mark.slow
@@ -21,7 +21,7 @@ def test_two_processes_roll_out_every_prompt_exactly_once(tmp_path):
 
     sft = make_sft_run(tmp_path / "sft")
     out = tmp_path / "ppo"
-    launch_two_processes("ppo.py", [
+    launch_recipe("ppo.py", 2, [
         "--init", str(sft), "--output_dir", str(out), "--data.max_train_samples=10", "--data.max_eval_samples=4",
         "--eval.num_samples=4", "--sampling.num_samples=2", "--sampling.max_new_tokens=8",
         "--ppo.num_iterations=2", "--ppo.rollout_batch_size=6", "--ppo.mini_batch_size=3",
@@ -72,8 +72,8 @@ def test_whitening_over_two_processes_equals_one_process_over_the_whole_batch(tm
 
     from finetune.logprobs import masked_whiten
 
-    # launch_two_processes joins the script to recipes/; an absolute path replaces it.
-    launch_two_processes(str(Path(__file__).resolve()), [str(tmp_path)], timeout=300)
+    # launch_recipe joins the script to recipes/; an absolute path replaces it.
+    launch_recipe(str(Path(__file__).resolve()), 2, [str(tmp_path)], timeout=300)
     halves = [torch.load(tmp_path / f"process{i}.pt") for i in (0, 1)]
     values, mask = whitening_case()
     for key, shift_mean in (("advantages", True), ("rewards", False)):

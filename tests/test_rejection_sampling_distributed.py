@@ -2,29 +2,14 @@
 prompts and the rows are gathered, so every prompt appears exactly once, with its K samples, in prompt order."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_distributed import launch_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).with_name("accelerate")
-
-
-def launch_two_processes(recipe: str, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file accelerate_configs/cpu_ddp.yaml recipes/RECIPE ...`` on a free port, with
-    tests/ on the path (the test scorers live there)."""
-    from test_distributed import free_port
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    command = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"),
-               "--main_process_port", str(free_port()), str(ROOT / "recipes" / recipe), *args]
-    proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.mark.slow
@@ -36,7 +21,7 @@ def test_two_processes_sample_every_prompt_exactly_once(tmp_path):
     sft = make_sft_run(tmp_path / "sft")
     out = tmp_path / "rs"
     # 7 prompts: the processes get 4 and 3.
-    launch_two_processes("rejection_sampling.py", [
+    launch_recipe("rejection_sampling.py", 2, [
         "--init", str(sft), "--output_dir", str(out), "--generate_only", "--data.max_train_samples=7",
         "--sampling.num_samples=3", "--sampling.max_new_tokens=8", "--score.verifier=test_rejection_sampling:shortness",
     ])
