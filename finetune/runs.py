@@ -173,6 +173,18 @@ def write_summary(output_dir: Path, summary: dict) -> None:
     atomic_write_text(Path(output_dir) / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 
+def two_column_table(headings: tuple[str, str], rows: list[tuple[str, object, object]]) -> str:
+    """The figures a recipe prints at the end: a label and two values per row (``-`` where one is missing), under
+    ``headings`` such as ``("before", "after")``."""
+
+    def cell(value) -> str:
+        return f"{value:>10.4f}" if isinstance(value, float) else f"{'-':>10}"
+
+    lines = [f"{'':<20}{headings[0]:>10}{headings[1]:>10}"]
+    lines += [f"{label:<20}{cell(first)}{cell(second)}" for label, first, second in rows]
+    return "\n".join(lines)
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     if not path.exists():

@@ -77,6 +77,7 @@ from ..runs import (
     plot_loss,
     prepare_output_dir,
     process_state,
+    two_column_table,
     write_config,
     write_summary,
 )
@@ -645,9 +646,7 @@ def train(cfg: PPOConfig) -> tuple[dict, Roles]:
 
 def results_table(summary: dict) -> str:
     """SFT model against the PPO policy, as the recipe prints it at the end."""
-    fmt = lambda v: f"{v:>10.4f}" if isinstance(v, float) else f"{'-':>10}"  # noqa: E731
-    lines = [f"{'':<20}{'SFT':>10}{'PPO':>10}",
-             f"{'verifier accuracy':<20}{fmt(summary.get('init_eval_accuracy'))}{fmt(summary.get('eval_accuracy'))}"]
+    rows = [("verifier accuracy", summary.get("init_eval_accuracy"), summary.get("eval_accuracy"))]
     if "final_kl" in summary:
-        lines.append(f"{'KL to reference':<20}{fmt(0.0)}{fmt(summary['final_kl'])}")
-    return "\n".join(lines)
+        rows.append(("KL to reference", 0.0, summary["final_kl"]))
+    return two_column_table(("SFT", "PPO"), rows)

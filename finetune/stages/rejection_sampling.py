@@ -45,6 +45,7 @@ from ..runs import (
     latest_complete_checkpoint,
     prepare_output_dir,
     process_state,
+    two_column_table,
     write_config,
     write_summary,
 )
@@ -369,9 +370,5 @@ def describe(summary: dict) -> str:
 def results_table(summary: dict) -> str:
     """SFT model against the rejection-sampling fine-tune, as the recipe prints it at the end."""
     rows = [("verifier accuracy", "init_eval_accuracy", "eval_accuracy"), ("eval loss", "init_eval_loss", "eval_loss")]
-    lines = [f"{'':<20}{'SFT':>10}{'RS':>10}"]
-    for label, before, after in rows:
-        if before in summary or after in summary:
-            fmt = lambda v: f"{v:>10.4f}" if isinstance(v, float) else f"{'-':>10}"  # noqa: E731
-            lines.append(f"{label:<20}{fmt(summary.get(before))}{fmt(summary.get(after))}")
-    return "\n".join(lines)
+    return two_column_table(("SFT", "RS"), [(label, summary.get(before), summary.get(after))
+                                            for label, before, after in rows if before in summary or after in summary])

@@ -35,6 +35,7 @@ from ..runs import (
     process_state,
     train_resumable,
     trainer_arguments,
+    two_column_table,
     write_config,
     write_summary,
 )
@@ -163,9 +164,6 @@ def run(cfg: SFTConfig) -> dict:
 def before_after_table(summary: dict) -> str:
     """The eval figures before and after training, as the recipe prints them at the end."""
     rows = [("eval loss", "base_eval_loss", "eval_loss"), ("verifier accuracy", "base_eval_accuracy", "eval_accuracy")]
-    lines = [f"{'':<20}{'before':>10}{'after':>10}"]
-    for label, before, after in rows:
-        if before in summary or after in summary:
-            fmt = lambda v: f"{v:>10.4f}" if isinstance(v, float) else f"{'-':>10}"  # noqa: E731
-            lines.append(f"{label:<20}{fmt(summary.get(before))}{fmt(summary.get(after))}")
-    return "\n".join(lines)
+    return two_column_table(("before", "after"), [(label, summary.get(before), summary.get(after))
+                                                  for label, before, after in rows
+                                                  if before in summary or after in summary])
