@@ -42,7 +42,8 @@ def eval_loss(model, rows: list[dict], pad_token_id: int, batch_size: int = 16) 
     from accelerate.utils import gather_object
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from .kernels import policy_token_logprobs
+    from .kernels import has_plain_lm_head, policy_token_logprobs
+    from .logprobs import shift_for_causal_lm, token_logprobs
     from .runs import process_state
 
     state = process_state()
@@ -50,13 +51,17 @@ def eval_loss(model, rows: list[dict], pad_token_id: int, batch_size: int = 16) 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    chunked = has_plain_lm_head(model)
     total, count = 0.0, 0
     with state.split_between_processes(rows) as share:
         for start in range(0, len(share), batch_size):
             batch = collate(share[start : start + batch_size])
             input_ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-            # Chunked from hidden states: a Llama 3 vocabulary's [B, T, V] float32 logits never exist at once.
-            total -= policy_token_logprobs(model, input_ids, mask, labels).sum().item()
+            if chunked:  # from hidden states: a Llama 3 vocabulary's [B, T, V] float32 logits never exist at once
+                logprobs = policy_token_logprobs(model, input_ids, mask, labels)
+            else:  # an adapter on lm_head: score through the head module itself
+                logprobs = token_logprobs(*shift_for_causal_lm(model(input_ids=input_ids, attention_mask=mask).logits, labels))
+            total -= logprobs.sum().item()
             count += int((labels[:, 1:] != -100).sum())
     model.train(was_training)
     if state.num_processes > 1:

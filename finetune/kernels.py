@@ -38,6 +38,7 @@ __all__ = [
     "choose_attention",
     "choose_liger",
     "policy_sequence_logprobs",
+    "has_plain_lm_head",
     "policy_token_logprobs",
     "resolve_attn_implementation",
 ]
@@ -232,13 +233,19 @@ def _causal_lm(model):
     return get_base() if callable(get_base) else model
 
 
-def _plain_lm_head_weight(causal_lm):
-    """``lm_head.weight`` when the head is a plain bias-free ``nn.Linear`` (a LoRA-wrapped or biased head would be
-    scored wrongly by the weight alone)."""
+def has_plain_lm_head(model) -> bool:
+    """Whether the causal LM's head is a plain bias-free ``nn.Linear``, the only head :func:`policy_token_logprobs`
+    can score from its weight (a LoRA-wrapped or biased head would be scored wrongly by the weight alone)."""
     import torch
 
+    head = _causal_lm(model).get_output_embeddings()
+    return type(head) is torch.nn.Linear and head.bias is None
+
+
+def _plain_lm_head_weight(causal_lm):
+    """``lm_head.weight``, or a clear error when :func:`has_plain_lm_head` is false."""
     head = causal_lm.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or head.bias is not None:
+    if not has_plain_lm_head(causal_lm):
         raise ValueError(
             f"policy_token_logprobs needs a plain bias-free nn.Linear lm_head; got {type(head).__name__}"
             " (leave lm_head out of adapter.target_modules)"
