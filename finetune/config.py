@@ -396,6 +396,11 @@ class RejectionParams:
             raise ConfigError(f"rejection.selection must be best or threshold; got {self.selection!r}")
 
 
+# The suite's prompts for rejection sampling and PPO: new ones where the task families allow, not the SFT train
+# prompts the SFT model has learned the answers to (``finetune.suite.rl_split``).
+RL_PROMPTS = "bundled:suite_messages_rl.jsonl"
+
+
 @dataclass
 class RejectionSamplingConfig(RunConfig):
     """Rejection sampling from an SFT run: K samples per prompt, scored; the best kept and fine-tuned on with the SFT
@@ -410,7 +415,9 @@ class RejectionSamplingConfig(RunConfig):
     """Write the samples, kept samples and pairs, and stop before fine-tuning."""
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(train=RL_PROMPTS))
+    """``data.train`` holds the prompts to sample (replies after the last user turn are ignored); the kept samples
+    are then trained on with the other ``data`` settings."""
     sampling: SamplingParams = field(default_factory=SamplingParams)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     rejection: RejectionParams = field(default_factory=RejectionParams)
@@ -430,7 +437,7 @@ class RejectionSamplingConfig(RunConfig):
 class PromptDataConfig:
     """Prompts to sample from: each conversation up to its last user turn (a reply after it is ignored)."""
 
-    train: str = "bundled:suite_messages_train.jsonl"
+    train: str = RL_PROMPTS
     """Prompts for the rollouts: a json/jsonl/parquet/csv file, a ``datasets`` directory, a hub id, or
     ``bundled:FILE``."""
     eval: str | None = "bundled:suite_messages_eval.jsonl"

@@ -17,6 +17,8 @@ from pathlib import Path
 
 SEED = 1234
 NUM_EVAL = 200
+RL_SEED = 7
+NUM_RL_NEW_PROMPTS = 1000
 
 WORDS = (
     "apple bird cake door egg fish goat hat ink jam kite lamp moon nest owl pen queen rose sun tree "
@@ -178,7 +180,40 @@ def generate(seed: int = SEED, num_eval: int = NUM_EVAL) -> dict[str, list[dict]
     return {"train": records[num_eval:], "eval": records[:num_eval]}
 
 
+def rl_split(seed: int = RL_SEED, num_new: int = NUM_RL_NEW_PROMPTS) -> list[dict]:
+    """Prompts for rejection sampling and PPO, records shaped like :func:`generate`'s.
+
+    Like Llama 2's RLHF batches, these are prompts the SFT model was not trained on wherever a family has more:
+    ``num_new`` new word lists to sort or reverse, none in train or eval. The small families (add, count, upper,
+    capital) are exhausted by train and eval, so their train prompts come along to keep those skills in the mix.
+    Sampling the SFT train prompts instead teaches little: the SFT model answers 97% of them greedily (it has
+    learned those answers) against 83.5% of held-out ones.
+    """
+    splits = generate()
+    seen = {r["prompt"] for split in splits.values() for r in split}
+    rng = random.Random(seed)
+    new: dict[str, str] = {}
+    while len(new) < num_new:
+        name = ("sort", "reverse")[len(new) % 2]
+        prompt = _random_words_prompt(rng, name)
+        if prompt not in seen and prompt not in new:
+            new[prompt] = name
+    records = [r for r in splits["train"] if r["task"] not in new.values()]
+    records += [{"task": name, "prompt": prompt, "answer": expected_answer(prompt)} for prompt, name in new.items()]
+    random.Random(0).shuffle(records)
+    return records
+
+
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data_formats" / "samples"
+
+
+def as_messages(split: list[dict]) -> list[dict]:
+    """One split in the chat-messages format (records as plain JSON objects)."""
+    return [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}],
+         "task": r["task"], "answer": r["answer"]}
+        for r in split
+    ]
 
 
 def as_formats(split: list[dict]) -> dict[str, list[dict]]:
@@ -190,10 +225,7 @@ def as_formats(split: list[dict]) -> dict[str, list[dict]]:
             {"conversations": [{"from": "human", "value": r["prompt"]}, {"from": "gpt", "value": r["answer"]}], **m}
             for r, m in zip(split, meta)
         ],
-        "messages": [
-            {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}], **m}
-            for r, m in zip(split, meta)
-        ],
+        "messages": as_messages(split),
         "preference": [
             {
                 "prompt": [{"role": "user", "content": r["prompt"]}],
@@ -212,6 +244,7 @@ def sample_files() -> dict[str, list[dict]]:
     for split_name, split in generate().items():
         for fmt, records in as_formats(split).items():
             files[f"suite_{fmt}_{split_name}.jsonl"] = records
+    files["suite_messages_rl.jsonl"] = as_messages(rl_split())
     return files
 
 

@@ -69,3 +69,20 @@ def test_shipped_tiny_base_knows_the_tasks_it_was_pretrained_on():
     assert overall >= 0.8, per_family
     assert overall == pytest.approx(info["pretrain_plain_qa_accuracy"][-1]["overall"], abs=0.005)
     assert per_family["reverse"] >= 0.95 and per_family["capital"] == 1.0
+
+
+def test_rl_prompts_are_new_where_the_families_allow_and_never_eval_prompts():
+    splits = suite.generate()
+    train, eval_prompts = {r["prompt"] for r in splits["train"]}, {r["prompt"] for r in splits["eval"]}
+    rl = suite.rl_split()
+    prompts = [r["prompt"] for r in rl]
+    assert len(prompts) == len(set(prompts))
+    assert not set(prompts) & eval_prompts
+    by_family = {name: {r["prompt"] for r in rl if r["task"] == name} for name in suite.FAMILY_SIZES}
+    assert len(by_family["sort"]) == len(by_family["reverse"]) == suite.NUM_RL_NEW_PROMPTS // 2
+    assert not (by_family["sort"] | by_family["reverse"]) & train
+    # The exhausted small families come from train, all of them.
+    for name in ("add", "count", "upper", "capital"):
+        assert by_family[name] == {r["prompt"] for r in splits["train"] if r["task"] == name}
+    assert all(suite.verify(r["prompt"], r["answer"]) for r in rl)
+    assert suite.rl_split() == rl
