@@ -3,9 +3,12 @@
     python benchmarks/sft_throughput.py            # or: make bench
 
 Both arms train the same tiny LLaMA with the same LoRA, on the same pre-tokenised conversations (so the loss is
-the same quantity: assistant tokens only), for the same epochs, learning rate and seed, one after the other in this
-one run. The baseline keeps TRL's defaults for what a user who does not tune gets: padded batches of 8 with no
-packing and activation checkpointing on. Each arm runs in its own process, so peak memory is its own.
+the same quantity: assistant tokens only), for the same epochs, optimizer steps, learning rate and seed, one after
+the other in this one run. The baseline keeps TRL's defaults for what a user who does not tune gets: padded batches
+of 8 with no packing and activation checkpointing on. Ours packs the same conversations best-fit-decreasing into one
+padding-free row per step, the row length chosen so that it takes as many steps as the baseline's batches of 8 (so
+each update sees the same conversations' worth of tokens, and the eval losses compare like for like). Each arm runs
+in its own process, so peak memory is its own.
 
 Reported per arm: real (non-pad) tokens per second, optimizer steps, peak resident memory, final eval loss (the
 same unpacked eval rows for both); and the ratios. Results go to ``benchmarks/results/sft_throughput_cpu.json``
@@ -31,9 +34,29 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 ARMS = {
-    "ours": "our recipe: BFD packing into 256-token rows, padding-free, position ids restarting per conversation",
+    "ours": "our recipe: BFD packing, one padding-free row per step, position ids restarting per conversation",
     "trl_defaults": "TRL SFTTrainer defaults: padded batches of 8, no packing, activation checkpointing on",
 }
+
+
+TRL_DEFAULT_BATCH = 8  # TrainingArguments.per_device_train_batch_size
+
+
+def packed_row_length(lengths: list[int], rows: int, longest: int) -> int:
+    """The shortest row length, at least ``longest`` (so no conversation, train or eval, is cut), at which TRL's
+    best-fit-decreasing packing puts ``lengths`` into at most ``rows`` rows."""
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    dataset = Dataset.from_dict({"input_ids": [[0] * n for n in lengths]})
+    low, high = longest, max(longest, sum(lengths))
+    while low < high:
+        middle = (low + high) // 2
+        if len(pack_dataset(dataset, middle, strategy="bfd")) <= rows:
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def worker(arm: str, samples: int, epochs: float, learning_rate: float, seed: int) -> dict:
@@ -72,6 +95,9 @@ def worker(arm: str, samples: int, epochs: float, learning_rate: float, seed: in
     if arm == "ours":
         args = trl_arguments(cfg, Path(out), has_eval=True)
         args.eval_packing = False
+        steps_per_epoch = -(-len(train_rows) // TRL_DEFAULT_BATCH)
+        longest = max(len(row["input_ids"]) for row in train_rows + eval_rows)
+        args.max_length = packed_row_length([len(row["input_ids"]) for row in train_rows], steps_per_epoch, longest)
     else:
         # Only what cannot stay default on a CPU-only box, or would make the arms incomparable, is set.
         args = TRLSFTConfig(
@@ -115,6 +141,7 @@ def worker(arm: str, samples: int, epochs: float, learning_rate: float, seed: in
         "rss_before_training_mib": rss_before / 1024,
         "train_loss": result.training_loss,
         "eval_loss": eval_loss,
+        "packed_row_length": args.max_length if arm == "ours" else None,
     }
 
 
@@ -129,7 +156,7 @@ def table(results: dict) -> str:
     ]
     lines = [
         f"SFT throughput on {results['device']} ({results['samples']} conversations x {results['epochs']} epochs, "
-        f"tiny LLaMA + LoRA)",
+        f"tiny LLaMA + LoRA; ours packs {ours['packed_row_length']}-token rows, one per step)",
         "",
         "| | ours | TRL defaults | ours / TRL |",
         "|---|---:|---:|---:|",

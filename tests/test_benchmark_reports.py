@@ -83,3 +83,15 @@ def test_dpo_memory_table(monkeypatch):
     assert "Activation checkpointing full: DPO (shared base) / SFT **1.08** (goal <= 1.15: met)" in text
     assert "/ DPO with a full reference 0.56" in text  # 270 / 480
     assert "| SFT on the chosen and the rejected replies (DPO's sequences, no reference) | - | - | - | - |" in text
+
+
+def test_sft_throughput_packs_to_the_baselines_step_count(monkeypatch):
+    # Worked by hand: lengths 5, 4, 3, 3, 2, 2, 1 (20 tokens) into 3 rows need rows of 7 (5+2, 4+3, 3+2+1):
+    # at 6, best-fit decreasing makes 5+1, 4+2, 3+3, 2 = 4 rows.
+    bench = load("sft_throughput", monkeypatch)
+    lengths = [3, 5, 2, 4, 1, 3, 2]
+    assert bench.packed_row_length(lengths, rows=3, longest=5) == 7
+    # Never below the longest conversation (train or eval), so nothing is cut, even if fewer rows would do.
+    assert bench.packed_row_length(lengths, rows=7, longest=5) == 5
+    assert bench.packed_row_length(lengths, rows=7, longest=9) == 9
+    assert bench.packed_row_length(lengths, rows=1, longest=5) == 20
