@@ -77,10 +77,27 @@ def _prepare(model, model_cfg, for_training: bool):
     from .kernels import apply_liger
 
     apply_liger(model, getattr(model_cfg, "use_liger", False))
+    keep_unpacked_4bit_where_cpu_packing_fails(model)
     if for_training:
         model.config.use_cache = False  # the cache is useless in training and breaks packed attention isolation
         enable_activation_checkpointing(model, checkpointing_mode(model_cfg))
     return model
+
+
+def keep_unpacked_4bit_where_cpu_packing_fails(model) -> int:
+    """On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight for its CPU kernel at the first forward
+    without gradients, and that repacking raises unless the layer's inputs are a multiple of the quantisation block
+    (64) and its outputs of 32. Real LLaMA shapes are; the tiny model's MLP (352) is not. Such layers keep the
+    portable layout. Returns how many layers were kept."""
+    kept = 0
+    for module in model.modules():
+        quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if quant_state is None or not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        if module.in_features % quant_state.blocksize or module.out_features % 32:
+            module.support_avx512bf16_for_cpu = False
+            kept += 1
+    return kept
 
 
 def lora_config(adapter_cfg, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):

@@ -206,3 +206,24 @@ def test_gpu_benchmark_exits_cleanly_without_cuda(tmp_path):
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1 and "CUDA" in lines[0]
     assert not out.exists()
+
+
+def test_4bit_layers_bitsandbytes_cannot_repack_for_its_cpu_kernel_keep_their_layout():
+    # bitsandbytes repacks 4-bit weights on AVX512-BF16 CPUs at the first no-grad forward, and raises for a layer
+    # whose inputs are not a multiple of its block (64): the tiny MLP's down_proj (352 inputs). Found on such a CPU,
+    # where every QLoRA evaluation crashed; here every CPU is made to look like one.
+    from bitsandbytes.nn import Linear4bit
+
+    from finetune.models import keep_unpacked_4bit_where_cpu_packing_fails
+
+    model = load_base_model(ModelConfig(name="tiny"), "qlora", for_training=False)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
+    for layer in layers.values():
+        layer.support_avx512bf16_for_cpu = True
+    assert keep_unpacked_4bit_where_cpu_packing_fails(model) == model.config.num_hidden_layers
+    unpacked = {name for name, m in layers.items() if not m.support_avx512bf16_for_cpu}
+    assert unpacked == {name for name in layers if name.endswith("mlp.down_proj")}
+    # On the real CPU (whatever it supports) a no-grad forward of the freshly loaded model runs.
+    model = load_base_model(ModelConfig(name="tiny"), "qlora", for_training=False)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
