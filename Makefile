@@ -34,7 +34,7 @@ lint: install
 
 # CPU benchmarks, then the GPU one (which prints a line and exits 0 where there is no CUDA GPU); see docs/performance.md,
 # docs/rl.md and docs/preference.md. The accuracy benchmark is last because it is long: SFT, then rejection sampling,
-# PPO and DPO for 3 seeds each, about an hour on a 2-core CPU (`python benchmarks/loop_accuracy.py --smoke` checks it
+# PPO and DPO for 3 seeds each, about 25 minutes on a 2-core CPU (`python benchmarks/loop_accuracy.py --smoke` checks it
 # in minutes).
 bench: install
 	$(PY) benchmarks/sft_throughput.py
@@ -43,6 +43,7 @@ bench: install
 	$(PY) benchmarks/sampling_throughput.py
 	$(PY) benchmarks/ppo_memory.py
 	$(PY) benchmarks/dpo_memory.py
+	$(PY) benchmarks/dpo_memory.py --shape llama-3.2-1b
 	$(PY) benchmarks/gpu_sft.py
 	$(PY) benchmarks/loop_accuracy.py
 

@@ -3,6 +3,7 @@ same model and batch, and against DPO with a second, full reference model.
 
     python benchmarks/dpo_memory.py                 # CPU: peak resident memory of each arm's process
     python benchmarks/dpo_memory.py --device cuda   # GPU: peak allocated CUDA memory
+    python benchmarks/dpo_memory.py --shape llama-3.2-1b   # Llama-3.2-1B's body (CPU: ~5 min, 9 GB of RAM)
 
 The model and the stand-in SFT run are ``peak_memory``'s (52M-parameter LLaMA, fp32, LoRA r=16 on every linear).
 Each arm runs in its own process and takes the same optimizer steps on the same bundled preference pairs (``--pairs``
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from peak_memory import (
     ROOT,
+    SHAPES,
     build_base_and_sft,
     measure,
     measure_description,
@@ -154,7 +156,8 @@ def child(arm: str, runs_json: str, out: str, pairs: int, steps: int, checkpoint
     measure(arm, lambda: fn(json.loads(runs_json), Path(out), pairs, steps, checkpointing), device)
 
 
-def summarise(regimes: dict, device: str, base_parameters: int, pairs: int, steps: int, torch_version: str) -> dict:
+def summarise(regimes: dict, device: str, base_parameters: int, pairs: int, steps: int, torch_version: str,
+              shape: dict = SHAPES["52m"]) -> dict:
     """``regimes``: checkpointing mode -> arm -> the arm's ``RESULT``. Adds each arm's ratio to SFT and the verdict."""
     out = {}
     for mode, arms in regimes.items():
@@ -164,7 +167,7 @@ def summarise(regimes: dict, device: str, base_parameters: int, pairs: int, step
         "device": device,
         "processor": processor_description() if device == "cpu" else device,
         "measure": measure_description(device),
-        "model": model_description(base_parameters),
+        "model": model_description(base_parameters, shape),
         "batch": f"{pairs} bundled preference pairs per step ({2 * pairs} sequences for DPO, the {pairs} chosen ones "
                  f"for SFT), {steps} optimizer steps",
         "torch": torch_version,
@@ -218,6 +221,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per arm")
     parser.add_argument("--checkpointing", nargs="+", default=["none", "full"], choices=["none", "full", "selective"],
                         help="activation checkpointing modes to measure every arm under")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="52m",
+                        help="the model's body (results of a shape other than 52m get the shape in their file name)")
     parser.add_argument("--child", nargs=4, metavar=("ARM", "RUNS", "OUT", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -228,7 +233,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="dpo_memory_"))
     try:
-        runs = build_base_and_sft(tmp)
+        runs = build_base_and_sft(tmp, SHAPES[args.shape])
         runs["chosen"], runs["both"] = str(tmp / "chosen.jsonl"), str(tmp / "both.jsonl")
         write_conversations(Path(runs["chosen"]), Path(runs["both"]), args.pairs * args.steps)
         regimes = {}
@@ -241,9 +246,10 @@ def main() -> None:
                 print(f"checkpointing {mode}, {arm}: {regimes[mode][arm]['peak_mb']:.0f} MB", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result = summarise(regimes, args.device, runs["base_parameters"], args.pairs, args.steps, torch.__version__)
+    result = summarise(regimes, args.device, runs["base_parameters"], args.pairs, args.steps, torch.__version__,
+                       SHAPES[args.shape])
     text = table(result)
-    write_results("dpo_memory", args.device, result, text)
+    write_results("dpo_memory", args.device, result, text, "" if args.shape == "52m" else f"_{args.shape}")
     print(text)
 
 

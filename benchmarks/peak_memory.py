@@ -26,6 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
              num_key_value_heads=4)
+# --shape: the default above, or Llama-3.2-1B's body (with the tiny tokenizer's vocabulary: 0.97B parameters), where
+# the weights outweigh a small batch's activations as they do for the 7-8B models users train.
+SHAPES = {
+    "52m": SHAPE,
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8),
+}
 LORA = dict(r=16, alpha=32, dropout=0.0)
 RESULT_PREFIX = "RESULT "
 
@@ -49,8 +56,8 @@ def processor_description() -> str:
     return f"{name or platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores"
 
 
-def model_description(base_parameters: int) -> str:
-    return f"LLaMA {SHAPE}, {base_parameters / 1e6:.0f}M parameters, fp32; LoRA r={LORA['r']} on every linear"
+def model_description(base_parameters: int, shape: dict = SHAPE) -> str:
+    return f"LLaMA {shape}, {base_parameters / 1e6:.0f}M parameters, fp32; LoRA r={LORA['r']} on every linear"
 
 
 def measure_description(device: str) -> str:
@@ -59,7 +66,7 @@ def measure_description(device: str) -> str:
     return "peak resident memory of the process minus its resident memory before loading"
 
 
-def build_base_and_sft(directory: Path) -> dict:
+def build_base_and_sft(directory: Path, shape: dict = SHAPE) -> dict:
     """A base model directory (weights + the tiny tokenizer) and a stand-in SFT run (LoRA adapter + config.yaml) on
     it: ``{"base", "sft", "base_parameters"}``."""
     import torch
@@ -73,7 +80,7 @@ def build_base_and_sft(directory: Path) -> dict:
 
     tiny = json.loads((tiny_model_dir() / "config.json").read_text())
     config = LlamaConfig(**{**{k: tiny[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id",
-                                                    "max_position_embeddings", "rms_norm_eps")}, **SHAPE})
+                                                    "max_position_embeddings", "rms_norm_eps")}, **shape})
     torch.manual_seed(0)
     base_dir, sft_dir = directory / "base", directory / "sft"
     base = LlamaForCausalLM(config)
@@ -119,6 +126,6 @@ def run_arm(script: str, child_args: list[str]) -> dict:
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
-def write_results(stem: str, device: str, result: dict, text: str) -> None:
-    """``benchmarks/results/<stem>_<cpu|cuda>.json`` and ``.md``."""
-    write_report(RESULTS / f"{stem}_{'cuda' if device.startswith('cuda') else 'cpu'}.json", result, text)
+def write_results(stem: str, device: str, result: dict, text: str, suffix: str = "") -> None:
+    """``benchmarks/results/<stem>_<cpu|cuda><suffix>.json`` and ``.md``."""
+    write_report(RESULTS / f"{stem}_{'cuda' if device.startswith('cuda') else 'cpu'}{suffix}.json", result, text)
