@@ -428,7 +428,8 @@ class RejectionSamplingConfig(RunConfig):
         if not self.init:
             raise ConfigError("rejection sampling needs --init DIR: the SFT run to sample from (e.g. --init runs/sft)")
         if self.adapter.method == "full":
-            raise ConfigError("rejection sampling continues the SFT adapter; set adapter.method to lora or qlora")
+            raise ConfigError("rejection sampling fine-tunes an adapter (the LoRA SFT run's, or a new one on full SFT weights); "
+                              "set adapter.method to lora or qlora")
         if self.adapter.method == "qlora" and self.model.dtype == "float16":
             raise ConfigError("adapter.method=qlora trains in bf16 or fp32 compute; set model.dtype to auto or bfloat16")
 

@@ -237,3 +237,43 @@ def test_resume_after_kill_in_the_fine_tune_matches_an_uninterrupted_run(tmp_pat
     for key in ("train_loss", "eval_loss", "init_eval_loss", "eval_accuracy", "init_eval_accuracy", "mean_score_all",
                 "kept_samples", "preference_pairs", "train_steps"):
         assert b[key] == pytest.approx(a[key], rel=1e-4), key
+
+
+def make_full_sft_run(directory, noise: float):
+    """What recipes/sft.py leaves after full fine-tuning: the whole model (the tiny base, layer 0 moved by ``noise``)
+    and config.yaml."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.config import SFTConfig
+    from finetune.models import resolve_model
+    from finetune.runs import write_config
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.model.layers[0].parameters():
+            param.add_(torch.randn_like(param) * noise)
+    model.save_pretrained(directory)
+    write_config(directory, SFTConfig(output_dir=str(directory)))
+    return directory
+
+
+def test_full_weights_sft_run_is_sampled_and_gets_a_new_adapter(tmp_path):
+    from finetune.models import run_config
+
+    greedy = [*QUICK, "--sampling.temperature=0", "--sampling.num_samples=1", "--data.max_train_samples=8"]
+    moved = make_full_sft_run(tmp_path / "sft_moved", noise=0.3)
+    untouched = make_full_sft_run(tmp_path / "sft_untouched", noise=0.0)
+    assert run_recipe(["--init", str(untouched), "--output_dir", str(tmp_path / "a"), *greedy, "--generate_only"]) == 0
+    assert run_recipe(["--init", str(moved), "--output_dir", str(tmp_path / "b"), *greedy, "--train.max_steps=1",
+                       "--adapter.r=4", "--score.verifier=finetune.suite:verify", "--rejection.selection=threshold",
+                       "--rejection.threshold=0"]) == 0
+    # Sampled from the init's weights, not from model.name's.
+    replies = [[row["response"] for row in read_jsonl(tmp_path / run / "samples.jsonl")] for run in ("a", "b")]
+    assert replies[0] != replies[1]
+    # The fine-tune is the SFT stage from full weights: a new adapter of the configured shape on the SFT model.
+    sft_cfg = run_config(tmp_path / "b" / "sft")
+    assert sft_cfg["init"] == str(moved) and sft_cfg["adapter"]["r"] == 4
+    assert (tmp_path / "b" / "sft" / "adapter_model.safetensors").is_file()
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["train_steps"] == 1 and "init_eval_accuracy" in summary

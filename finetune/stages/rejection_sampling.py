@@ -272,6 +272,14 @@ def sft_config(cfg: RejectionSamplingConfig, output_dir: Path, resume: bool = Fa
                      data=data, train=cfg.train, eval=cfg.eval, resume=resume, overwrite=not resume)
 
 
+def load_sft_model(cfg: RejectionSamplingConfig, init_kind: str):
+    """The SFT model to sample: the base with the SFT adapter, or a full-weights SFT run itself (then the fine-tune
+    puts a new ``adapter`` on it, as the SFT stage does from full weights)."""
+    if init_kind == "full":
+        return load_base_model(dataclasses.replace(cfg.model, name=cfg.init), cfg.adapter.method, for_training=False)
+    return load_adapter(load_base_model(cfg.model, cfg.adapter.method, for_training=False), cfg.init)
+
+
 def run(cfg: RejectionSamplingConfig) -> dict:
     """Sample, score, select, write; then fine-tune with the SFT stage unless ``generate_only``. Returns the summary
     also written to ``summary.json``."""
@@ -282,10 +290,9 @@ def run(cfg: RejectionSamplingConfig) -> dict:
     state = process_state()
     main = state.is_main_process
     init_kind = check_init_run(cfg.init, cfg.model.name, cfg.data.template)  # fails before anything is written
-    if init_kind != "adapter":
-        raise ConfigError(f"--init {cfg.init} holds full weights; rejection sampling continues a LoRA SFT run")
-    adapter, _ = adapter_config_from_run(cfg.adapter, cfg.init)
-    cfg = dataclasses.replace(cfg, adapter=adapter)
+    if init_kind == "adapter":  # the fine-tune continues the SFT adapter, so it keeps its shape
+        adapter, _ = adapter_config_from_run(cfg.adapter, cfg.init)
+        cfg = dataclasses.replace(cfg, adapter=adapter)
     scorer = build_scorer(cfg.score)
 
     tokenizer = load_tokenizer(cfg.model.name)
@@ -316,7 +323,7 @@ def run(cfg: RejectionSamplingConfig) -> dict:
             print(f"reusing the complete samples in {output_dir} ({GENERATION_MARKER}); not sampling again")
             print(describe(summary))
     else:
-        model = load_adapter(load_base_model(cfg.model, cfg.adapter.method, for_training=False), cfg.init)
+        model = load_sft_model(cfg, init_kind)
         started = time.perf_counter()
         rows = sample_and_score(model, tokenizer, prompts, stop_token_ids(template, tokenizer), cfg.sampling, scorer)
         sampling_seconds = time.perf_counter() - started
