@@ -187,6 +187,27 @@ def test_qlora_run_is_merged_into_an_unquantised_base(tmp_path, tokenizer):
     assert json.loads((out / METADATA_FILE).read_text())["adapter_method"] == "qlora"
 
 
+def test_adapter_trained_on_a_full_fine_tune_goes_onto_that_model(tmp_path, tokenizer):
+    """An adapter run started from a full-weights run (DPO or rejection sampling after sft_full.yaml) trained on
+    those weights: the export puts it there, not on model.name's base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    full = make_run_dir(tmp_path / "sft_full", method="full", seed=2)
+    run = make_run_dir(tmp_path / "dpo", seed=3)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "init": str(full)}, sort_keys=False))
+    out = export(run, "merged", tmp_path / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    on_full = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(full), run).eval()
+    assert max_abs_diff(logits_of(merged, tokenizer), logits_of(on_full, tokenizer)) < 1e-4
+    assert max_abs_diff(logits_of(merged, tokenizer), logits_of(base_plus_adapter(run), tokenizer)) > 1e-3
+    assert json.loads((out / METADATA_FILE).read_text())["base_model"] == str(full.resolve())
+    shutil.rmtree(full)
+    with pytest.raises(ExportError, match="holds no model here"):
+        export(run, "merged", tmp_path / "merged2")
+
+
 def test_full_fine_tune_exports_merged_and_gguf(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
