@@ -222,6 +222,17 @@ def load_sequence_classifier(model_cfg, method: str = "lora", name_or_path: str 
     return _prepare(model, model_cfg, for_training)
 
 
+def adapter_run_base(saved: dict) -> str | None:
+    """The weights an adapter run (its resolved ``config.yaml``, ``saved``) trained on: its ``init`` when that was a
+    full fine-tune (the stage put a new adapter on those weights), else its ``model.name``."""
+    init = saved.get("init")
+    if init and Path(init).is_dir() and not (Path(init) / ADAPTER_CONFIG).is_file() and any(
+        Path(init).glob("model*.safetensors")
+    ):
+        return init
+    return (saved.get("model") or {}).get("name")
+
+
 def check_init_run(run_dir: str | Path, model_name: str, template: str, option: str = "--init") -> str:
     """Check that a run to start from exists and matches this run's base model and chat template; returns its kind
     (:func:`init_run_kind`). An adapter trained on one base is meaningless on another, and a template other than the
@@ -230,7 +241,7 @@ def check_init_run(run_dir: str | Path, model_name: str, template: str, option: 
 
     kind = init_run_kind(run_dir, option)
     saved = run_config(run_dir)
-    saved_model = (saved.get("model") or {}).get("name")
+    saved_model = adapter_run_base(saved)
     if kind == "adapter" and saved_model and resolve_model(saved_model) != resolve_model(model_name):
         raise ConfigError(
             f"{option} {run_dir} trained an adapter on {saved_model!r} but model.name is {model_name!r}; "

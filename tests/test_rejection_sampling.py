@@ -240,12 +240,12 @@ def test_resume_after_kill_in_the_fine_tune_matches_an_uninterrupted_run(tmp_pat
 
 
 def make_full_sft_run(directory, noise: float):
-    """What recipes/sft.py leaves after full fine-tuning: the whole model (the tiny base, layer 0 moved by ``noise``)
-    and config.yaml."""
+    """What recipes/sft.py leaves after full fine-tuning: the whole model (the tiny base, layer 0 moved by ``noise``),
+    the tokenizer and config.yaml."""
     from transformers import AutoModelForCausalLM
 
     from finetune.config import SFTConfig
-    from finetune.models import resolve_model
+    from finetune.models import load_tokenizer, resolve_model
     from finetune.runs import write_config
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"))
@@ -254,6 +254,7 @@ def make_full_sft_run(directory, noise: float):
         for param in model.model.layers[0].parameters():
             param.add_(torch.randn_like(param) * noise)
     model.save_pretrained(directory)
+    load_tokenizer("tiny").save_pretrained(directory)
     write_config(directory, SFTConfig(output_dir=str(directory)))
     return directory
 
@@ -277,3 +278,15 @@ def test_full_weights_sft_run_is_sampled_and_gets_a_new_adapter(tmp_path):
     assert (tmp_path / "b" / "sft" / "adapter_model.safetensors").is_file()
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["train_steps"] == 1 and "init_eval_accuracy" in summary
+
+
+def test_a_stage_continuing_an_adapter_trained_on_full_weights_needs_those_weights_as_base(tmp_path, capsys):
+    # Chaining after rejection sampling from a full fine-tune: its adapter is meaningless on model.name's base.
+    full = make_full_sft_run(tmp_path / "sft_full", noise=0.3)
+    first = tmp_path / "rs1"
+    assert run_recipe(["--init", str(full), "--output_dir", str(first), *QUICK, "--train.max_steps=1",
+                       "--rejection.selection=threshold", "--rejection.threshold=0"]) == 0
+    again = ["--init", str(first / "sft"), "--output_dir", str(tmp_path / "rs2"), *QUICK, "--generate_only"]
+    assert run_recipe(again) == 2
+    assert f"pass --model.name={full}" in capsys.readouterr().err
+    assert run_recipe([*again, f"--model.name={full}"]) == 0
