@@ -296,3 +296,32 @@ def test_response_entropy_equals_the_full_logits_entropy(tmp_path, sft_run, toke
         full = entropy_from_logits(hidden[:, :-1] @ weight.t() / 0.7)
         assert_close(ppo.response_entropy(hidden, weight, rollout.mask, 0.7), full[rollout.mask].mean())
         assert ppo.response_entropy(hidden, weight, torch.zeros_like(rollout.mask), 0.7) == 0
+
+
+def test_full_weights_sft_run_is_the_base_and_the_reference(tmp_path, tokenizer, reward_run):
+    """From a full fine-tune the SFT model is the base: policy, reference and value are new adapters on it, the
+    reference's stays zero (the SFT model itself), and the run records that base so export finds it."""
+    from test_rejection_sampling import make_full_sft_run
+    from transformers import AutoModelForCausalLM
+
+    from finetune.models import run_config
+
+    full = make_full_sft_run(tmp_path / "sft_full", noise=0.3)
+    cfg = parse_args(PPOConfig, ["--init", str(full), "--output_dir", str(tmp_path / "ppo"), *QUICK,
+                                 "--adapter.r=4", "--ppo.num_iterations=1", "--score.verifier=test_ppo:short_answer",
+                                 "--eval.before_training=false"])
+    summary, roles = ppo.train(cfg)
+    rollout, _, _ = rollout_batch(tokenizer)
+    sft = reference_logprobs(AutoModelForCausalLM.from_pretrained(full).eval(), rollout)
+    roles.use(ppo.REFERENCE)
+    assert_close(reference_logprobs(roles.model, rollout), sft, atol=1e-4, rtol=1e-4)
+    roles.use(ppo.POLICY)
+    assert (reference_logprobs(roles.model, rollout) - sft).abs().max() > 1e-3, "the policy adapter moved"
+    row = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["kl"] == pytest.approx(0.0, abs=1e-5), "the first rollout comes from the SFT model itself"
+    saved = run_config(tmp_path / "ppo")
+    assert saved["model"]["name"] == str(full) and saved["adapter"]["r"] == 4
+    assert "eval_accuracy" in summary
+    # A reward adapter trained on the original base cannot share this one.
+    with pytest.raises(ConfigError, match="cannot share this base"):
+        ppo.resolve_init(parse_args(PPOConfig, ["--init", str(full), f"--score.reward_model={reward_run}"]))

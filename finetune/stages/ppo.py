@@ -58,12 +58,15 @@ from ..losses import AdaptiveKLController, FixedKLController, gae, per_token_rew
 from ..models import (
     activate_adapter,
     adapter_config_from_run,
+    adapter_run_base,
     backbone_hidden_states,
     check_init_run,
+    init_run_kind,
     load_adapter,
     load_base_model,
     load_scalar_head_adapter,
     load_tokenizer,
+    lora_config,
     resolve_model,
     run_config,
     save_adapter,
@@ -111,15 +114,28 @@ class Roles:
 def load_roles(cfg: PPOConfig, device=None) -> Roles:
     """Load the base once and put the four roles on it (see the module docstring), on ``device`` when given (the
     accelerator's: the reward head is not part of the module accelerate prepares, so everything is placed here)."""
+    from peft import get_peft_model
+
     base = load_base_model(cfg.model, cfg.adapter.method)
-    model = load_adapter(base, cfg.init, POLICY, trainable=True)
-    load_adapter(model, cfg.init, REFERENCE, trainable=False)
+    if resolve_model(cfg.model.name) == resolve_model(cfg.init):  # a full-weights SFT run is the base
+        model = get_peft_model(base, lora_config(cfg.adapter), adapter_name=POLICY)
+        model.add_adapter(REFERENCE, lora_config(cfg.adapter))  # lora_B = 0: exactly the SFT model
+        model.set_requires_grad([REFERENCE], False)
+        sft_adapter = None
+    else:
+        model = load_adapter(base, cfg.init, POLICY, trainable=True)
+        load_adapter(model, cfg.init, REFERENCE, trainable=False)
+        sft_adapter = cfg.init
     reward_head = None
     if cfg.score.reward_model:
         reward_head = load_scalar_head_adapter(model, cfg.score.reward_model, REWARD, trainable=False)
         value_head = load_scalar_head_adapter(model, cfg.score.reward_model, VALUE, trainable=True)
     else:
-        load_adapter(model, cfg.init, VALUE, trainable=True)
+        if sft_adapter:
+            load_adapter(model, sft_adapter, VALUE, trainable=True)
+        else:
+            model.add_adapter(VALUE, lora_config(cfg.adapter))
+            model.set_requires_grad([VALUE], True)
         value_head = torch.nn.Linear(base.config.hidden_size, 1, bias=False)
         torch.nn.init.zeros_(value_head.weight)
     for module in model.modules():  # no dropout anywhere: rollout and update log-probs must agree
@@ -409,20 +425,24 @@ def restore_logs(output_dir: Path, checkpoint: Path, progress: dict) -> None:
 
 
 def resolve_init(cfg: PPOConfig) -> PPOConfig:
-    """Check the SFT run and the reward run against this run's base and template; the policy keeps the SFT adapter's
-    shape."""
-    if check_init_run(cfg.init, cfg.model.name, cfg.data.template) != "adapter":
-        raise ConfigError(f"--init {cfg.init} holds full weights; ppo starts from a LoRA SFT run")
+    """Check the SFT run and the reward run against this run's base and template. From a LoRA SFT run the policy
+    keeps the SFT adapter's shape; a full-weights SFT run becomes the base (``model.name``), and every role is a new
+    ``adapter`` on it (the reference's stays zero: the SFT model itself)."""
+    if check_init_run(cfg.init, cfg.model.name, cfg.data.template) == "adapter":
+        adapter, _ = adapter_config_from_run(cfg.adapter, cfg.init)
+        cfg = dataclasses.replace(cfg, adapter=adapter)
+    else:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=cfg.init))
     if cfg.score.reward_model:
         option = "--score.reward_model"
-        if check_init_run(cfg.score.reward_model, cfg.model.name, cfg.data.template, option) != "adapter":
+        if init_run_kind(cfg.score.reward_model, option) != "adapter":
             raise ConfigError(f"{option} {cfg.score.reward_model}: not a reward run (no adapter with a scalar head)")
-        reward_init = run_config(cfg.score.reward_model).get("init")
-        if reward_init and check_init_run(reward_init, cfg.model.name, cfg.data.template, "the reward run's init") == "full":
-            raise ConfigError(f"{option} {cfg.score.reward_model} was trained on the full-weights run {reward_init}, "
-                              f"not on model.name; its adapter cannot share this base")
-    adapter, _ = adapter_config_from_run(cfg.adapter, cfg.init)
-    return dataclasses.replace(cfg, adapter=adapter)
+        reward_base = adapter_run_base(run_config(cfg.score.reward_model))
+        if reward_base and resolve_model(reward_base) != resolve_model(cfg.model.name):
+            raise ConfigError(f"{option} {cfg.score.reward_model} was trained on {reward_base}, not on this run's base "
+                              f"{cfg.model.name}; its adapter cannot share this base")
+        check_init_run(cfg.score.reward_model, cfg.model.name, cfg.data.template, option)
+    return cfg
 
 
 def run(cfg: PPOConfig) -> dict:
