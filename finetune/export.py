@@ -95,24 +95,13 @@ def _has_model_weights(path: Path) -> bool:
     )
 
 
-def _full_weights_init(init: str, run_dir) -> str | None:
-    """The base an adapter run trained on when it started from a full fine-tune (``--init`` a full-weights run):
-    that run, not ``model.name``. ``None`` when ``init`` was an adapter run (whose base is ``model.name``)."""
-    init_path = Path(init)
-    if (init_path / "adapter_config.json").is_file():
-        return None
-    if not _has_model_weights(init_path):
-        raise ExportError(f"{run_dir} was trained from --init {init}, which holds no model here; the adapter needs "
-                          f"those weights as its base (run the export from the directory the run was started in)")
-    return str(init_path.resolve())
-
-
 def inspect_run(run_dir: str | Path, template: str | None = None) -> RunSource:
     """Read what ``run_dir`` holds; :class:`ExportError` if it is neither a run with an adapter nor a model.
 
     The template is ``template`` if given, else the run's ``data.template``, else the one recorded by an earlier
     export, else ``tokenizer`` (the tokenizer's own ``chat_template``).
     """
+    from .models import adapter_run_base
     from .templates import template_class
 
     path = Path(run_dir).resolve()
@@ -131,8 +120,14 @@ def inspect_run(run_dir: str | Path, template: str | None = None) -> RunSource:
     model_cfg = config.get("model") or {}
     adapter_cfg = config.get("adapter") or {}
     base = model_cfg.get("name") or previous.get("base_model")
-    if has_adapter and config.get("init"):
-        base = _full_weights_init(config["init"], run_dir) or base
+    if has_adapter and config.get("init"):  # from a full fine-tune, the adapter trained on those weights
+        init = config["init"]
+        if adapter_run_base(config) == init:
+            base = str(Path(init).resolve())
+        elif not Path(init).exists() and (_read_json(path / "adapter_config.json").get("base_model_name_or_path")
+                                          == str(Path(init))):
+            raise ExportError(f"{run_dir} trained its adapter on {init} (its --init), which is not there; run the "
+                              f"export from the directory the run was started in")
     if has_adapter:
         base = base or _read_json(path / "adapter_config.json").get("base_model_name_or_path")
         if not base:
