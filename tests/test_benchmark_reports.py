@@ -95,3 +95,19 @@ def test_sft_throughput_packs_to_the_baselines_step_count(monkeypatch):
     assert bench.packed_row_length(lengths, rows=7, longest=5) == 5
     assert bench.packed_row_length(lengths, rows=7, longest=9) == 9
     assert bench.packed_row_length(lengths, rows=1, longest=5) == 20
+
+
+def test_loop_accuracy_smoke_configs_parse_and_rejection_sampling_keeps_wrong_answers(monkeypatch, tmp_path):
+    # The smoke SFT answers nothing right; its rejection sampling must still keep samples to reach the fine-tune
+    # (the shipped config keeps only verified ones, and once made the smoke run stop there).
+    from finetune.config import DPOConfig, PPOConfig, RejectionSamplingConfig, SFTConfig, parse_args
+    from finetune.stages.rejection_sampling import select
+
+    loop = load("loop_accuracy", monkeypatch)
+    classes = {"sft": SFTConfig, "rejection_sampling": RejectionSamplingConfig, "ppo": PPOConfig, "dpo": DPOConfig}
+    configs = {name: parse_args(cls, loop.recipe_args(name, tmp_path / name, None if name == "sft" else tmp_path,
+                                                      seed=None if name == "sft" else 0, smoke=True))
+               for name, cls in classes.items()}
+    wrong = [{"prompt_index": 0, "sample": k, "score": 0.0, "response": f"wrong {k}"} for k in range(2)]
+    kept, _ = select(wrong, configs["rejection_sampling"].rejection)
+    assert len(kept) == 2
