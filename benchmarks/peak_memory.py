@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
              num_key_value_heads=4)
-# --shape: the default above, or Llama-3.2-1B's body (with the tiny tokenizer's vocabulary: 0.97B parameters), where
+# --shape: the default above, or Llama-3.2-1B's body (with the tiny tokenizer's vocabulary: 0.98B parameters), where
 # the weights outweigh a small batch's activations as they do for the 7-8B models users train.
 SHAPES = {
     "52m": SHAPE,
