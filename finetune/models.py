@@ -125,6 +125,15 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+def _run_kind(path: Path) -> str | None:
+    """``"adapter"``, ``"full"`` or ``None`` (missing, or neither) for a run directory."""
+    if (path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file():
+        return "adapter"
+    if (path / "config.json").is_file() and any(path.glob("model*.safetensors")):
+        return "full"
+    return None
+
+
 def init_run_kind(run_dir: str | Path, option: str = "--init") -> str:
     """What a run directory to start from holds: ``"adapter"`` (a LoRA run) or ``"full"`` (full weights).
 
@@ -136,10 +145,9 @@ def init_run_kind(run_dir: str | Path, option: str = "--init") -> str:
     path = Path(run_dir)
     if not path.is_dir():
         raise ConfigError(f"{option} {run_dir}: no such directory (pass the output_dir of a finished SFT run)")
-    if (path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file():
-        return "adapter"
-    if (path / "config.json").is_file() and any(path.glob("model*.safetensors")):
-        return "full"
+    kind = _run_kind(path)
+    if kind:
+        return kind
     raise ConfigError(
         f"{option} {run_dir}: not a finished run (no {ADAPTER_WEIGHTS} or model weights); pass the output_dir of a "
         f"finished SFT run"
@@ -226,9 +234,7 @@ def adapter_run_base(saved: dict) -> str | None:
     """The weights an adapter run (its resolved ``config.yaml``, ``saved``) trained on: its ``init`` when that was a
     full fine-tune (the stage put a new adapter on those weights), else its ``model.name``."""
     init = saved.get("init")
-    if init and Path(init).is_dir() and not (Path(init) / ADAPTER_CONFIG).is_file() and any(
-        Path(init).glob("model*.safetensors")
-    ):
+    if init and _run_kind(Path(init)) == "full":
         return init
     return (saved.get("model") or {}).get("name")
 

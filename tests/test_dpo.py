@@ -41,6 +41,24 @@ def make_sft_run(directory, seed=0, scale=0.05):
     return directory
 
 
+def make_full_sft_run(directory, noise: float):
+    """What recipes/sft.py leaves after full fine-tuning: the whole model (the tiny base, layer 0 moved by ``noise``),
+    the tokenizer and config.yaml."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.models import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.model.layers[0].parameters():
+            param.add_(torch.randn_like(param) * noise)
+    model.save_pretrained(directory)
+    load_tokenizer("tiny").save_pretrained(directory)
+    write_config(directory, SFTConfig(output_dir=str(directory)))
+    return directory
+
+
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     return make_sft_run(tmp_path_factory.mktemp("sft"))
@@ -118,14 +136,9 @@ def test_full_weights_sft_run_becomes_the_base_and_the_reference(tokenizer, tmp_
     that base with the adapter off, i.e. again the SFT model, not the original tiny base."""
     from transformers import AutoModelForCausalLM
 
-    full = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for param in full.model.layers[0].parameters():
-            param.add_(torch.randn_like(param) * 0.05)
-    full.save_pretrained(tmp_path / "sft_full")
-    write_config(tmp_path / "sft_full", SFTConfig(output_dir=str(tmp_path / "sft_full")))
-    trainer, batch = make_trainer(dpo_config(tmp_path / "sft_full", tmp_path), tokenizer)
+    full_dir = make_full_sft_run(tmp_path / "sft_full", noise=0.05)
+    full = AutoModelForCausalLM.from_pretrained(full_dir)
+    trainer, batch = make_trainer(dpo_config(full_dir, tmp_path), tokenizer)
     assert list(trainer.model.peft_config) == ["default"]
     ref = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
     assert_close(ref, forward_logps(full.eval(), batch), rtol=1e-4, atol=1e-4)

@@ -301,7 +301,7 @@ def test_response_entropy_equals_the_full_logits_entropy(tmp_path, sft_run, toke
 def test_full_weights_sft_run_is_the_base_and_the_reference(tmp_path, tokenizer, reward_run):
     """From a full fine-tune the SFT model is the base: policy, reference and value are new adapters on it, the
     reference's stays zero (the SFT model itself), and the run records that base so export finds it."""
-    from test_rejection_sampling import make_full_sft_run
+    from test_dpo import make_full_sft_run
     from transformers import AutoModelForCausalLM
 
     from finetune.models import run_config

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import recipe_runs
 import torch
+from test_dpo import make_full_sft_run, make_sft_run
 
 from finetune.config import ConfigError, RejectionParams, RejectionSamplingConfig, parse_args
 from finetune.stages import rejection_sampling as rs
@@ -64,8 +65,6 @@ def run_recipe(argv):
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
-    from test_dpo import make_sft_run
-
     return make_sft_run(tmp_path_factory.mktemp("sft"))
 
 
@@ -237,26 +236,6 @@ def test_resume_after_kill_in_the_fine_tune_matches_an_uninterrupted_run(tmp_pat
     for key in ("train_loss", "eval_loss", "init_eval_loss", "eval_accuracy", "init_eval_accuracy", "mean_score_all",
                 "kept_samples", "preference_pairs", "train_steps"):
         assert b[key] == pytest.approx(a[key], rel=1e-4), key
-
-
-def make_full_sft_run(directory, noise: float):
-    """What recipes/sft.py leaves after full fine-tuning: the whole model (the tiny base, layer 0 moved by ``noise``),
-    the tokenizer and config.yaml."""
-    from transformers import AutoModelForCausalLM
-
-    from finetune.config import SFTConfig
-    from finetune.models import load_tokenizer, resolve_model
-    from finetune.runs import write_config
-
-    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for param in model.model.layers[0].parameters():
-            param.add_(torch.randn_like(param) * noise)
-    model.save_pretrained(directory)
-    load_tokenizer("tiny").save_pretrained(directory)
-    write_config(directory, SFTConfig(output_dir=str(directory)))
-    return directory
 
 
 def test_full_weights_sft_run_is_sampled_and_gets_a_new_adapter(tmp_path):

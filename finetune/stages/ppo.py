@@ -117,7 +117,7 @@ def load_roles(cfg: PPOConfig, device=None) -> Roles:
     from peft import get_peft_model
 
     base = load_base_model(cfg.model, cfg.adapter.method)
-    if resolve_model(cfg.model.name) == resolve_model(cfg.init):  # a full-weights SFT run is the base
+    if init_run_kind(cfg.init) == "full":  # the full-weights SFT run is the base (resolve_init made it model.name)
         model = get_peft_model(base, lora_config(cfg.adapter), adapter_name=POLICY)
         model.add_adapter(REFERENCE, lora_config(cfg.adapter))  # lora_B = 0: exactly the SFT model
         model.set_requires_grad([REFERENCE], False)
