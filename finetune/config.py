@@ -337,7 +337,8 @@ class SamplingParams:
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p (1 keeps all)."""
     top_k: int = 0
-    """Keep only the k most likely tokens (0 keeps all)."""
+    """Keep only the k most likely tokens (0 keeps all). In PPO the policy is then the softmax over those k logits:
+    its log-probs, the reference's and the entropy are taken over each position's rollout top k."""
     batch_size: int = 64
     """Sequences generated together per process."""
     seed: int = 0
@@ -549,10 +550,10 @@ class PPOConfig(RunConfig):
             raise ConfigError("ppo trains adapters on one shared base; set adapter.method to lora or qlora")
         if self.adapter.method == "qlora" and self.model.dtype == "float16":
             raise ConfigError("adapter.method=qlora trains in bf16 or fp32 compute; set model.dtype to auto or bfloat16")
-        if self.sampling.temperature <= 0 or self.sampling.top_p != 1.0 or self.sampling.top_k != 0:
+        if self.sampling.temperature <= 0 or self.sampling.top_p != 1.0:
             raise ConfigError(
-                "ppo samples from the policy itself: set sampling.temperature > 0, sampling.top_p=1 and sampling.top_k=0"
-                " (truncated sampling would make the rollout log-probs wrong)"
+                "ppo samples from the policy itself: set sampling.temperature > 0 and sampling.top_p=1 (top_k works: "
+                "the policy is then the softmax over the k largest logits; nucleus sampling is not supported)"
             )
         if self.resume and not self.ppo.save_every:
             raise ConfigError("--resume needs checkpoints; ppo.save_every=0 writes none")

@@ -32,6 +32,7 @@ __all__ = [
     "sequence_logprobs",
     "shift_for_causal_lm",
     "token_logprobs",
+    "top_k_support",
 ]
 
 
@@ -131,6 +132,7 @@ def chunked_token_logprobs(
     labels: Tensor,
     chunk_size: int = 1024,
     ignore_index: int = -100,
+    support: Tensor | None = None,
 ) -> Tensor:
     """Per-token log-probs straight from the final hidden states, never building the full ``[B, T, V]`` logits.
 
@@ -149,19 +151,55 @@ def chunked_token_logprobs(
         labels: ``[B, T]`` token ids; ``ignore_index`` positions give 0.
         chunk_size: token positions per chunk; need not divide ``B * T``.
         ignore_index: label value of positions to skip.
+        support: optional ``[B, T, k]`` token ids (:func:`top_k_support`): each position's distribution is then the
+            softmax over those k logits only, the distribution top-k sampling draws from. Every counted label must be
+            among its position's ids.
 
     Returns:
         ``[B, T]`` float32 (float64 for float64 inputs) per-token log-probs, equal to
-        ``token_logprobs(hidden_states @ lm_head_weight.T, labels)``.
+        ``token_logprobs(hidden_states @ lm_head_weight.T, labels)`` (with ``support``: the log-probs of the logits
+        gathered at ``support``).
     """
     batch, seq, _ = hidden_states.shape
     if labels.shape != (batch, seq):
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden_states {tuple(hidden_states.shape)}")
-    chunk = functools.partial(_chunk_logprobs, ignore_index=ignore_index)
+    if support is None:
+        chunk = functools.partial(_chunk_logprobs, ignore_index=ignore_index)
+        return _map_position_chunks(chunk, hidden_states, lm_head_weight, chunk_size, labels)
+    chunk = functools.partial(_chunk_support_logprobs, ignore_index=ignore_index)
+    return _map_position_chunks(chunk, hidden_states, lm_head_weight, chunk_size, labels, support)
+
+
+@torch.no_grad()
+def top_k_support(
+    hidden_states: Tensor, lm_head_weight: Tensor, k: int, labels: Tensor, chunk_size: int = 1024,
+    ignore_index: int = -100,
+) -> Tensor:
+    """The ids of the ``k`` largest logits at each position: the tokens top-k sampling draws from.
+
+    Where a position's label is not among them (a near-tie at the k-th logit that the sampler, whose cached
+    forward differs in the last bits, broke the other way), it replaces the k-th id, so the sampled token is always in
+    its position's support. Chunked like :func:`chunked_token_logprobs`; no gradients.
+
+    Args:
+        hidden_states: ``[B, T, H]`` final hidden states, aligned with ``labels``.
+        lm_head_weight: ``[V, H]`` output projection.
+        k: support size, at most ``V``.
+        labels: ``[B, T]`` the sampled tokens; ``ignore_index`` positions keep their plain top k.
+        chunk_size: positions per chunk.
+
+    Returns:
+        ``[B, T, k]`` int64 token ids, largest logit first.
+    """
+    if not 1 <= k <= lm_head_weight.shape[0]:
+        raise ValueError(f"k must be in [1, {lm_head_weight.shape[0]}], got {k}")
+    chunk = functools.partial(_chunk_top_k, k=k, ignore_index=ignore_index)
     return _map_position_chunks(chunk, hidden_states, lm_head_weight, chunk_size, labels)
 
 
-def chunked_entropy(hidden_states: Tensor, lm_head_weight: Tensor, chunk_size: int = 1024) -> Tensor:
+def chunked_entropy(
+    hidden_states: Tensor, lm_head_weight: Tensor, chunk_size: int = 1024, support: Tensor | None = None
+) -> Tensor:
     """Entropy (nats) of the next-token distribution at each position, straight from the final hidden states.
 
     ``entropy_from_logits(hidden_states @ lm_head_weight.T)`` without ever holding the full logits: the positions are
@@ -173,27 +211,30 @@ def chunked_entropy(hidden_states: Tensor, lm_head_weight: Tensor, chunk_size: i
         hidden_states: ``[..., H]`` final hidden states (after the final norm).
         lm_head_weight: ``[V, H]`` output projection; no bias.
         chunk_size: positions per chunk.
+        support: optional ``[..., k]`` token ids: the entropy of the softmax over those logits only.
 
     Returns:
         ``[...]`` float32 (float64 for float64 inputs) entropies.
     """
-    return _map_position_chunks(_chunk_entropy, hidden_states, lm_head_weight, chunk_size)
+    if support is None:
+        return _map_position_chunks(_chunk_entropy, hidden_states, lm_head_weight, chunk_size)
+    return _map_position_chunks(_chunk_support_entropy, hidden_states, lm_head_weight, chunk_size, support)
 
 
 def _map_position_chunks(fn, hidden_states: Tensor, lm_head_weight: Tensor, chunk_size: int, *per_position: Tensor):
     """The one chunking loop behind :func:`chunked_token_logprobs` and :func:`chunked_entropy` (and, through the
     former, ``finetune.kernels.policy_token_logprobs``).
 
-    Flattens ``hidden_states`` ``[..., H]`` (and each ``per_position`` tensor ``[...]``) over positions and returns
-    ``fn(hidden_chunk, lm_head_weight, *per_position_chunks)`` (``[n]`` per chunk of ``n`` positions) joined back
-    into ``[...]``. With autograd on, each chunk is checkpointed (``use_reentrant=False``): only its inputs are kept
+    Flattens ``hidden_states`` ``[..., H]`` (and each ``per_position`` tensor ``[..., *rest]``) over positions and
+    returns ``fn(hidden_chunk, lm_head_weight, *per_position_chunks)`` (``[n, *out]`` per chunk of ``n`` positions)
+    joined back into ``[..., *out]``. With autograd on, each chunk is checkpointed (``use_reentrant=False``): only its inputs are kept
     and its logits are recomputed in the backward.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     shape = hidden_states.shape[:-1]
     flat_hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    flat_extra = [t.reshape(-1) for t in per_position]
+    flat_extra = [t.reshape(flat_hidden.shape[0], *t.shape[len(shape):]) for t in per_position]
     use_checkpoint = torch.is_grad_enabled() and (hidden_states.requires_grad or lm_head_weight.requires_grad)
     chunks = []
     for start in range(0, flat_hidden.shape[0], chunk_size):
@@ -202,12 +243,34 @@ def _map_position_chunks(fn, hidden_states: Tensor, lm_head_weight: Tensor, chun
         chunks.append(checkpoint(fn, *args, use_reentrant=False) if use_checkpoint else fn(*args))
     if not chunks:
         return hidden_states.new_zeros(shape, dtype=_compute_dtype(hidden_states.dtype))
-    return torch.cat(chunks).view(shape)
+    joined = torch.cat(chunks)
+    return joined.view(*shape, *joined.shape[1:])
 
 
 def _chunk_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
     """One chunk of ``chunked_token_logprobs``: ``[n, H]`` hidden, ``[V, H]`` weight, ``[n]`` labels -> ``[n]``."""
     return _gather_logprobs(hidden @ weight.t(), labels, ignore_index)
+
+
+def _chunk_support_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, support: Tensor, ignore_index: int):
+    """One chunk of ``chunked_token_logprobs`` over a support: ``[n, k]`` ids -> ``[n]`` label log-probs."""
+    logits = (hidden @ weight.t()).to(_compute_dtype(hidden.dtype))
+    ignored = labels == ignore_index
+    chosen = logits.gather(-1, labels.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)
+    return (chosen - logits.gather(-1, support).logsumexp(dim=-1)).masked_fill(ignored, 0.0)
+
+
+def _chunk_support_entropy(hidden: Tensor, weight: Tensor, support: Tensor) -> Tensor:
+    """One chunk of ``chunked_entropy`` over a support: ``[n, k]`` ids -> ``[n]``."""
+    return _entropy((hidden @ weight.t()).gather(-1, support))
+
+
+def _chunk_top_k(hidden: Tensor, weight: Tensor, labels: Tensor, k: int, ignore_index: int) -> Tensor:
+    """One chunk of ``top_k_support``: ``[n, H]`` hidden, ``[n]`` labels -> ``[n, k]`` ids."""
+    top = (hidden @ weight.t()).topk(k, dim=-1).indices
+    missing = (labels != ignore_index) & ~(top == labels.unsqueeze(-1)).any(dim=-1)
+    top[missing, -1] = labels[missing]
+    return top
 
 
 def _chunk_entropy(hidden: Tensor, weight: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from finetune.logprobs import (
     sequence_logprobs,
     shift_for_causal_lm,
     token_logprobs,
+    top_k_support,
 )
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
@@ -245,3 +246,62 @@ def test_masked_whiten_sums_statistics_across_processes():
     assert_close(doubled, torch.tensor([-1.0, 1.0]) / math.sqrt(4 / 3))
     assert_close(masked_whiten(values, mask, eps=0.0), torch.tensor([-1.0, 1.0]) / math.sqrt(2.0))
     assert_close(seen, [torch.tensor([4.0, 2.0]), torch.tensor(2.0)])
+
+
+def test_support_logprobs_and_entropy_hand_worked():
+    """Logits [2, 0, 1, -1] (hidden = the logits, head = identity) over the support {0, 2}: the distribution is
+    softmax([2, 1]), so token 0 has log-prob -log(1 + e^-1) and token 2 has -log(1 + e), the entropy is that of
+    (1, e^-1) / (1 + e^-1); an ignored position gives 0."""
+    hidden = torch.tensor([[[2.0, 0.0, 1.0, -1.0]] * 3], dtype=torch.float64)
+    weight = torch.eye(4, dtype=torch.float64)
+    support = torch.tensor([[[0, 2]] * 3])
+    labels = torch.tensor([[0, 2, -100]])
+    out = chunked_token_logprobs(hidden, weight, labels, chunk_size=2, support=support)
+    assert_close(out, torch.tensor([[-math.log1p(math.exp(-1)), -math.log1p(math.e), 0.0]], dtype=torch.float64))
+    p = 1 / (1 + math.exp(-1))
+    expected_entropy = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    assert_close(chunked_entropy(hidden, weight, support=support), torch.full((1, 3), expected_entropy, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 1000])
+def test_support_logprobs_equal_masked_full_logits_values_and_grads(chunk_size):
+    """Over a random support of 4 of 13 tokens (containing the label), the chunked log-probs and entropies and their
+    gradients equal those of the full logits with every other token masked to -inf."""
+    torch.manual_seed(3)
+    hidden = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    support = torch.stack([torch.randperm(13)[:4] for _ in range(12)]).view(2, 6, 4)
+    labels = support[..., 1].clone()
+    labels[0, :2] = -100
+    upstream = torch.randn(2, 6, dtype=torch.float64)
+
+    logits = hidden @ weight.t()
+    outside = torch.ones_like(logits, dtype=torch.bool).scatter(-1, support, False)
+    masked = logits.masked_fill(outside, float("-inf"))
+    expected = naive_token_logprobs(masked, labels)
+    out = chunked_token_logprobs(hidden, weight, labels, chunk_size=chunk_size, support=support)
+    assert_close(out, expected)
+    assert_close(torch.autograd.grad((out * upstream).sum(), (hidden, weight)),
+                 torch.autograd.grad((expected * upstream).sum(), (hidden, weight)))
+
+    far_below = (hidden @ weight.t()).masked_fill(outside, -1e30)  # exp() is exactly 0, with finite gradients
+    expected_entropy = -(far_below.softmax(-1) * far_below.log_softmax(-1)).sum(-1)
+    entropy = chunked_entropy(hidden, weight, chunk_size=chunk_size, support=support)
+    assert_close(entropy, expected_entropy)
+    assert_close(torch.autograd.grad((entropy * upstream).sum(), (hidden, weight)),
+                 torch.autograd.grad((expected_entropy * upstream).sum(), (hidden, weight)))
+
+
+def test_top_k_support_is_the_k_largest_logits_with_the_label_kept():
+    """Logits [0, 3, 1, 2]: the top 2 are tokens 1 and 3. A label among them leaves them as they are; label 0 (what a
+    sampler whose k-th logit tied differently could draw) replaces the second; an ignored position keeps the top 2.
+    With k equal to the vocabulary the support log-probs are the full ones."""
+    hidden = torch.tensor([[[0.0, 3.0, 1.0, 2.0]] * 3])
+    weight = torch.eye(4)
+    labels = torch.tensor([[3, 0, -100]])
+    support = top_k_support(hidden, weight, 2, labels, chunk_size=2)
+    assert support.tolist() == [[[1, 3], [1, 0], [1, 3]]]
+    full = top_k_support(hidden, weight, 4, labels)
+    assert_close(chunked_token_logprobs(hidden, weight, labels, support=full), chunked_token_logprobs(hidden, weight, labels))
+    with pytest.raises(ValueError, match="k must be in"):
+        top_k_support(hidden, weight, 5, labels)

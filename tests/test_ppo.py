@@ -4,6 +4,7 @@ head train while the reference stays the SFT model. Stand-in SFT and reward runs
 saved like the recipes save them) keep these to seconds."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -179,6 +180,49 @@ def test_rollout_logprobs_equal_the_update_forward_before_a_step(tmp_path, sft_r
     assert_close(values[:, :-1].detach(), rollout.values)
     assert_close(rollout.ref_logprobs * rollout.mask, reference_logprobs(sft_model(sft_run), rollout), atol=1e-4, rtol=1e-4)
     assert (rollout.values == 0).all(), "without a reward model the value head starts at zero"
+
+
+def test_top_k_rollout_logprobs_are_over_the_sampled_support(tmp_path, sft_run, tokenizer):
+    """With top-k sampling the policy is the softmax over each position's k largest logits. The rollout's support is
+    that top k (the sampled token swapped in for the k-th where a tie put it outside), its log-probs equal the full
+    tempered logits' with every other token masked, the update forward gives the same (ratio 1), and the
+    reference, still the SFT model, gives the same on the same support (KL 0)."""
+    from finetune.logprobs import token_logprobs
+
+    roles = ppo.load_roles(ppo.resolve_init(ppo_config(tmp_path, sft_run)))
+    rollout, _, _ = rollout_batch(tokenizer)
+    weight = roles.model.get_base_model().get_output_embeddings().weight
+    ppo.score_rollout(roles, rollout, weight, temperature=0.7, batch_size=2, top_k=5)
+    mask = rollout.mask
+
+    with torch.no_grad():
+        logits = sft_model(sft_run)(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits[:, :-1]
+    top = (logits / 0.7).topk(5, dim=-1).indices
+    outside_top = mask & ~(top == rollout.labels.unsqueeze(-1)).any(-1)
+    top[outside_top, -1] = rollout.labels[outside_top]
+    assert outside_top.any(), "the stand-in SFT model ranks some reply tokens below its top 5"
+    assert torch.equal(rollout.support[mask], top[mask])
+    outside = torch.ones_like(logits, dtype=torch.bool).scatter(-1, top, False)
+    expected = token_logprobs((logits / 0.7).masked_fill(outside, float("-inf")), rollout.labels.masked_fill(~mask, -100))
+    assert_close(rollout.logprobs * mask, expected * mask, atol=1e-4, rtol=1e-4)
+    assert_close(rollout.ref_logprobs * mask, rollout.logprobs * mask)
+
+    hidden, _ = ppo.PolicyAndValue(roles)(rollout.input_ids, rollout.attention_mask)
+    logprobs = ppo.policy_logprobs(hidden, weight, rollout.labels, 0.7, rollout.support)
+    assert_close(logprobs.detach() * mask, rollout.logprobs * mask)
+    entropy = ppo.response_entropy(hidden.detach(), weight, mask, 0.7, rollout.support)
+    assert 0 < entropy < math.log(5) + 1e-6
+
+
+def test_top_k_run_starts_at_the_reference(tmp_path, sft_run):
+    """A top-k PPO run (the config check lets top_k through, not top_p): at the first iteration the policy and the
+    reference agree on every support, so the KL is 0, and the run finishes."""
+    cfg = ppo_config(tmp_path, sft_run, "--sampling.top_k=5", "--sampling.temperature=0.7", "--ppo.num_iterations=1",
+                     "--ppo.ppo_epochs=1", "--score.verifier=test_ppo:short_answer", "--eval.before_training=false")
+    summary, _ = ppo.train(cfg)
+    row = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["kl"] == pytest.approx(0.0, abs=1e-5) and 0 < row["entropy"] < math.log(5) + 1e-6
+    assert "eval_accuracy" in summary
 
 
 @pytest.fixture(scope="module")

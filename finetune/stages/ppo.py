@@ -53,7 +53,7 @@ from ..data import load_conversations
 from ..evaluate import load_callable, verifier_accuracy
 from ..generation import SamplingConfig, generate
 from ..kernels import auto_chunk_size
-from ..logprobs import chunked_entropy, chunked_token_logprobs, masked_whiten
+from ..logprobs import chunked_entropy, chunked_token_logprobs, masked_whiten, top_k_support
 from ..losses import AdaptiveKLController, FixedKLController, gae, per_token_rewards, ppo_policy_loss, ppo_value_loss
 from ..models import (
     activate_adapter,
@@ -217,6 +217,7 @@ class Rollout:
     logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    support: torch.Tensor | None = None  # [N, T, k] with top-k sampling: the tokens each position drew from
     records: list[dict] = dataclasses.field(default_factory=list)
 
 
@@ -235,20 +236,25 @@ def build_rollout(prompt_ids: list[list[int]], response_ids: list[list[int]], pa
     return Rollout(input_ids, attention_mask, labels, response[:, 1:], torch.zeros(len(rows)))
 
 
-def policy_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, temperature: float):
+def policy_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, temperature: float,
+                    support: torch.Tensor | None = None):
     """``[N, T]`` log-probs of the sampled tokens at the sampling temperature, from the last hidden states (never
-    materialising the ``[N, T, V]`` logits: ``chunked_token_logprobs``, chunks of 64 MiB of float32 logits)."""
+    materialising the ``[N, T, V]`` logits: ``chunked_token_logprobs``, chunks of 64 MiB of float32 logits). With
+    ``support`` (top-k sampling) each position's distribution is the softmax over its ``k`` rollout tokens."""
     return chunked_token_logprobs(hidden[:, :-1] / temperature, lm_head_weight, labels,
-                                  auto_chunk_size(lm_head_weight.shape[0]))
+                                  auto_chunk_size(lm_head_weight.shape[0]), support=support)
 
 
-def response_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, mask: torch.Tensor, temperature: float):
-    """Mean entropy of the tempered policy over the response tokens (``mask`` ``[N, T]``), 0 when there are none;
-    from the last hidden states of the response positions only, a chunk at a time (``chunked_entropy``)."""
-    response_hidden = hidden[:, :-1][mask.bool()]  # [tokens, H]
+def response_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, mask: torch.Tensor, temperature: float,
+                     support: torch.Tensor | None = None):
+    """Mean entropy of the tempered policy (over ``support`` where given) over the response tokens (``mask``
+    ``[N, T]``), 0 when there are none; from the response positions' last hidden states, a chunk at a time."""
+    response = mask.bool()
+    response_hidden = hidden[:, :-1][response]  # [tokens, H]
     if not len(response_hidden):
         return torch.zeros((), device=hidden.device)
-    return chunked_entropy(response_hidden / temperature, lm_head_weight, auto_chunk_size(lm_head_weight.shape[0])).mean()
+    return chunked_entropy(response_hidden / temperature, lm_head_weight, auto_chunk_size(lm_head_weight.shape[0]),
+                           support=None if support is None else support[response]).mean()
 
 
 def process_sum(accelerator):
@@ -260,34 +266,46 @@ def process_sum(accelerator):
 
 
 @torch.no_grad()
-def score_rollout(roles: Roles, rollout: Rollout, lm_head_weight, temperature: float, batch_size: int) -> None:
-    """Fill in the rollout policy's and the reference's log-probs and the value head's values (no gradients)."""
+def score_rollout(roles: Roles, rollout: Rollout, lm_head_weight, temperature: float, batch_size: int,
+                  top_k: int = 0) -> None:
+    """Fill in the rollout policy's and the reference's log-probs and the value head's values (no gradients).
+
+    With top-k sampling (``top_k > 0``) the policy is what was sampled from: at each position the softmax over the
+    policy's ``top_k`` largest logits (``rollout.support``). The policy's log-probs, now and in the updates, are
+    taken over that support, and so are the reference's: the KL penalty compares the two on the tokens the rollout
+    could have drawn, and is 0 where they agree."""
     device = next(roles.model.parameters()).device
     was_training = roles.model.training
     roles.model.eval()
-    logprobs, ref_logprobs, values = [], [], []
+    logprobs, ref_logprobs, values, supports = [], [], [], []
     for start in range(0, len(rollout.scores), batch_size):
         ids = rollout.input_ids[start : start + batch_size].to(device)
         mask = rollout.attention_mask[start : start + batch_size].to(device)
         labels = rollout.labels[start : start + batch_size].to(device)
         roles.use(POLICY)
-        logprobs.append(policy_logprobs(backbone_hidden_states(roles.model, ids, mask), lm_head_weight, labels, temperature))
+        hidden = backbone_hidden_states(roles.model, ids, mask)
+        support = top_k_support(hidden[:, :-1], lm_head_weight, top_k, labels) if top_k else None
+        logprobs.append(policy_logprobs(hidden, lm_head_weight, labels, temperature, support))
         roles.use(REFERENCE)
-        ref_logprobs.append(policy_logprobs(backbone_hidden_states(roles.model, ids, mask), lm_head_weight, labels, temperature))
+        ref_logprobs.append(policy_logprobs(backbone_hidden_states(roles.model, ids, mask), lm_head_weight, labels,
+                                            temperature, support))
         roles.use(VALUE)
         values.append(scalar_head(roles, roles.value_head, ids, mask)[:, :-1].float())
+        supports.append(support)
     roles.use(POLICY)
     roles.model.train(was_training)
     rollout.logprobs = torch.cat(logprobs).cpu()
     rollout.ref_logprobs = torch.cat(ref_logprobs).cpu()
     rollout.values = torch.cat(values).cpu()
+    rollout.support = torch.cat(supports).cpu() if top_k else None
 
 
 def sample_rollout(roles: Roles, tokenizer, prompts: list[Prompt], stop_ids, cfg: PPOConfig, scorer, seed: int) -> Rollout:
     """Sample ``sampling.num_samples`` responses per prompt with the policy, score them, and lay them out."""
     k = cfg.sampling.num_samples
     roles.use(POLICY)
-    sampling = SamplingConfig(cfg.sampling.max_new_tokens, cfg.sampling.temperature, seed=seed)
+    sampling = SamplingConfig(cfg.sampling.max_new_tokens, cfg.sampling.temperature, top_k=cfg.sampling.top_k,
+                              seed=seed)
     completions = generate(roles.model, tokenizer, [p.ids for p in prompts for _ in range(k)], stop_ids, sampling,
                            cfg.sampling.batch_size)
     samples = [Sample(p.messages, completions[i * k + j].text, index=p.index * k + j)
@@ -541,7 +559,7 @@ def train(cfg: PPOConfig) -> tuple[dict, Roles]:
         with state.split_between_processes(batch) as share:
             seed = cfg.sampling.seed + iteration * accelerator.num_processes + accelerator.process_index
             rollout = sample_rollout(roles, tokenizer, share, stop_ids, cfg, scorer, seed)
-        score_rollout(roles, rollout, lm_head_weight, temperature, cfg.ppo.mini_batch_size)
+        score_rollout(roles, rollout, lm_head_weight, temperature, cfg.ppo.mini_batch_size, cfg.sampling.top_k)
 
         # Rewards, advantages, returns: pure functions over [N, T] response tokens.
         mask = rollout.mask.float()
@@ -564,7 +582,8 @@ def train(cfg: PPOConfig) -> tuple[dict, Roles]:
                 idx = order[start : start + cfg.ppo.mini_batch_size]
                 hidden, values = policy_and_value(rollout.input_ids[idx].to(device), rollout.attention_mask[idx].to(device))
                 mb_mask = mask[idx].to(device)
-                logprobs = policy_logprobs(hidden, lm_head_weight, rollout.labels[idx].to(device), temperature)
+                support = None if rollout.support is None else rollout.support[idx].to(device)
+                logprobs = policy_logprobs(hidden, lm_head_weight, rollout.labels[idx].to(device), temperature, support)
                 pg_loss, clip_fraction, approx_kl = ppo_policy_loss(
                     logprobs, rollout.logprobs[idx].to(device), advantages[idx].to(device), mb_mask, cfg.ppo.clip_range
                 )
@@ -580,7 +599,7 @@ def train(cfg: PPOConfig) -> tuple[dict, Roles]:
                 optimizer.zero_grad()
                 optimizer_steps += 1
                 with torch.no_grad():
-                    entropy = response_entropy(hidden, lm_head_weight, mb_mask, temperature)
+                    entropy = response_entropy(hidden, lm_head_weight, mb_mask, temperature, support)
                 for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
                                    ("value_clip_fraction", value_clip_fraction), ("approx_kl", approx_kl),
                                    ("entropy", entropy), ("grad_norm", grad_norm)):
