@@ -34,7 +34,7 @@ lint: install
 
 # CPU benchmarks, then the GPU one (which prints a line and exits 0 where there is no CUDA GPU); see docs/performance.md,
 # docs/rl.md and docs/preference.md. The accuracy benchmark is last because it is long: SFT, then rejection sampling,
-# PPO and DPO for 3 seeds each, about 25 minutes on a 2-core CPU (`python benchmarks/loop_accuracy.py --smoke` checks it
+# PPO and DPO for 3 seeds each, about 35 minutes on a 2-core CPU (`python benchmarks/loop_accuracy.py --smoke` checks it
 # in minutes).
 bench: install
 	$(PY) benchmarks/sft_throughput.py

@@ -1,6 +1,6 @@
 """Verifier accuracy on the bundled suite: the SFT model, then rejection sampling, PPO and DPO from it, over seeds.
 
-    python benchmarks/loop_accuracy.py                         # SFT once, then RS, PPO, DPO for seeds 0 1 2 (CPU: ~25 min)
+    python benchmarks/loop_accuracy.py                         # SFT once, then RS, PPO, DPO for seeds 0 1 2 (CPU: ~35 min)
     python benchmarks/loop_accuracy.py --sft runs/sft --seeds 0 1 2 --methods dpo
     python benchmarks/loop_accuracy.py --smoke                 # every step end to end in minutes, tiny overrides
 
