@@ -38,6 +38,7 @@ lint: install
 # in minutes).
 bench: install
 	$(PY) benchmarks/sft_throughput.py
+	$(PY) benchmarks/sft_throughput.py --shape 52m --datasets multiturn --epochs 2
 	$(PY) benchmarks/logprobs_memory.py
 	$(PY) benchmarks/checkpointing.py
 	$(PY) benchmarks/sampling_throughput.py

@@ -66,28 +66,39 @@ def measure_description(device: str) -> str:
     return "peak resident memory of the process minus its resident memory before loading"
 
 
-def build_base_and_sft(directory: Path, shape: dict = SHAPE) -> dict:
-    """A base model directory (weights + the tiny tokenizer) and a stand-in SFT run (LoRA adapter + config.yaml) on
-    it: ``{"base", "sft", "base_parameters"}``."""
+def build_base(base_dir: Path, shape: dict = SHAPE) -> int:
+    """A randomly initialised LLaMA of ``shape`` with the tiny tokenizer (its vocabulary and special ids), saved as
+    a model directory ``model.name`` can point at; returns its parameter count."""
     import torch
-    from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finetune.config import AdapterConfig, ModelConfig, SFTConfig
-    from finetune.models import load_tokenizer, lora_config
-    from finetune.runs import write_config
+    from finetune.models import load_tokenizer
     from finetune.tiny import tiny_model_dir
 
     tiny = json.loads((tiny_model_dir() / "config.json").read_text())
     config = LlamaConfig(**{**{k: tiny[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id",
                                                     "max_position_embeddings", "rms_norm_eps")}, **shape})
     torch.manual_seed(0)
-    base_dir, sft_dir = directory / "base", directory / "sft"
     base = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in base.parameters())
     base.save_pretrained(base_dir)
-    del base
     load_tokenizer("tiny").save_pretrained(base_dir)
+    return n_params
+
+
+def build_base_and_sft(directory: Path, shape: dict = SHAPE) -> dict:
+    """A base model directory (:func:`build_base`) and a stand-in SFT run (LoRA adapter + config.yaml) on it:
+    ``{"base", "sft", "base_parameters"}``."""
+    import torch
+    from peft import get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from finetune.config import AdapterConfig, ModelConfig, SFTConfig
+    from finetune.models import lora_config
+    from finetune.runs import write_config
+
+    base_dir, sft_dir = directory / "base", directory / "sft"
+    n_params = build_base(base_dir, shape)
     adapter = AdapterConfig(**LORA)
 
     sft = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir), lora_config(adapter))

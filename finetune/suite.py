@@ -19,6 +19,8 @@ SEED = 1234
 NUM_EVAL = 200
 RL_SEED = 7
 NUM_RL_NEW_PROMPTS = 1000
+MULTITURN_SEED = 11
+MAX_TURNS = 8
 
 WORDS = (
     "apple bird cake door egg fish goat hat ink jam kite lamp moon nest owl pen queen rose sun tree "
@@ -204,6 +206,26 @@ def rl_split(seed: int = RL_SEED, num_new: int = NUM_RL_NEW_PROMPTS) -> list[dic
     return records
 
 
+def multiturn(split: list[dict], seed: int = MULTITURN_SEED, max_turns: int = MAX_TURNS) -> list[dict]:
+    """The split's exchanges, in order, chained into conversations of 1 to ``max_turns`` user/assistant turns (the
+    count drawn uniformly), as chat-messages records with each turn's ``tasks`` and ``answers``.
+
+    Every exchange appears once. The single-turn suite is 20 to 24 tokens a conversation, so batches of 8 are 97% real
+    tokens and packing has nothing to remove; chat data runs from one turn to many (ShareGPT), and these, 23 to 190
+    tokens, are what ``benchmarks/sft_throughput.py`` also measures on.
+    """
+    rng = random.Random(seed)
+    conversations, start = [], 0
+    while start < len(split):
+        turns = split[start : start + rng.randint(1, max_turns)]
+        start += len(turns)
+        messages = [m for r in turns for m in ({"role": "user", "content": r["prompt"]},
+                                               {"role": "assistant", "content": r["answer"]})]
+        conversations.append({"messages": messages, "tasks": [r["task"] for r in turns],
+                              "answers": [r["answer"] for r in turns]})
+    return conversations
+
+
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data_formats" / "samples"
 
 
@@ -245,6 +267,7 @@ def sample_files() -> dict[str, list[dict]]:
         for fmt, records in as_formats(split).items():
             files[f"suite_{fmt}_{split_name}.jsonl"] = records
     files["suite_messages_rl.jsonl"] = as_messages(rl_split())
+    files["suite_messages_multiturn_train.jsonl"] = multiturn(generate()["train"])
     return files
 
 

@@ -97,6 +97,20 @@ def test_sft_throughput_packs_to_the_baselines_step_count(monkeypatch):
     assert bench.packed_row_length(lengths, rows=1, longest=5) == 20
 
 
+def test_sft_throughput_padding_efficiency_and_table(monkeypatch):
+    # Lengths 3, 5, 2 | 4, 1, 3 | 2 in batches of 3 pad to 15 + 12 + 2 = 29 tokens, 20 of them real.
+    bench = load("sft_throughput", monkeypatch)
+    assert bench.padding_efficiency([3, 5, 2, 4, 1, 3, 2], 3) == 20 / 29
+    arm = {"real_tokens_per_second": 300.0, "optimizer_steps": 10, "train_seconds": 1.0, "peak_rss_mib": 100.0,
+           "eval_loss": 1.5, "packed_row_length": 64}
+    results = {"device": "CPU", "model": "tiny", "epochs": 1.0, "datasets": {"multiturn": {
+        "conversations": 7, "min_tokens": 1, "max_tokens": 5, "padding_efficiency": 20 / 29,
+        "arms": {"ours": arm, "trl_defaults": {**arm, "real_tokens_per_second": 150.0, "packed_row_length": None}}}}}
+    text = bench.table(results)
+    assert "multiturn: 7 conversations of 1-5 tokens (batches of 8 are 69% real tokens); ours packs 64-token rows" in text
+    assert "| real tokens / s | 300 | 150 | 2.00 |" in text
+
+
 def test_loop_accuracy_smoke_configs_parse_and_rejection_sampling_keeps_wrong_answers(monkeypatch, tmp_path):
     # The smoke SFT answers nothing right; its rejection sampling must still keep samples to reach the fine-tune
     # (the shipped config keeps only verified ones, and once made the smoke run stop there).

@@ -44,6 +44,22 @@ def test_shipped_sample_files_match_the_generator():
         assert shipped == records, f"{name} is stale: run python -m finetune.suite --write"
 
 
+def test_multiturn_chains_every_train_exchange_once_in_order():
+    """Every train exchange appears once, in order, in conversations of 1 to 8 turns (both ends occur); the shipped
+    file reads as chat messages."""
+    from finetune.data import load_conversations
+
+    train = suite.generate()["train"]
+    conversations = suite.multiturn(train)
+    turns = [len(c["tasks"]) for c in conversations]
+    assert min(turns) == 1 and max(turns) == suite.MAX_TURNS
+    flat = [m["content"] for c in conversations for m in c["messages"]]
+    assert flat == [x for r in train for x in (r["prompt"], r["answer"])]
+    assert all(c["answers"] == [m["content"] for m in c["messages"][1::2]] for c in conversations)
+    loaded = load_conversations("bundled:suite_messages_multiturn_train.jsonl")
+    assert len(loaded) == len(conversations) and loaded[0].messages == conversations[0]["messages"]
+
+
 def test_pretraining_corpus_never_contains_an_eval_prompt():
     from finetune.tiny import pretraining_documents
 
