@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 ARMS = {
-    "ours": "our recipe: BFD packing, one padding-free row per step, position ids restarting per conversation",
+    "ours": "our recipe: BFD packing, one padding-free row per step, each conversation attending only to itself",
     "trl_defaults": "TRL SFTTrainer defaults: padded batches of 8, no packing, activation checkpointing on",
 }
 

@@ -82,8 +82,9 @@ def choose_attention(
     """The attention backend for ``requested`` on a machine described by the arguments (pure: no probing).
 
     Args:
-        requested: ``auto``, or a backend name passed through unchanged (``sdpa``, ``eager``, ``flash_attention_2``,
-            ``flash_attention_3``, a ``kernels-community/...`` hub kernel).
+        requested: ``auto``, or a backend name passed through unchanged (``sdpa``, ``sdpa_packed``, ``eager``,
+            ``flash_attention_2``, ``flash_attention_3``, a ``kernels-community/...`` hub kernel). ``auto`` picks
+            FlashAttention where it can run, else ``sdpa_packed`` (:func:`packed_sdpa_attention_forward`).
         dtype: the model's compute dtype; FlashAttention runs in bf16/fp16 only.
         cuda: whether a CUDA GPU is available.
         capability: its compute capability ``(major, minor)``; FlashAttention 3 needs Hopper (9.x), 2 needs 8.0+.
@@ -98,18 +99,18 @@ def choose_attention(
     if requested != "auto":
         return AttentionChoice(requested, "as configured")
     if not cuda:
-        return AttentionChoice("sdpa", "auto: no CUDA GPU")
+        return AttentionChoice(PACKED_SDPA, "auto: no CUDA GPU")
     if dtype not in (torch.bfloat16, torch.float16):
-        return AttentionChoice("sdpa", f"auto: FlashAttention needs bf16/fp16, the model runs in {dtype}")
+        return AttentionChoice(PACKED_SDPA, f"auto: FlashAttention needs bf16/fp16, the model runs in {dtype}")
     major, minor = capability or (0, 0)
     if major == 9 and flash3:
         return AttentionChoice("flash_attention_3", f"auto: CUDA sm{major}{minor}, FlashAttention 3 available")
     if major >= 8 and flash2:
         return AttentionChoice("flash_attention_2", f"auto: CUDA sm{major}{minor}, FlashAttention 2 available")
     if major < 8:
-        return AttentionChoice("sdpa", f"auto: CUDA sm{major}{minor} is older than FlashAttention's sm80")
+        return AttentionChoice(PACKED_SDPA, f"auto: CUDA sm{major}{minor} is older than FlashAttention's sm80")
     return AttentionChoice(
-        "sdpa", f"auto: CUDA sm{major}{minor} but no FlashAttention (pip install flash-attn, or the kernels package)"
+        PACKED_SDPA, f"auto: CUDA sm{major}{minor} but no FlashAttention (pip install flash-attn, or the kernels package)"
     )
 
 
@@ -142,6 +143,8 @@ def resolve_attn_implementation(requested: str, dtype) -> str:
     Returns:
         A value for ``from_pretrained(attn_implementation=...)``.
     """
+    if requested == PACKED_SDPA:
+        return register_packed_sdpa()
     if requested != "auto":
         return requested
     import torch
@@ -158,15 +161,70 @@ def resolve_attn_implementation(requested: str, dtype) -> str:
         flash2=wants_flash and _flash_available(2),
     )
     announce(f"attention: {choice.implementation} ({choice.reason})")
+    if choice.implementation == PACKED_SDPA:
+        register_packed_sdpa()
     return choice.implementation
 
 
-def available_attention_backends() -> list[str]:
-    """Backends that run on this machine: ``sdpa`` and ``eager`` everywhere, plus FlashAttention on a GPU that has
-    it (bf16). What the packed-equals-unpacked test goes over."""
+PACKED_SDPA = "sdpa_packed"
+
+
+def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                                  scaling: float | None = None, cu_seq_lens_q=None, cu_seq_lens_k=None, **kwargs):
+    """Transformers' SDPA attention, except on a padding-free packed row: there, causal SDPA over each conversation
+    on its own.
+
+    A packed row (batch of 1, ``cu_seq_lens_q == cu_seq_lens_k`` from TRL's padding-free collator) otherwise goes
+    through SDPA with a block-diagonal mask over the whole row: work and memory in the square of the row's length,
+    where FlashAttention's variable-length kernel does only the diagonal blocks. Without that kernel (a CPU, a GPU
+    without flash-attn) this does the same with one SDPA call per conversation. Everything else (padded batches,
+    generation with a KV cache) is ``sdpa_attention_forward`` unchanged.
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    packed = (cu_seq_lens_q is not None and cu_seq_lens_k is not None and query.shape[0] == 1
+              and query.shape[2] == key.shape[2] and torch_equal(cu_seq_lens_q, cu_seq_lens_k))
+    if not packed:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     import torch
 
-    backends = ["sdpa", "eager"]
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    bounds = cu_seq_lens_q.tolist()
+    parts = [
+        torch.nn.functional.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end],
+                                                         value[:, :, start:end], dropout_p=dropout, scale=scaling,
+                                                         is_causal=True)
+        for start, end in zip(bounds, bounds[1:]) if end > start
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+@functools.cache
+def register_packed_sdpa() -> str:
+    """Register :func:`packed_sdpa_attention_forward` with transformers as ``sdpa_packed`` (SDPA's mask function
+    for the other batches); returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention_forward)
+    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+    return PACKED_SDPA
+
+
+def available_attention_backends() -> list[str]:
+    """Backends that run on this machine: ``sdpa``, ``sdpa_packed`` and ``eager`` everywhere, plus FlashAttention on
+    a GPU that has it (bf16). What the packed-equals-unpacked test goes over."""
+    import torch
+
+    backends = ["sdpa", PACKED_SDPA, "eager"]
     if torch.cuda.is_available():
         major, _ = torch.cuda.get_device_capability()
         if major == 9 and _flash_available(3):

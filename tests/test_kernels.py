@@ -26,13 +26,14 @@ BF16, FP32 = torch.bfloat16, torch.float32
 @pytest.mark.parametrize(
     "requested, dtype, cuda, capability, flash3, flash2, expected",
     [
-        ("auto", FP32, False, None, False, False, "sdpa"),  # CPU
+        ("auto", FP32, False, None, False, False, "sdpa_packed"),  # CPU
         ("auto", BF16, True, (9, 0), True, True, "flash_attention_3"),  # H100 with FA3
         ("auto", BF16, True, (9, 0), False, True, "flash_attention_2"),  # H100 with FA2 only
         ("auto", BF16, True, (8, 0), True, True, "flash_attention_2"),  # A100: FA3 is Hopper-only
-        ("auto", BF16, True, (8, 0), False, False, "sdpa"),  # A100 without flash-attn
-        ("auto", BF16, True, (7, 5), False, True, "sdpa"),  # T4: too old for FlashAttention 2
-        ("auto", FP32, True, (9, 0), True, True, "sdpa"),  # FlashAttention has no float32
+        ("auto", BF16, True, (8, 0), False, False, "sdpa_packed"),  # A100 without flash-attn
+        ("auto", BF16, True, (7, 5), False, True, "sdpa_packed"),  # T4: too old for FlashAttention 2
+        ("auto", FP32, True, (9, 0), True, True, "sdpa_packed"),  # FlashAttention has no float32
+        ("sdpa", FP32, False, None, False, False, "sdpa"),  # plain SDPA stays available
         ("eager", BF16, True, (9, 0), True, True, "eager"),  # an explicit choice is kept
         ("flash_attention_2", FP32, False, None, False, False, "flash_attention_2"),
     ],
@@ -44,11 +45,14 @@ def test_choose_attention(requested, dtype, cuda, capability, flash3, flash2, ex
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
-def test_auto_is_sdpa_on_cpu():
-    """On a machine without CUDA, ``auto`` loads the model with SDPA and says why."""
-    assert resolve_attn_implementation("auto", FP32) == "sdpa"
+def test_auto_is_packed_sdpa_on_cpu(tmp_path):
+    """On a machine without CUDA, ``auto`` loads the model with SDPA (one packed conversation at a time) and says
+    why; a saved model does not carry the name, so it loads anywhere."""
+    assert resolve_attn_implementation("auto", FP32) == "sdpa_packed"
     model = load_base_model(ModelConfig(attn_implementation="auto"), "full", for_training=False)
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "sdpa_packed"
+    model.save_pretrained(tmp_path)
+    assert "sdpa_packed" not in (tmp_path / "config.json").read_text()
 
 
 def padded_and_packed(rows, pad_token_id):
@@ -82,7 +86,7 @@ def assert_packed_equals_padded(model, rows, padded, packed, atol, rtol, loss_to
     torch.testing.assert_close(out_packed.loss.float(), out_padded.loss.float(), atol=loss_tol, rtol=loss_tol)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_packed", "eager"])
 def test_packed_equals_padded_on_cpu(tokenizer, rows, backend):
     """Five conversations of different lengths, padded with a mask and packed into one row without one: under each
     CPU backend the packed conversations do not see each other (identical logits at every real token, same loss)."""
@@ -227,3 +231,27 @@ def test_4bit_layers_bitsandbytes_cannot_repack_for_its_cpu_kernel_keep_their_la
     model = load_base_model(ModelConfig(name="tiny"), "qlora", for_training=False)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_packed_sdpa_attends_within_each_conversation_only():
+    """Random q/k/v for a row of three conversations (GQA, 4 query and 2 key/value heads): the packed path equals
+    causal SDPA over each conversation alone; without cu_seq_lens (a padded batch) it is transformers' SDPA."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    from finetune.kernels import packed_sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    query, key, value = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    cu = torch.tensor([0, 3, 8, 12], dtype=torch.int32)
+    out, _ = packed_sdpa_attention_forward(module, query, key, value, None, scaling=0.5, cu_seq_lens_q=cu,
+                                           cu_seq_lens_k=cu)
+    k, v = repeat_kv(key, 2), repeat_kv(value, 2)
+    for start, end in ((0, 3), (3, 8), (8, 12)):
+        alone = torch.nn.functional.scaled_dot_product_attention(query[:, :, start:end], k[:, :, start:end],
+                                                                 v[:, :, start:end], is_causal=True, scale=0.5)
+        torch.testing.assert_close(out[:, start:end], alone.transpose(1, 2))
+    plain, _ = packed_sdpa_attention_forward(module, query, key, value, None, scaling=0.5)
+    expected, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.5)
+    torch.testing.assert_close(plain, expected)
