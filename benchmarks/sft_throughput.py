@@ -3,17 +3,18 @@
     python benchmarks/sft_throughput.py                                  # or: make bench (tiny LLaMA, both data sets)
     python benchmarks/sft_throughput.py --shape 52m --datasets multiturn  # a 52M LLaMA (minutes)
 
-Both arms train the same tiny LLaMA with the same LoRA, on the same pre-tokenised conversations (so the loss is
+Both arms train the same LLaMA with the same LoRA, on the same pre-tokenised conversations (so the loss is
 the same quantity: assistant tokens only), for the same epochs, optimizer steps, learning rate and seed, one after
 the other in this one run. The baseline keeps TRL's defaults for what a user who does not tune gets: padded batches
 of 8 with no packing and activation checkpointing on. Ours packs the same conversations best-fit-decreasing into one
 padding-free row per step, the row length chosen so that it takes as many steps as the baseline's batches of 8 (so
-each update sees the same conversations' worth of tokens, and the eval losses compare like for like). Each arm runs
-in its own process, so peak memory is its own.
+each update sees the same conversations' worth of tokens, and the eval losses compare like for like); with
+``attn_implementation: auto`` and no FlashAttention each conversation in a row attends only to itself
+(``sdpa_packed``). Each arm runs in its own process, so peak memory is its own.
 
 Two training sets, each measured with both arms: ``suite``, the bundled single-turn conversations (20 to 24 tokens
 each, so batches of 8 are 97% real tokens and packing has little to remove), and ``multiturn``, the same exchanges
-chained into conversations of 1 to 8 turns (23 to 190 tokens, ``finetune.suite.multiturn``), the spread of
+chained into conversations of 1 to 8 turns (21 to 182 tokens, ``finetune.suite.multiturn``), the spread of
 lengths chat data has. ``--shape 52m`` trains a randomly initialised 52M-parameter LLaMA (``peak_memory.SHAPES``,
 the tiny tokenizer) instead of the tiny one, where the work per token outweighs the fixed cost of a step as it does
 for the models users train.

@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 FLASH_BACKENDS = ("flash_attention_3", "flash_attention_2")
+PACKED_SDPA = "sdpa_packed"  # transformers' SDPA, one conversation at a time on a packed row
 
 # Liger's LLaMA kernels we apply (kwargs of liger_kernel.transformers.apply_liger_kernel_to_llama). The two loss
 # kernels stay off: TRL's trainers compute the loss through their own fused LM head and refuse Liger's, and plain
@@ -166,9 +167,6 @@ def resolve_attn_implementation(requested: str, dtype) -> str:
     return choice.implementation
 
 
-PACKED_SDPA = "sdpa_packed"
-
-
 def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                   scaling: float | None = None, cu_seq_lens_q=None, cu_seq_lens_k=None, **kwargs):
     """Transformers' SDPA attention, except on a padding-free packed row: there, causal SDPA over each conversation
@@ -180,15 +178,15 @@ def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dro
     without flash-attn) this does the same with one SDPA call per conversation. Everything else (padded batches,
     generation with a KV cache) is ``sdpa_attention_forward`` unchanged.
     """
+    import torch
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     packed = (cu_seq_lens_q is not None and cu_seq_lens_k is not None and query.shape[0] == 1
-              and query.shape[2] == key.shape[2] and torch_equal(cu_seq_lens_q, cu_seq_lens_k))
+              and query.shape[2] == key.shape[2] and cu_seq_lens_q.shape == cu_seq_lens_k.shape
+              and bool(torch.equal(cu_seq_lens_q, cu_seq_lens_k)))
     if not packed:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    import torch
-
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     bounds = cu_seq_lens_q.tolist()
@@ -199,12 +197,6 @@ def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dro
         for start, end in zip(bounds, bounds[1:]) if end > start
     ]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return a.shape == b.shape and bool(torch.equal(a, b))
 
 
 @functools.cache

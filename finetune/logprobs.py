@@ -227,8 +227,8 @@ def _map_position_chunks(fn, hidden_states: Tensor, lm_head_weight: Tensor, chun
 
     Flattens ``hidden_states`` ``[..., H]`` (and each ``per_position`` tensor ``[..., *rest]``) over positions and
     returns ``fn(hidden_chunk, lm_head_weight, *per_position_chunks)`` (``[n, *out]`` per chunk of ``n`` positions)
-    joined back into ``[..., *out]``. With autograd on, each chunk is checkpointed (``use_reentrant=False``): only its inputs are kept
-    and its logits are recomputed in the backward.
+    joined back into ``[..., *out]``. With autograd on, each chunk is checkpointed (``use_reentrant=False``): only
+    its inputs are kept and its logits are recomputed in the backward.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

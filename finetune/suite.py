@@ -211,7 +211,7 @@ def multiturn(split: list[dict], seed: int = MULTITURN_SEED, max_turns: int = MA
     count drawn uniformly), as chat-messages records with each turn's ``tasks`` and ``answers``.
 
     Every exchange appears once. The single-turn suite is 20 to 24 tokens a conversation, so batches of 8 are 97% real
-    tokens and packing has nothing to remove; chat data runs from one turn to many (ShareGPT), and these, 23 to 190
+    tokens and packing has nothing to remove; chat data runs from one turn to many (ShareGPT), and these, 21 to 182
     tokens, are what ``benchmarks/sft_throughput.py`` also measures on.
     """
     rng = random.Random(seed)
