@@ -292,12 +292,14 @@ def test_value_head_trains(trained):
 
 
 def test_qlora_one_iteration(tmp_path, sft_run):
-    """The one base in 4-bit NF4 (bitsandbytes on CPU): the four roles still switch and the policy still trains."""
+    """The one base in 4-bit NF4 (bitsandbytes on CPU), with top-k rollouts as the tiny QLoRA config samples: the
+    four roles still switch and the policy still trains."""
     import bitsandbytes as bnb
 
     cfg = parse_args(PPOConfig, ["--init", str(sft_run), "--output_dir", str(tmp_path / "q"), *QUICK,
                                  "--adapter.method=qlora", "--ppo.num_iterations=1", "--ppo.ppo_epochs=1",
-                                 "--score.verifier=test_ppo:short_answer", "--eval.before_training=false"])
+                                 "--sampling.top_k=5", "--score.verifier=test_ppo:short_answer",
+                                 "--eval.before_training=false"])
     summary, roles = ppo.train(cfg)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in roles.model.modules())
     row = json.loads((tmp_path / "q" / "metrics.jsonl").read_text().splitlines()[0])
