@@ -41,13 +41,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _gather_logprobs(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+def _gather_logprobs(logits: Tensor, labels: Tensor, ignore_index: int, support: Tensor | None = None) -> Tensor:
     """``log_softmax(logits)[label]`` as ``logits[label] - logsumexp(logits)``, 0 where ``label == ignore_index``.
 
     Args:
         logits: ``[N, V]`` in any floating dtype; upcast to float32 here, one call's worth at a time.
         labels: ``[N]`` token ids aligned with ``logits``.
         ignore_index: label value that marks positions to skip.
+        support: optional ``[N, k]`` token ids to normalise over instead of the whole vocabulary (each label among
+            its row's ids).
 
     Returns:
         ``[N]`` float32 (float64 for float64 logits) log-probabilities.
@@ -56,7 +58,8 @@ def _gather_logprobs(logits: Tensor, labels: Tensor, ignore_index: int) -> Tenso
     ignored = labels == ignore_index
     safe_labels = labels.masked_fill(ignored, 0)
     chosen = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    return (chosen - logits.logsumexp(dim=-1)).masked_fill(ignored, 0.0)
+    normaliser = logits if support is None else logits.gather(-1, support)
+    return (chosen - normaliser.logsumexp(dim=-1)).masked_fill(ignored, 0.0)
 
 
 def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
@@ -163,11 +166,9 @@ def chunked_token_logprobs(
     batch, seq, _ = hidden_states.shape
     if labels.shape != (batch, seq):
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden_states {tuple(hidden_states.shape)}")
-    if support is None:
-        chunk = functools.partial(_chunk_logprobs, ignore_index=ignore_index)
-        return _map_position_chunks(chunk, hidden_states, lm_head_weight, chunk_size, labels)
-    chunk = functools.partial(_chunk_support_logprobs, ignore_index=ignore_index)
-    return _map_position_chunks(chunk, hidden_states, lm_head_weight, chunk_size, labels, support)
+    chunk = functools.partial(_chunk_logprobs, ignore_index=ignore_index)
+    per_position = (labels,) if support is None else (labels, support)
+    return _map_position_chunks(chunk, hidden_states, lm_head_weight, chunk_size, *per_position)
 
 
 @torch.no_grad()
@@ -216,9 +217,8 @@ def chunked_entropy(
     Returns:
         ``[...]`` float32 (float64 for float64 inputs) entropies.
     """
-    if support is None:
-        return _map_position_chunks(_chunk_entropy, hidden_states, lm_head_weight, chunk_size)
-    return _map_position_chunks(_chunk_support_entropy, hidden_states, lm_head_weight, chunk_size, support)
+    per_position = () if support is None else (support,)
+    return _map_position_chunks(_chunk_entropy, hidden_states, lm_head_weight, chunk_size, *per_position)
 
 
 def _map_position_chunks(fn, hidden_states: Tensor, lm_head_weight: Tensor, chunk_size: int, *per_position: Tensor):
@@ -247,22 +247,11 @@ def _map_position_chunks(fn, hidden_states: Tensor, lm_head_weight: Tensor, chun
     return joined.view(*shape, *joined.shape[1:])
 
 
-def _chunk_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
-    """One chunk of ``chunked_token_logprobs``: ``[n, H]`` hidden, ``[V, H]`` weight, ``[n]`` labels -> ``[n]``."""
-    return _gather_logprobs(hidden @ weight.t(), labels, ignore_index)
-
-
-def _chunk_support_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, support: Tensor, ignore_index: int):
-    """One chunk of ``chunked_token_logprobs`` over a support: ``[n, k]`` ids -> ``[n]`` label log-probs."""
-    logits = (hidden @ weight.t()).to(_compute_dtype(hidden.dtype))
-    ignored = labels == ignore_index
-    chosen = logits.gather(-1, labels.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)
-    return (chosen - logits.gather(-1, support).logsumexp(dim=-1)).masked_fill(ignored, 0.0)
-
-
-def _chunk_support_entropy(hidden: Tensor, weight: Tensor, support: Tensor) -> Tensor:
-    """One chunk of ``chunked_entropy`` over a support: ``[n, k]`` ids -> ``[n]``."""
-    return _entropy((hidden @ weight.t()).gather(-1, support))
+def _chunk_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, support: Tensor | None = None, *,
+                    ignore_index: int) -> Tensor:
+    """One chunk of ``chunked_token_logprobs``: ``[n, H]`` hidden, ``[V, H]`` weight, ``[n]`` labels (and ``[n, k]``
+    support ids) -> ``[n]``."""
+    return _gather_logprobs(hidden @ weight.t(), labels, ignore_index, support)
 
 
 def _chunk_top_k(hidden: Tensor, weight: Tensor, labels: Tensor, k: int, ignore_index: int) -> Tensor:
@@ -273,9 +262,10 @@ def _chunk_top_k(hidden: Tensor, weight: Tensor, labels: Tensor, k: int, ignore_
     return top
 
 
-def _chunk_entropy(hidden: Tensor, weight: Tensor) -> Tensor:
-    """One chunk of ``chunked_entropy``: ``[n, H]`` hidden, ``[V, H]`` weight -> ``[n]``."""
-    return _entropy(hidden @ weight.t())
+def _chunk_entropy(hidden: Tensor, weight: Tensor, support: Tensor | None = None) -> Tensor:
+    """One chunk of ``chunked_entropy``: ``[n, H]`` hidden, ``[V, H]`` weight (and ``[n, k]`` support ids) -> ``[n]``."""
+    logits = hidden @ weight.t()
+    return _entropy(logits if support is None else logits.gather(-1, support))
 
 
 def _entropy(logits: Tensor) -> Tensor:
