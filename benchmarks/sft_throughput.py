@@ -107,13 +107,14 @@ def worker(arm: str, dataset: str, model: str, samples: int, epochs: float, lear
         load_conversations(cfg.data.train, limit=samples), template, tokenizer, cfg.data.max_length
     )
     eval_rows, _ = tokenize_conversations(load_conversations(cfg.data.eval), template, tokenizer, cfg.data.max_length)
+    lengths = [len(row["input_ids"]) for row in train_rows]
     out = tempfile.mkdtemp(prefix=f"bench-{arm}-")
     if arm == "ours":
         args = trl_arguments(cfg, Path(out), has_eval=True)
         args.eval_packing = False
         steps_per_epoch = -(-len(train_rows) // TRL_DEFAULT_BATCH)
-        longest = max(len(row["input_ids"]) for row in train_rows + eval_rows)
-        args.max_length = packed_row_length([len(row["input_ids"]) for row in train_rows], steps_per_epoch, longest)
+        longest = max(lengths + [len(row["input_ids"]) for row in eval_rows])
+        args.max_length = packed_row_length(lengths, steps_per_epoch, longest)
     else:
         # Only what cannot stay default on a CPU-only box, or would make the arms incomparable, is set.
         args = TRLSFTConfig(
@@ -158,7 +159,15 @@ def worker(arm: str, dataset: str, model: str, samples: int, epochs: float, lear
         "train_loss": result.training_loss,
         "eval_loss": eval_loss,
         "packed_row_length": args.max_length if arm == "ours" else None,
+        # The training set's, the same in both arms (``main`` moves them up to the data set's entry).
+        "conversations": len(lengths),
+        "min_tokens": min(lengths),
+        "max_tokens": max(lengths),
+        "padding_efficiency": padding_efficiency(lengths, TRL_DEFAULT_BATCH),
     }
+
+
+DATA_FIGURES = ("conversations", "min_tokens", "max_tokens", "padding_efficiency")
 
 
 def table(results: dict) -> str:
@@ -186,23 +195,6 @@ def table(results: dict) -> str:
             ratio = ours[key] / base[key] if base[key] else float("nan")
             lines.append(f"| {label} | {fmt.format(ours[key])} | {fmt.format(base[key])} | {ratio:.2f} |")
     return "\n".join(lines)
-
-
-def length_figures(dataset: str, model: str, samples: int) -> dict:
-    """Conversation count, shortest and longest in tokens, and the share of real tokens in TRL's padded batches of
-    8 (of consecutive conversations: TRL shuffles, which moves it a little)."""
-    from finetune.config import SFTConfig, parse_args
-    from finetune.data import load_conversations, tokenize_conversations
-    from finetune.models import load_tokenizer
-    from finetune.templates import get_template
-
-    cfg = parse_args(SFTConfig, ["--data.max_length=256"])
-    tokenizer = load_tokenizer(model)
-    rows, _ = tokenize_conversations(load_conversations(DATASETS[dataset], limit=samples),
-                                     get_template("llama3", tokenizer), tokenizer, cfg.data.max_length)
-    lengths = [len(row["input_ids"]) for row in rows]
-    return {"conversations": len(lengths), "min_tokens": min(lengths), "max_tokens": max(lengths),
-            "padding_efficiency": padding_efficiency(lengths, TRL_DEFAULT_BATCH)}
 
 
 def padding_efficiency(lengths: list[int], batch: int) -> float:
@@ -257,7 +249,7 @@ def main() -> int:
     }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for dataset in args.datasets:
-        measured = {"data": DATASETS[dataset], **length_figures(dataset, model, args.samples), "arms": {}}
+        measured = {"data": DATASETS[dataset], "arms": {}}
         for arm in ARMS:
             with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
                 cmd = [sys.executable, __file__, "--worker", arm, "--worker_dataset", dataset, "--worker_model", model,
@@ -268,6 +260,8 @@ def main() -> int:
                 print(f"running {arm} on {dataset}: {ARMS[arm]}", flush=True)
                 subprocess.run(cmd, check=True, env=env, cwd=ROOT)
                 measured["arms"][arm] = json.loads(Path(tmp.name).read_text())
+        for arm in measured["arms"].values():
+            measured.update({key: arm.pop(key) for key in DATA_FIGURES})
         ours, base = measured["arms"]["ours"], measured["arms"]["trl_defaults"]
         measured["ratios"] = {
             "tokens_per_second": ours["real_tokens_per_second"] / base["real_tokens_per_second"],
