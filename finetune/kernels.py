@@ -11,10 +11,9 @@ Three things live here, each usable on its own:
   (the one ``TrainingArguments(use_liger_kernel=True)`` calls). Liger's fused linear cross-entropy stays off: TRL's
   trainers already score through a fused, chunked LM head (``trl.trainer.utils.add_fused_lm_head``) and reject it,
   and our own loops use :func:`policy_token_logprobs`.
-- :func:`policy_token_logprobs` / :func:`policy_sequence_logprobs`: the log-prob of each label token computed from
-  the final hidden states and ``lm_head`` chunk by chunk (:func:`finetune.logprobs.chunked_token_logprobs`, chunks
-  of 64 MiB of logits by default), so the ``[batch, seq, vocab]`` float32 logits never exist, in the forward or the
-  backward.
+- :func:`policy_token_logprobs`: the log-prob of each label token computed from the final hidden states and
+  ``lm_head`` chunk by chunk (:func:`finetune.logprobs.chunked_token_logprobs`, chunks of 64 MiB of logits by
+  default), so the ``[batch, seq, vocab]`` float32 logits never exist, in the forward or the backward.
 
 Every choice is printed once per process (on the main process only), e.g.
 ``attention: flash_attention_2 (auto: CUDA sm80, flash-attn installed)`` or ``liger kernels: off (no CUDA GPU)``.
@@ -37,7 +36,6 @@ __all__ = [
     "available_attention_backends",
     "choose_attention",
     "choose_liger",
-    "policy_sequence_logprobs",
     "has_plain_lm_head",
     "policy_token_logprobs",
     "resolve_attn_implementation",
@@ -361,18 +359,3 @@ def policy_token_logprobs(
 
     chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
     return chunked_token_logprobs(hidden, weight, labels[:, 1:].to(weight.device), chunk_size, ignore_index)
-
-
-def policy_sequence_logprobs(model, input_ids, attention_mask=None, labels=None, *, average: bool = False, **kwargs):
-    """``[B]`` sum (or, with ``average``, per-token mean) of :func:`policy_token_logprobs` over the counted tokens:
-    ``log pi(response | prompt)`` for DPO, rejection sampling and evaluation, equal to
-    ``finetune.logprobs.sequence_logprobs(model(...).logits, labels)``. ``kwargs`` go to
-    :func:`policy_token_logprobs`."""
-    ignore_index = kwargs.get("ignore_index", -100)
-    if labels is None:
-        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
-    per_token = policy_token_logprobs(model, input_ids, attention_mask, labels, **kwargs)
-    total = per_token.sum(dim=-1)
-    if not average:
-        return total
-    return total / (labels[:, 1:] != ignore_index).sum(dim=-1).clamp(min=1).to(total.device)

@@ -1,15 +1,15 @@
-"""Training losses as pure functions over log-probs, scores and values, one function per variant.
+"""The losses the toolkit computes itself, as pure functions over scores, log-probs and values.
 
-No model, trainer or config object goes in; the recipes compute log-probs with ``finetune.logprobs`` and call these.
+No model, trainer or config object goes in. Each has a runtime caller: ``bradley_terry_loss`` gives the reward
+model's held-out loss and accuracy (``finetune.scoring``), and the PPO functions (``gae``, ``ppo_policy_loss``,
+``ppo_value_loss``, ``per_token_rewards``, the KL controllers) are the PPO stage's update. The SFT, DPO and reward
+training losses are TRL's (``SFTTrainer``, ``DPOTrainer``, ``RewardTrainer``); the paper formulas that check TRL
+computes them are test oracles in ``tests/loss_oracles.py``, not library code.
 
-Return convention (every function returns a tuple, documented per function):
-
-- Sequence-level losses (the DPO family, Bradley-Terry) return per-example losses ``[B]`` first, and the caller
-  takes ``.mean()``, as torchtune does: ``(losses, chosen_rewards, rejected_rewards)`` for preference losses, with
-  the rewards detached (they are for logging).
-- Token-level losses (SFT, PPO policy and value) return a scalar first, because their normaliser is a token count
-  (over the accumulated batch for SFT, over masked response tokens for PPO), not the number of sequences; a
-  per-example ``[B]`` that the caller averages would weight short and long sequences differently.
+Return convention (every function returns a tuple, documented per function): ``bradley_terry_loss`` returns
+per-pair losses ``[B]`` first and the caller takes ``.mean()``; the PPO losses return a scalar first, because their
+normaliser is the count of masked response tokens, not the number of sequences (a per-example ``[B]`` that the
+caller averages would weight short and long responses differently).
 """
 
 from __future__ import annotations
@@ -18,240 +18,44 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from finetune.logprobs import masked_mean, shift_for_causal_lm, token_logprobs
+from finetune.logprobs import masked_mean
 
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "bradley_terry_loss",
-    "dpo_hinge_loss",
-    "dpo_label_smoothed_loss",
-    "dpo_sigmoid_loss",
     "gae",
-    "ipo_loss",
     "kl_k1",
-    "kl_k2",
     "kl_k3",
     "per_token_rewards",
     "ppo_policy_loss",
     "ppo_value_loss",
-    "sft_loss",
 ]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# SFT
-
-
-def sft_loss(
-    logits: Tensor,
-    labels: Tensor,
-    num_items_in_batch: int | Tensor | None = None,
-    ignore_index: int = -100,
-) -> tuple[Tensor, Tensor]:
-    """Next-token cross entropy summed over trained tokens and divided by the token count of the global batch.
-
-    The causal shift is done here (``labels`` are the input ids with non-trained positions set to ``ignore_index``,
-    as for a Hugging Face causal LM). Dividing each micro-batch's token *sum* by the number of trained tokens in the
-    whole accumulated batch (what transformers' ``Trainer`` passes as ``num_items_in_batch``) makes the accumulated
-    gradient the gradient of the token mean over the whole batch, so "batch 1 x accumulation 4" equals "batch 4 x
-    accumulation 1". Averaging each micro-batch's own token mean would instead over-weight micro-batches with few
-    trained tokens.
-
-    Args:
-        logits: ``[B, T, V]`` model output.
-        labels: ``[B, T]`` unshifted labels.
-        num_items_in_batch: trained (non-ignored, post-shift) tokens in the whole accumulated batch; None divides by
-            this batch's own count (plain token mean).
-        ignore_index: label value of positions that are not trained.
-
-    Returns:
-        ``(loss, num_tokens)``: scalar float32 loss, and the scalar count of trained tokens in this batch (sum these
-        over the micro-batches of a step to get ``num_items_in_batch``).
-    """
-    shifted_logits, shifted_labels = shift_for_causal_lm(logits, labels)
-    nll_sum = -token_logprobs(shifted_logits, shifted_labels, ignore_index).sum()
-    num_tokens = (shifted_labels != ignore_index).sum()
-    denominator = num_tokens.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-    return nll_sum / denominator, num_tokens
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Preference optimisation on policy / reference log-probs (DPO family)
-
-
-def _dpo_logits_and_rewards(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    reference_chosen_logps: Tensor,
-    reference_rejected_logps: Tensor,
-    beta: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``h = (pi_c - ref_c) - (pi_r - ref_r)`` and the detached implicit rewards ``beta * (pi - ref)``."""
-    chosen_logratios = policy_chosen_logps - reference_chosen_logps
-    rejected_logratios = policy_rejected_logps - reference_rejected_logps
-    h = chosen_logratios - rejected_logratios
-    return h, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
-
-
-def dpo_sigmoid_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    reference_chosen_logps: Tensor,
-    reference_rejected_logps: Tensor,
-    beta: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Direct Preference Optimization: ``-log sigmoid(beta * h)``.
-
-    Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
-    https://arxiv.org/abs/2305.18290 (Eq. 7), with
-    ``h = (log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))``. Same as TRL's ``loss_type="sigmoid"``.
-
-    Args:
-        policy_chosen_logps: ``[B]`` summed log-probs of the chosen responses under the policy
-            (``finetune.logprobs.sequence_logprobs``).
-        policy_rejected_logps: ``[B]`` same for the rejected responses.
-        reference_chosen_logps: ``[B]`` chosen responses under the frozen reference model.
-        reference_rejected_logps: ``[B]`` rejected responses under the reference.
-        beta: KL-regularisation strength (0.1 is the usual default).
-
-    Returns:
-        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are ``beta * (policy - reference)``,
-        detached.
-    """
-    h, chosen_rewards, rejected_rewards = _dpo_logits_and_rewards(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta
-    )
-    return -F.logsigmoid(beta * h), chosen_rewards, rejected_rewards
-
-
-def dpo_label_smoothed_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    reference_chosen_logps: Tensor,
-    reference_rejected_logps: Tensor,
-    beta: float,
-    label_smoothing: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Conservative DPO (cDPO): DPO when each preference label is flipped with probability ``label_smoothing``.
-
-    ``-(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)``: the binary cross entropy of
-    ``sigmoid(beta * h)`` against the smoothed target ``1 - eps``. Mitchell 2023, "A note on DPO with noisy
-    preferences & relationship to IPO", https://ericmitchell.ai/cdpo.pdf. This is TRL's ``sigmoid`` loss with
-    ``label_smoothing > 0`` (TRL < 1.0) and its ``aot`` weighting; it is NOT TRL's ``robust`` loss (Chowdhury et al.
-    2024, https://arxiv.org/abs/2403.00409), which subtracts the flipped term and divides by ``1 - 2 eps``.
-    ``label_smoothing=0`` gives ``dpo_sigmoid_loss``.
-
-    Args:
-        policy_chosen_logps: ``[B]`` summed log-probs of the chosen responses under the policy.
-        policy_rejected_logps: ``[B]`` same for the rejected responses.
-        reference_chosen_logps: ``[B]`` chosen responses under the reference model.
-        reference_rejected_logps: ``[B]`` rejected responses under the reference.
-        beta: KL-regularisation strength.
-        label_smoothing: assumed label-flip probability ``eps`` in ``[0, 0.5)``.
-
-    Returns:
-        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards detached.
-    """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    h, chosen_rewards, rejected_rewards = _dpo_logits_and_rewards(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta
-    )
-    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    return losses, chosen_rewards, rejected_rewards
-
-
-def ipo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    reference_chosen_logps: Tensor,
-    reference_rejected_logps: Tensor,
-    beta: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Identity Preference Optimisation: ``(h - 1 / (2 * beta)) ** 2``.
-
-    Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences",
-    https://arxiv.org/abs/2310.12036 (Eq. 17, with ``beta`` the paper's ``tau``). It regresses the log-ratio gap
-    onto a fixed target instead of pushing it to infinity, so it does not over-fit deterministic preferences.
-
-    Pass PER-TOKEN AVERAGED log-probs (``sequence_logprobs(..., average=True)``), not sums: with sums the squared loss
-    grows with response length. TRL 1.16 does the same (``trl/trainer/dpo_trainer.py``, ``loss_type == "ipo"``: it
-    divides the summed log-ratios by the completion length, a normalisation the IPO authors confirmed), and since
-    policy and reference score the same tokens, averaging each log-prob equals averaging the log-ratio. The returned
-    rewards are then per-token too.
-
-    Args:
-        policy_chosen_logps: ``[B]`` per-token mean log-probs of the chosen responses under the policy.
-        policy_rejected_logps: ``[B]`` same for the rejected responses.
-        reference_chosen_logps: ``[B]`` chosen responses under the reference model, averaged the same way.
-        reference_rejected_logps: ``[B]`` rejected responses under the reference, averaged the same way.
-        beta: regularisation strength; the target log-ratio gap is ``1 / (2 * beta)``.
-
-    Returns:
-        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards detached.
-    """
-    h, chosen_rewards, rejected_rewards = _dpo_logits_and_rewards(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta
-    )
-    return (h - 1 / (2 * beta)) ** 2, chosen_rewards, rejected_rewards
-
-
-def dpo_hinge_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    reference_chosen_logps: Tensor,
-    reference_rejected_logps: Tensor,
-    beta: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Hinge loss on the reference-normalised log-ratio gap (SLiC-HF): ``relu(1 - beta * h)``.
-
-    Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback", https://arxiv.org/abs/2305.10425
-    (the rank calibration loss), in the reference-normalised form of TRL's ``loss_type="hinge"``; ``1 / beta`` plays the
-    role of the margin ``delta``.
-
-    Args:
-        policy_chosen_logps: ``[B]`` summed log-probs of the chosen responses under the policy.
-        policy_rejected_logps: ``[B]`` same for the rejected responses.
-        reference_chosen_logps: ``[B]`` chosen responses under the reference model.
-        reference_rejected_logps: ``[B]`` rejected responses under the reference.
-        beta: inverse margin.
-
-    Returns:
-        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards detached.
-    """
-    h, chosen_rewards, rejected_rewards = _dpo_logits_and_rewards(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta
-    )
-    return torch.relu(1 - beta * h), chosen_rewards, rejected_rewards
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Reward model
 
 
-def bradley_terry_loss(
-    chosen_scores: Tensor, rejected_scores: Tensor, margin: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Pairwise Bradley-Terry loss for reward modelling: ``-log sigmoid(r_c - r_r - margin)``.
+def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Pairwise Bradley-Terry loss for reward modelling: ``-log sigmoid(r_c - r_r)``.
 
     Ouyang et al. 2022, "Training language models to follow instructions with human feedback",
-    https://arxiv.org/abs/2203.02155 (Eq. 1); the optional margin is Llama 2's (Touvron et al. 2023,
-    https://arxiv.org/abs/2307.09288, Eq. 2), larger for pairs the annotators rated as clearly different.
+    https://arxiv.org/abs/2203.02155 (Eq. 1). TRL's ``RewardTrainer`` computes the same loss in training (tested in
+    ``tests/test_reward.py``); this function gives the held-out loss and accuracy over every eval pair
+    (``finetune.scoring``), which the trainer's batched eval does not report exactly.
 
     Args:
         chosen_scores: ``[B]`` scalar rewards of the chosen responses.
         rejected_scores: ``[B]`` scalar rewards of the rejected responses.
-        margin: optional ``[B]`` (or broadcastable) margin the chosen score must exceed the rejected one by.
 
     Returns:
         ``(losses, accuracy)``: ``[B]`` per-pair losses, and the detached scalar fraction of pairs with
-        ``chosen > rejected`` strictly (ties count as wrong; the margin does not enter).
+        ``chosen > rejected`` strictly (ties count as wrong).
     """
     diff = chosen_scores - rejected_scores
-    logits = diff if margin is None else diff - margin
     accuracy = (diff.detach() > 0).float().mean()
-    return -F.logsigmoid(logits), accuracy
+    return -F.logsigmoid(diff), accuracy
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -357,8 +161,9 @@ def ppo_value_loss(
 
 
 # KL estimators, per token, for samples drawn from the policy p: http://joschu.net/blog/kl-approx.html.
-# With r = ref(x) / p(x): k1 = -log r (unbiased, high variance, can be negative), k2 = (log r)^2 / 2 (biased, low
-# variance), k3 = (r - 1) - log r (unbiased, low variance, always >= 0).
+# With r = ref(x) / p(x): k1 = -log r (unbiased, high variance, can be negative) is the reward's KL penalty
+# (per_token_rewards), as in Ziegler et al.; k3 = (r - 1) - log r (unbiased, low variance, always >= 0) is the
+# logged approx_kl between the rollout policy and the updated one.
 
 
 def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
@@ -374,21 +179,6 @@ def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
         ``[...]`` per-token estimates.
     """
     return logprobs - ref_logprobs
-
-
-def kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """``k2 = 0.5 * (logp - ref_logp)^2``: biased, low-variance estimator of ``KL(p || ref)``.
-
-    Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html.
-
-    Args:
-        logprobs: ``[...]`` log-probs of the sampled tokens under the policy.
-        ref_logprobs: ``[...]`` log-probs of the same tokens under the reference.
-
-    Returns:
-        ``[...]`` per-token estimates, >= 0.
-    """
-    return 0.5 * (logprobs - ref_logprobs) ** 2
 
 
 def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:

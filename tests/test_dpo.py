@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from loss_oracles import dpo_hinge_loss, dpo_label_smoothed_loss, dpo_sigmoid_loss, ipo_loss, sft_loss
 from torch.testing import assert_close
 
 from finetune.config import AdapterConfig, ConfigError, DPOConfig, DPOParams, SFTConfig, parse_args
 from finetune.data import load_preferences
 from finetune.logprobs import sequence_logprobs
-from finetune.losses import dpo_hinge_loss, dpo_label_smoothed_loss, dpo_sigmoid_loss, ipo_loss, sft_loss
 from finetune.models import lora_config, resolve_model
 from finetune.preference_data import split_pair, tokenize_pairs_for_dpo
 from finetune.recipe import launch
@@ -185,8 +185,8 @@ LOSSES = {
 @pytest.mark.parametrize("name", [*LOSSES, "sigmoid+nll"])
 def test_trl_loss_equals_ours_on_the_same_batch(name, sft_run, tokenizer, tmp_path):
     """The policy adapter is perturbed so it differs from the reference (h != 0); TRL's loss on a batch equals the
-    mean of finetune.losses' function over log-probs we compute ourselves (IPO on per-token means, as documented).
-    With dpo.nll_weight, plus that weight times finetune.losses.sft_loss over the chosen replies."""
+    mean of the paper's loss (tests/loss_oracles.py) over log-probs we compute ourselves (IPO on per-token means, as
+    TRL does). With dpo.nll_weight, plus that weight times the oracle sft_loss over the chosen replies."""
     from trl.trainer.utils import use_adapter
 
     nll_weight = 0.2 if name == "sigmoid+nll" else 0.0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from finetune.config import AdapterConfig, ModelConfig
-from finetune.kernels import policy_sequence_logprobs, policy_token_logprobs
+from finetune.kernels import policy_token_logprobs
 from finetune.logprobs import sequence_logprobs, shift_for_causal_lm, token_logprobs
 from finetune.models import load_base_model, lora_config
 
@@ -69,20 +69,16 @@ def test_token_logprobs_equal_naive_values_and_gradients(lora_model, batch):
 
 
 def test_sequence_logprobs_equal_naive(lora_model, batch):
-    """Sums and per-token means equal ``sequence_logprobs`` over the full logits; labels default to the unmasked
-    input ids; a temperature divides the logits."""
+    """Summed over each row, the chunked log-probs equal ``sequence_logprobs`` over the full logits; labels default
+    to the unmasked input ids; a temperature divides the logits."""
     ids, mask, labels = batch
     with torch.no_grad():
         logits = lora_model(input_ids=ids, attention_mask=mask).logits
-        for average in (False, True):
-            torch.testing.assert_close(
-                policy_sequence_logprobs(lora_model, ids, mask, labels, average=average, chunk_size=16),
-                sequence_logprobs(logits, labels, average=average),
-                atol=1e-4, rtol=1e-5,
-            )
+        torch.testing.assert_close(policy_token_logprobs(lora_model, ids, mask, labels, chunk_size=16).sum(-1),
+                                   sequence_logprobs(logits, labels), atol=1e-4, rtol=1e-5)
         unmasked = ids.masked_fill(mask == 0, -100)
-        torch.testing.assert_close(policy_sequence_logprobs(lora_model, ids, mask), sequence_logprobs(logits, unmasked),
-                                   atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(policy_token_logprobs(lora_model, ids, mask).sum(-1),
+                                   sequence_logprobs(logits, unmasked), atol=1e-4, rtol=1e-5)
         hot = policy_token_logprobs(lora_model, ids, mask, labels, temperature=0.7)
         torch.testing.assert_close(hot, token_logprobs(*shift_for_causal_lm(logits / 0.7, labels)), atol=1e-5, rtol=1e-5)
 
