@@ -17,7 +17,7 @@ from test_distributed import launch_recipe
 def test_two_processes_roll_out_every_prompt_exactly_once(tmp_path):
     from test_dpo import make_sft_run
 
-    from finetune.stages.ppo import prompt_schedule
+    from finetune.prompts import prompt_schedule
 
     sft = make_sft_run(tmp_path / "sft")
     out = tmp_path / "ppo"
