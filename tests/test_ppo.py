@@ -243,8 +243,15 @@ def test_run_logs_every_iteration_and_writes_the_run_directory(trained):
                  "adapter_config.json", "tokenizer.json", "generation_config.json", "loss.png",
                  "value/adapter_model.safetensors", "value/value_head.safetensors"):
         assert (out / name).is_file(), name
-    assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard events"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # TensorBoard as transformers' TensorBoardCallback writes it for SFT and DPO: runs/<date>_<host>/, train/<key>.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = out.glob("runs/*/events.out.tfevents.*")
+    board = EventAccumulator(str(events.parent))
+    board.Reload()
+    assert set(board.Tags()["scalars"]) == {f"train/{k}" for k in rows[0] if k != "step"}
+    assert [(e.step, e.value) for e in board.Scalars("train/kl")] == [(r["step"], pytest.approx(r["kl"])) for r in rows]
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         for key in ("score", "kl", "policy_loss", "value_loss", "clip_fraction", "entropy", "response_length",

@@ -11,22 +11,26 @@ roles is ``activate_adapter`` (PEFT's ``set_adapter``, keeping the trainable set
   ``module:function``) can be used instead or added to it (``finetune.scorers``).
 
 One iteration (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155; the conventions of "The N Implementation
-Details of RLHF with PPO", Huang et al. 2024):
+Details of RLHF with PPO", Huang et al. 2024) is five named phases, as torchtune's PPO recipe names them:
 
-1. Rollout: each process samples responses for its share of the iteration's prompts (``finetune.generation``) and
-   scores them; then, without gradients, the rollout policy's, the reference's and the value head's per-token
-   log-probs and values are computed.
-2. Rewards and advantages: per-token KL penalty against the reference plus the score at the last token
+1. :func:`generate_trajectory`, the rollout: each process samples ``sampling.num_samples`` responses for each of
+   its share of the iteration's prompts (``finetune.prompts.prompt_schedule``, ``finetune.rollout.sample_groups``)
+   and scores them; then, without gradients, the rollout policy's, the reference's and the value head's per-token
+   log-probs and values are computed (:func:`score_rollout`).
+2. :func:`rewards_and_advantages`: per-token KL penalty against the reference plus the score at the last token
    (``per_token_rewards``), ``gae`` advantages and returns, advantages whitened (``masked_whiten``) with the mean
    and variance of every process's response tokens together, so N processes whiten as one process would.
-3. Updates: ``ppo_epochs`` passes of shuffled minibatches; each is one forward of the policy and one of the value
-   adapter (:class:`PolicyAndValue`, the module accelerate prepares), ``ppo_policy_loss`` +
-   ``value_loss_coef * ppo_value_loss``, backward, gradient clipping, an AdamW step.
-4. The KL controller is updated with the rollout's KL; the iteration's figures go to ``metrics.jsonl``.
-5. Every ``ppo.save_every`` iterations a ``checkpoint-N/`` is written (:func:`save_checkpoint`): the trainable
-   weights, optimizer and scheduler, KL coefficient, every process's RNG states and the metrics so far, staged and
-   renamed into place once complete. ``--resume`` continues from the newest complete one exactly as the run would
-   have gone on (on CPU: the same figures at every later iteration).
+3. :func:`ppo_epochs`, the updates: ``ppo_epochs`` passes of shuffled minibatches; each is one forward of the
+   policy and one of the value adapter (:class:`PolicyAndValue`, the module accelerate prepares),
+   ``ppo_policy_loss`` + ``value_loss_coef * ppo_value_loss``, backward, gradient clipping, an AdamW step.
+4. :func:`iteration_figures` and :func:`log_iteration`: the figures averaged over processes, the KL controller
+   updated with the rollout's KL, the row written to ``metrics.jsonl`` and TensorBoard
+   (``finetune.training_loop.MetricsLog``, as SFT and DPO write theirs) and the responses to ``rollouts.jsonl``.
+5. Every ``ppo.save_every`` iterations a ``checkpoint-N/`` (``finetune.training_loop.save_checkpoint``): the
+   trainable weights, ``Accelerator.save_state``'s optimizer, scheduler and every process's RNG states, the
+   minibatch shuffle, the KL coefficient and the metrics so far, staged and renamed into place once complete.
+   ``--resume`` continues from the newest complete one exactly as the run would have gone on (on CPU: the same
+   figures at every later iteration).
 
 Entropies and log-probs are computed from the last hidden states a chunk of positions at a time
 (``chunked_token_logprobs``, ``chunked_entropy``): the ``[N, T, V]`` float32 logits never exist.
