@@ -110,6 +110,7 @@ def load_checkpoint(path: Path, accelerator, trainable: torch.nn.Module, generat
     """Load what :func:`save_checkpoint` wrote into the freshly built and prepared run (every process); returns its
     progress. Refuses a checkpoint of another number of processes (each process's random streams are its own) or
     of other trainable tensors."""
+    from accelerate.utils import RNG_STATE_NAME
     from safetensors.torch import load_file
 
     progress = json.loads((path / PROGRESS_FILE).read_text())
@@ -121,6 +122,9 @@ def load_checkpoint(path: Path, accelerator, trainable: torch.nn.Module, generat
     if saved.keys() != params.keys():
         raise ConfigError(f"--resume: the trainable tensors of {path} are not this run's (adapter or model changed?): "
                           f"{sorted(saved.keys() ^ params.keys())[:3]}")
+    rng_file = path / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
+    if not rng_file.is_file():  # accelerate would go on without it, and the run would not continue as it would have
+        raise ConfigError(f"--resume: {path} has no {rng_file.name}; it is not a checkpoint of this loop")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(saved[name])
