@@ -95,8 +95,8 @@ def arm_separate(runs: dict, out: Path, device: str) -> None:
     from finetune.logprobs import masked_whiten, token_logprobs
     from finetune.losses import gae, per_token_rewards, ppo_policy_loss, ppo_value_loss
     from finetune.models import load_sequence_classifier, load_tokenizer
-    from finetune.stages.ppo import build_rollout
-    from finetune.stages.rejection_sampling import load_prompts
+    from finetune.prompts import load_prompts
+    from finetune.rollout import build_rollout
     from finetune.templates import get_template, render, stop_token_ids
 
     cfg = parse_args(PPOConfig, ppo_args(runs, out))

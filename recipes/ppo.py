@@ -16,13 +16,15 @@ import sys
 
 from finetune.config import PPOConfig
 from finetune.recipe import launch
+from finetune.runs import process_state
 from finetune.stages import ppo
 
 
 def main(cfg: PPOConfig) -> dict:
     """Config -> base + policy/reference/value/reward adapters -> rollouts, scores, GAE, clipped updates -> save."""
     summary = ppo.run(cfg)
-    print(ppo.results_table(summary))
+    if process_state().is_main_process:  # every process returns the summary; print once
+        print(ppo.results_table(summary))
     return summary
 
 

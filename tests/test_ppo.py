@@ -13,6 +13,8 @@ from torch.testing import assert_close
 from finetune.config import AdapterConfig, ConfigError, PPOConfig, RewardConfig, parse_args
 from finetune.data import load_conversations
 from finetune.models import load_tokenizer, resolve_model
+from finetune.prompts import prompt_schedule
+from finetune.rollout import build_rollout
 from finetune.runs import write_config
 from finetune.stages import ppo
 from finetune.templates import get_template, save_with_template
@@ -86,7 +88,7 @@ def rollout_batch(tokenizer, n=3):
     prompt_ids = [render_prompt(template, c.messages[:-1], tokenizer) for c in convs]
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     responses = [tokenizer.encode(c.messages[-1]["content"], add_special_tokens=False) + [eot] for c in convs]
-    return ppo.build_rollout(prompt_ids, responses, tokenizer.pad_token_id), prompt_ids, responses
+    return build_rollout(prompt_ids, responses, tokenizer.pad_token_id), prompt_ids, responses
 
 
 def reference_logprobs(model, rollout):
@@ -110,11 +112,11 @@ def test_rollout_layout_marks_exactly_the_response_tokens(tokenizer):
 
 
 def test_prompt_schedule_covers_every_prompt_once_per_pass():
-    batches = [ppo.prompt_schedule(10, i, 4, seed=3) for i in range(5)]  # 20 prompts drawn = two passes over 10
+    batches = [prompt_schedule(10, i, 4, seed=3) for i in range(5)]  # 20 prompts drawn = two passes over 10
     flat = [i for b in batches for i in b]
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
     assert flat[:10] != flat[10:], "each pass is reshuffled"
-    assert ppo.prompt_schedule(10, 2, 4, seed=3) == batches[2]
+    assert prompt_schedule(10, 2, 4, seed=3) == batches[2]
 
 
 def test_four_roles_are_adapters_on_one_base(tmp_path, sft_run, reward_run):
@@ -241,8 +243,15 @@ def test_run_logs_every_iteration_and_writes_the_run_directory(trained):
                  "adapter_config.json", "tokenizer.json", "generation_config.json", "loss.png",
                  "value/adapter_model.safetensors", "value/value_head.safetensors"):
         assert (out / name).is_file(), name
-    assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard events"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # TensorBoard as transformers' TensorBoardCallback writes it for SFT and DPO: runs/<date>_<host>/, train/<key>.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = out.glob("runs/*/events.out.tfevents.*")
+    board = EventAccumulator(str(events.parent))
+    board.Reload()
+    assert set(board.Tags()["scalars"]) == {f"train/{k}" for k in rows[0] if k != "step"}
+    assert [(e.step, e.value) for e in board.Scalars("train/kl")] == [(r["step"], pytest.approx(r["kl"])) for r in rows]
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         for key in ("score", "kl", "policy_loss", "value_loss", "clip_fraction", "entropy", "response_length",

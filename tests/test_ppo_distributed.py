@@ -17,11 +17,11 @@ from test_distributed import launch_recipe
 def test_two_processes_roll_out_every_prompt_exactly_once(tmp_path):
     from test_dpo import make_sft_run
 
-    from finetune.stages.ppo import prompt_schedule
+    from finetune.prompts import prompt_schedule
 
     sft = make_sft_run(tmp_path / "sft")
     out = tmp_path / "ppo"
-    launch_recipe("ppo.py", 2, [
+    proc = launch_recipe("ppo.py", 2, [
         "--init", str(sft), "--output_dir", str(out), "--data.max_train_samples=10", "--data.max_eval_samples=4",
         "--eval.num_samples=4", "--sampling.num_samples=2", "--sampling.max_new_tokens=8",
         "--ppo.num_iterations=2", "--ppo.rollout_batch_size=6", "--ppo.mini_batch_size=3",
@@ -36,6 +36,7 @@ def test_two_processes_roll_out_every_prompt_exactly_once(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert (out / "adapter_model.safetensors").is_file()
     assert json.loads((out / "summary.json").read_text())["num_processes"] == 2
+    assert proc.stdout.count("KL to reference") == 1, "the results table comes from the main process only"
 
 
 def whitening_case():

@@ -59,3 +59,52 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
     assert not list(killed.glob(".checkpoint-*"))
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["iterations"] == 4 and summary["optimizer_steps"] == expected[-1]["optimizer_steps"]
+
+
+def test_loop_checkpoint_restores_weights_optimizer_scheduler_and_every_random_stream(tmp_path):
+    """finetune.training_loop's checkpoint, on a two-parameter module (one frozen): after loading, the trainable
+    weights, the optimizer's moments, the scheduler, the global RNGs and the loop's own generator are where they were
+    at the save, so the next draws and the next step equal an uninterrupted run's; the frozen weight is not saved."""
+    import random
+
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    from finetune.config import ConfigError
+    from finetune.training_loop import load_checkpoint, save_checkpoint
+
+    def build():
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+        module[1].requires_grad_(False)
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=0.1)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        accelerator = Accelerator(cpu=True)
+        return (accelerator, *accelerator.prepare(module, optimizer, scheduler), torch.Generator().manual_seed(7))
+
+    def step(module, optimizer, scheduler, generator):
+        x = torch.randn(4, 3, generator=generator) + torch.rand(1).item() + random.random() + np.random.rand()
+        module(x).pow(2).mean().backward()
+        optimizer.step(), scheduler.step(), optimizer.zero_grad()
+
+    accelerator, module, optimizer, scheduler, generator = build()
+    step(module, optimizer, scheduler, generator)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    path = save_checkpoint(tmp_path, 1, accelerator, module, generator, {"iteration": 1}, keep=None)
+    assert set(load_file(path / "trainable.safetensors")) == {"0.weight", "0.bias"}, "the frozen layer is not saved"
+    step(module, optimizer, scheduler, generator)
+    expected = [p.detach().clone() for p in module.parameters()], scheduler.get_last_lr()
+
+    accelerator, module, optimizer, scheduler, generator = build()
+    torch.rand(5), random.random(), np.random.rand()  # streams moved on: the checkpoint must put them back
+    assert load_checkpoint(path, accelerator, module, generator) == {"iteration": 1, "num_processes": 1}
+    step(module, optimizer, scheduler, generator)
+    for got, want in zip(module.parameters(), expected[0]):
+        assert torch.equal(got.detach(), want)
+    assert scheduler.get_last_lr() == expected[1]
+
+    other = torch.nn.Linear(3, 3)
+    with pytest.raises(ConfigError, match="trainable tensors of .* are not this run's"):
+        load_checkpoint(path, accelerator, other, generator)

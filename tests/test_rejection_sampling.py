@@ -269,3 +269,40 @@ def test_a_stage_continuing_an_adapter_trained_on_full_weights_needs_those_weigh
     assert run_recipe(again) == 2
     assert f"pass --model.name={full}" in capsys.readouterr().err
     assert run_recipe([*again, f"--model.name={full}"]) == 0
+
+
+def test_sample_groups_lays_out_g_samples_per_prompt_from_one_generate_call(tokenizer):
+    """The shared rollout (finetune.rollout.sample_groups, used by rejection sampling and PPO): sample j of the i-th
+    prompt is at i * G + j, its completion is what one seeded generate call over the prompts repeated G times gives,
+    and the scorer sees every sample once, numbered prompt.index * G + j."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.data import load_conversations
+    from finetune.generation import SamplingConfig, generate
+    from finetune.models import resolve_model
+    from finetune.prompts import load_prompts
+    from finetune.rollout import sample_groups
+    from finetune.scorers import VerifierScorer, WeightedSum
+    from finetune.templates import get_template, stop_token_ids
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny")).eval()
+    template = get_template("llama3", tokenizer)
+    prompts, _ = load_prompts(load_conversations("bundled:suite_messages_train.jsonl", limit=3), template, tokenizer, 256)
+    prompts = prompts[1:]  # prompt indices 1 and 2: the sample numbers follow the prompts' own indices
+    seen = []
+
+    def remember(samples):
+        seen.extend(s.index for s in samples)
+        return [float(len(s.response)) for s in samples]
+
+    remember.name = "remember"
+    scorer = WeightedSum([(VerifierScorer(shortness, name="shortness"), 1.0), (remember, 2.0)])
+    sampling, stop_ids = SamplingConfig(6, 1.0, top_k=20, seed=5), stop_token_ids(template, tokenizer)
+    samples = sample_groups(model, tokenizer, prompts, 3, stop_ids, sampling, 4, scorer)
+    direct = generate(model, tokenizer, [p.ids for p in prompts for _ in range(3)], stop_ids, sampling, 4)
+    assert [(s.prompt.index, s.sample) for s in samples] == [(p, j) for p in (1, 2) for j in range(3)]
+    assert [s.completion for s in samples] == direct
+    assert seen == [3, 4, 5, 6, 7, 8]  # prompt 1: 3 + j, prompt 2: 6 + j
+    for s in samples:
+        assert s.scores == {"shortness": shortness("", s.completion.text), "remember": float(len(s.completion.text))}
+        assert s.score == pytest.approx(s.scores["shortness"] + 2 * len(s.completion.text))

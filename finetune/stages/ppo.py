@@ -11,22 +11,26 @@ roles is ``activate_adapter`` (PEFT's ``set_adapter``, keeping the trainable set
   ``module:function``) can be used instead or added to it (``finetune.scorers``).
 
 One iteration (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155; the conventions of "The N Implementation
-Details of RLHF with PPO", Huang et al. 2024):
+Details of RLHF with PPO", Huang et al. 2024) is five named phases, as torchtune's PPO recipe names them:
 
-1. Rollout: each process samples responses for its share of the iteration's prompts (``finetune.generation``) and
-   scores them; then, without gradients, the rollout policy's, the reference's and the value head's per-token
-   log-probs and values are computed.
-2. Rewards and advantages: per-token KL penalty against the reference plus the score at the last token
+1. :func:`generate_trajectory`, the rollout: each process samples ``sampling.num_samples`` responses for each of
+   its share of the iteration's prompts (``finetune.prompts.prompt_schedule``, ``finetune.rollout.sample_groups``)
+   and scores them; then, without gradients, the rollout policy's, the reference's and the value head's per-token
+   log-probs and values are computed (:func:`score_rollout`).
+2. :func:`rewards_and_advantages`: per-token KL penalty against the reference plus the score at the last token
    (``per_token_rewards``), ``gae`` advantages and returns, advantages whitened (``masked_whiten``) with the mean
    and variance of every process's response tokens together, so N processes whiten as one process would.
-3. Updates: ``ppo_epochs`` passes of shuffled minibatches; each is one forward of the policy and one of the value
-   adapter (:class:`PolicyAndValue`, the module accelerate prepares), ``ppo_policy_loss`` +
-   ``value_loss_coef * ppo_value_loss``, backward, gradient clipping, an AdamW step.
-4. The KL controller is updated with the rollout's KL; the iteration's figures go to ``metrics.jsonl``.
-5. Every ``ppo.save_every`` iterations a ``checkpoint-N/`` is written (:func:`save_checkpoint`): the trainable
-   weights, optimizer and scheduler, KL coefficient, every process's RNG states and the metrics so far, staged and
-   renamed into place once complete. ``--resume`` continues from the newest complete one exactly as the run would
-   have gone on (on CPU: the same figures at every later iteration).
+3. :func:`ppo_epochs`, the updates: ``ppo_epochs`` passes of shuffled minibatches; each is one forward of the
+   policy and one of the value adapter (:class:`PolicyAndValue`, the module accelerate prepares),
+   ``ppo_policy_loss`` + ``value_loss_coef * ppo_value_loss``, backward, gradient clipping, an AdamW step.
+4. :func:`iteration_figures` and :func:`log_iteration`: the figures averaged over processes, the KL controller
+   updated with the rollout's KL, the row written to ``metrics.jsonl`` and TensorBoard
+   (``finetune.training_loop.MetricsLog``, as SFT and DPO write theirs) and the responses to ``rollouts.jsonl``.
+5. Every ``ppo.save_every`` iterations a ``checkpoint-N/`` (``finetune.training_loop.save_checkpoint``): the
+   trainable weights, ``Accelerator.save_state``'s optimizer, scheduler and every process's RNG states, the
+   minibatch shuffle, the KL coefficient and the metrics so far, staged and renamed into place once complete.
+   ``--resume`` continues from the newest complete one exactly as the run would have gone on (on CPU: the same
+   figures at every later iteration).
 
 Entropies and log-probs are computed from the last hidden states a chunk of positions at a time
 (``chunked_token_logprobs``, ``chunked_entropy``): the ``[N, T, V]`` float32 logits never exist.
@@ -40,18 +44,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, PPOConfig
+from ..config import ConfigError, PPOConfig, PPOParams
 from ..data import load_conversations
 from ..evaluate import load_callable, verifier_accuracy
-from ..generation import SamplingConfig, generate
+from ..generation import SamplingConfig
 from ..kernels import auto_chunk_size
 from ..logprobs import chunked_entropy, chunked_token_logprobs, masked_whiten, top_k_support
 from ..losses import AdaptiveKLController, FixedKLController, gae, per_token_rewards, ppo_policy_loss, ppo_value_loss
@@ -71,10 +72,10 @@ from ..models import (
     run_config,
     save_adapter,
 )
+from ..prompts import Prompt, load_prompts, prompt_schedule
+from ..rollout import Rollout, rollout_of, sample_groups
 from ..runs import (
-    COMPLETE_MARKER,
-    atomic_write_text,
-    checkpoints,
+    NonFiniteLossError,
     discard_incomplete_checkpoints,
     latest_complete_checkpoint,
     plot_loss,
@@ -84,9 +85,9 @@ from ..runs import (
     write_config,
     write_summary,
 )
-from ..scorers import Sample, build_scorer
+from ..scorers import build_scorer
 from ..templates import get_template, render, save_with_template, stop_token_ids
-from .rejection_sampling import Prompt, load_prompts
+from ..training_loop import MetricsLog, load_checkpoint, restore_metrics, save_checkpoint
 
 POLICY, REFERENCE, VALUE, REWARD = "policy", "reference", "value", "reward"
 TRAINABLE = (POLICY, VALUE)
@@ -204,38 +205,6 @@ class AdapterRewardModel:
 # Rollouts
 
 
-@dataclasses.dataclass
-class Rollout:
-    """One process's responses of one iteration, as ``[N, T]`` tensors over ``prompt + response`` minus the first
-    token: position ``t`` scores the token at ``t + 1``. ``mask`` is 1 on response tokens."""
-
-    input_ids: torch.Tensor  # [N, T + 1], right-padded
-    attention_mask: torch.Tensor  # [N, T + 1]
-    labels: torch.Tensor  # [N, T], the next token; -100 off the response
-    mask: torch.Tensor  # [N, T]
-    scores: torch.Tensor  # [N]
-    logprobs: torch.Tensor | None = None
-    ref_logprobs: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    support: torch.Tensor | None = None  # [N, T, k] with top-k sampling: the tokens each position drew from
-    records: list[dict] = dataclasses.field(default_factory=list)
-
-
-def build_rollout(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> Rollout:
-    """Concatenate each prompt with its response, right-pad, and mark the response tokens."""
-    rows = [p + r for p, r in zip(prompt_ids, response_ids)]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    response = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        input_ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        attention_mask[i, : len(p) + len(r)] = 1
-        response[i, len(p) : len(p) + len(r)] = True
-    labels = input_ids[:, 1:].masked_fill(~response[:, 1:], -100)
-    return Rollout(input_ids, attention_mask, labels, response[:, 1:], torch.zeros(len(rows)))
-
-
 def policy_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, temperature: float,
                     support: torch.Tensor | None = None):
     """``[N, T]`` log-probs of the sampled tokens at the sampling temperature, from the last hidden states (never
@@ -301,137 +270,160 @@ def score_rollout(roles: Roles, rollout: Rollout, lm_head_weight, temperature: f
 
 
 def sample_rollout(roles: Roles, tokenizer, prompts: list[Prompt], stop_ids, cfg: PPOConfig, scorer, seed: int) -> Rollout:
-    """Sample ``sampling.num_samples`` responses per prompt with the policy, score them, and lay them out."""
-    k = cfg.sampling.num_samples
+    """Sample ``sampling.num_samples`` responses per prompt with the policy, score them (minus
+    ``ppo.missing_stop_penalty`` for a response that never ended its turn), and lay them out."""
     roles.use(POLICY)
     sampling = SamplingConfig(cfg.sampling.max_new_tokens, cfg.sampling.temperature, top_k=cfg.sampling.top_k,
                               seed=seed)
-    completions = generate(roles.model, tokenizer, [p.ids for p in prompts for _ in range(k)], stop_ids, sampling,
-                           cfg.sampling.batch_size)
-    samples = [Sample(p.messages, completions[i * k + j].text, index=p.index * k + j)
-               for i, p in enumerate(prompts) for j in range(k)]
-    by_part = scorer.scores_by_part(samples)
-    scores = scorer.total(by_part, len(samples))
+    samples = sample_groups(roles.model, tokenizer, prompts, cfg.sampling.num_samples, stop_ids, sampling,
+                            cfg.sampling.batch_size, scorer)
+    scores = [s.score for s in samples]
     if cfg.ppo.missing_stop_penalty is not None:
-        scores = [s - cfg.ppo.missing_stop_penalty * (not c.stopped) for s, c in zip(scores, completions)]
-    responses = [c.token_ids + ([c.stop_id] if c.stopped else []) for c in completions]
-    rollout = build_rollout([p.ids for p in prompts for _ in range(k)], responses, tokenizer.pad_token_id)
-    rollout.scores = torch.tensor(scores, dtype=torch.float32)
+        scores = [score - cfg.ppo.missing_stop_penalty * (not s.completion.stopped) for score, s in zip(scores, samples)]
+    rollout = rollout_of(samples, scores, tokenizer.pad_token_id)
     rollout.records = [
-        {"prompt_index": s.index // k, "sample": s.index % k, "prompt": s.question, "response": s.response,
-         "score": score, "stopped": c.stopped, **{f"score/{name}": part[n] for name, part in by_part.items()}}
-        for n, (s, score, c) in enumerate(zip(samples, scores, completions))
+        {"prompt_index": s.prompt.index, "sample": s.sample, "prompt": s.question, "response": s.completion.text,
+         "score": score, "stopped": s.completion.stopped, **{f"score/{name}": part for name, part in s.scores.items()}}
+        for s, score in zip(samples, scores)
     ]
     return rollout
 
 
-def prompt_schedule(num_prompts: int, iteration: int, batch: int, seed: int) -> list[int]:
-    """The prompt indices of one iteration: consecutive slices of a seeded shuffle, reshuffled each pass over the
-    data (the same on every process, which then takes its share)."""
-    order: list[int] = []
-    start = iteration * batch
-    epoch = start // num_prompts
-    while len(order) < (start % num_prompts) + batch:
-        generator = torch.Generator().manual_seed(seed + epoch)
-        order += torch.randperm(num_prompts, generator=generator).tolist()
-        epoch += 1
-    offset = start % num_prompts
-    return order[offset : offset + batch]
+def generate_trajectory(roles: Roles, tokenizer, prompts: list[Prompt], stop_ids, cfg: PPOConfig, scorer, seed: int,
+                        lm_head_weight) -> Rollout:
+    """Phase 1, the rollout: this process's share of the iteration's ``prompts`` sampled and scored
+    (:func:`sample_rollout`), then the rollout policy's and the reference's log-probs and the values
+    (:func:`score_rollout`)."""
+    with process_state().split_between_processes(prompts) as share:
+        rollout = sample_rollout(roles, tokenizer, share, stop_ids, cfg, scorer, seed)
+    score_rollout(roles, rollout, lm_head_weight, cfg.sampling.temperature, cfg.ppo.mini_batch_size, cfg.sampling.top_k)
+    return rollout
+
+
+@dataclasses.dataclass
+class Advantages:
+    """Phase 2's ``[N, T]`` tensors over the response tokens of a rollout."""
+
+    rewards: torch.Tensor
+    """The KL penalty at every token plus the score at the last (whitened, mean kept, with ``ppo.whiten_rewards``)."""
+    kl: torch.Tensor
+    """Per-token ``log pi - log ref`` of the rollout."""
+    advantages: torch.Tensor
+    """GAE advantages, whitened."""
+    returns: torch.Tensor
+
+
+def rewards_and_advantages(rollout: Rollout, kl_coef: float, params: PPOParams, sum_across_processes=None) -> Advantages:
+    """Phase 2: per-token rewards (``per_token_rewards``), ``gae`` advantages and returns, advantages whitened.
+
+    The whitening statistics are over every process's tokens (``sum_across_processes``, :func:`process_sum`):
+    per-process ones would differ between processes and change with the number of processes."""
+    mask = rollout.mask.float()
+    rewards, kl = per_token_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef)
+    if params.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False, sum_across_processes=sum_across_processes)
+    advantages, returns = gae(rewards, rollout.values, mask, params.gamma, params.lam)
+    advantages = masked_whiten(advantages, mask, sum_across_processes=sum_across_processes)
+    return Advantages(rewards, kl, advantages, returns)
+
+
+UPDATE_STATS = ("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl", "entropy", "grad_norm")
+
+
+@dataclasses.dataclass
+class Optimization:
+    """What phase 3 changes: the prepared :class:`PolicyAndValue`, its optimizer and scheduler, the parameters they
+    hold (for gradient clipping), the minibatch shuffle, and the optimizer steps taken so far."""
+
+    accelerator: object
+    module: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    params: list[torch.nn.Parameter]
+    shuffle: torch.Generator
+    steps: int = 0
+
+
+def ppo_epochs(opt: Optimization, rollout: Rollout, adv: Advantages, lm_head_weight, params: PPOParams,
+               temperature: float) -> dict[str, list[float]]:
+    """Phase 3, the updates: ``params.ppo_epochs`` passes of shuffled minibatches, each one forward of the policy
+    and the value adapter, ``ppo_policy_loss + value_loss_coef * ppo_value_loss``, backward, gradient clipping and
+    an optimizer step. Returns each minibatch's figures by name (``UPDATE_STATS``)."""
+    stats: dict[str, list[float]] = {k: [] for k in UPDATE_STATS}
+    n, device, mask = len(rollout.scores), opt.accelerator.device, rollout.mask.float()
+    opt.module.train()
+    for _ in range(params.ppo_epochs):
+        order = torch.randperm(n, generator=opt.shuffle)
+        for start in range(0, n, params.mini_batch_size):
+            idx = order[start : start + params.mini_batch_size]
+            hidden, values = opt.module(rollout.input_ids[idx].to(device), rollout.attention_mask[idx].to(device))
+            mb_mask = mask[idx].to(device)
+            support = None if rollout.support is None else rollout.support[idx].to(device)
+            logprobs = policy_logprobs(hidden, lm_head_weight, rollout.labels[idx].to(device), temperature, support)
+            pg_loss, clip_fraction, approx_kl = ppo_policy_loss(
+                logprobs, rollout.logprobs[idx].to(device), adv.advantages[idx].to(device), mb_mask, params.clip_range
+            )
+            vf_loss, value_clip_fraction = ppo_value_loss(
+                values[:, :-1].float(), rollout.values[idx].to(device), adv.returns[idx].to(device), mb_mask,
+                params.clip_range_value,
+            )
+            loss = pg_loss + params.value_loss_coef * vf_loss
+            opt.accelerator.backward(loss)
+            grad_norm = opt.accelerator.clip_grad_norm_(opt.params, params.max_grad_norm)
+            opt.optimizer.step()
+            opt.scheduler.step()
+            opt.optimizer.zero_grad()
+            opt.steps += 1
+            with torch.no_grad():
+                entropy = response_entropy(hidden, lm_head_weight, mb_mask, temperature, support)
+            for key, value in zip(UPDATE_STATS, (pg_loss, vf_loss, clip_fraction, value_clip_fraction, approx_kl,
+                                                 entropy, grad_norm)):
+                stats[key].append(float(torch.as_tensor(value).detach()))
+    return stats
+
+
+def iteration_figures(rollout: Rollout, adv: Advantages, stats: dict[str, list[float]], accelerator):
+    """Phase 4's figures of one iteration, averaged over processes (collectives: every process calls it), with the
+    gathered rollout records and the number of response tokens of every process."""
+    from accelerate.utils import gather_object
+
+    mask, device = rollout.mask.float(), accelerator.device
+    local = {
+        "score": rollout.scores.mean().item(),
+        "reward": adv.rewards.sum(dim=1).mean().item(),
+        "kl": (adv.kl * mask).sum(dim=1).mean().item(),
+        "response_length": mask.sum(dim=1).mean().item(),
+        "stopped_fraction": sum(r["stopped"] for r in rollout.records) / max(len(rollout.records), 1),
+        **{k: sum(v) / len(v) for k, v in stats.items()},
+    }
+    for name in (k for k in rollout.records[0] if k.startswith("score/")) if rollout.records else ():
+        local[name] = sum(r[name] for r in rollout.records) / len(rollout.records)
+    figures = {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in local.items()}
+    records = gather_object(rollout.records) if accelerator.num_processes > 1 else rollout.records
+    response_tokens = accelerator.reduce(mask.sum().to(device), "sum").item()
+    return figures, records, response_tokens
+
+
+def log_iteration(log: MetricsLog, output_dir: Path, row: dict, records: list[dict], num_iterations: int) -> None:
+    """Phase 4's output (main process): the row to ``metrics.jsonl`` and TensorBoard, the responses to
+    ``rollouts.jsonl`` in (prompt, sample) order, and one printed line."""
+    log.log(row)
+    with open(output_dir / "rollouts.jsonl", "a") as f:
+        for record in sorted(records, key=lambda r: (r["prompt_index"], r["sample"])):
+            f.write(json.dumps({"iteration": row["step"], **record}) + "\n")
+    print(f"iteration {row['step']}/{num_iterations}: score {row['score']:.3f} kl {row['kl']:.3f} "
+          f"policy loss {row['policy_loss']:.4f} value loss {row['value_loss']:.4f} "
+          f"clip {row['clip_fraction']:.3f} entropy {row['entropy']:.3f} length {row['response_length']:.1f}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-TRAINABLE_FILE, OPTIMIZER_FILE, STATE_FILE = "trainable.safetensors", "optimizer.pt", "ppo_state.json"
-
-
-def rng_states(shuffle: torch.Generator) -> dict:
-    """This process's random states: Python, NumPy, torch (CPU and CUDA) and the minibatch shuffle generator."""
-    import numpy as np
-
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "shuffle": shuffle.get_state()}
-
-
-def set_rng_states(states: dict, shuffle: torch.Generator) -> None:
-    """Restore what :func:`rng_states` recorded."""
-    import numpy as np
-
-    random.setstate(states["python"])
-    name, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
-    shuffle.set_state(states["shuffle"])
-
-
-def save_checkpoint(output_dir: Path, iteration: int, trainable: torch.nn.Module, optimizer, scheduler, shuffle,
-                    progress: dict, accelerator, keep: int | None) -> Path:
-    """Write ``checkpoint-ITERATION/`` (called by every process, after the iteration's metrics row).
-
-    It is built in ``.checkpoint-ITERATION.staging/`` (a name ``--resume`` never matches), marked complete, then
-    renamed into place, so a process killed at any point leaves either no ``checkpoint-ITERATION`` or a whole one.
-    Holds: every trainable tensor of ``trainable`` (the policy and value adapters and the value head) by name, the
-    optimizer and scheduler state, ``progress`` (iteration, optimizer steps, KL coefficient, what ``summary.json``
-    has gathered so far, the length of ``rollouts.jsonl``) as JSON, a copy of ``metrics.jsonl``, and each process's
-    RNG states. Afterwards only the newest ``keep`` checkpoints are kept (all when None)."""
-    from safetensors.torch import save_file
-
-    main = accelerator.is_main_process
-    final, staging = output_dir / f"checkpoint-{iteration}", output_dir / f".checkpoint-{iteration}.staging"
-    if main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-    accelerator.wait_for_everyone()
-    torch.save(rng_states(shuffle), staging / f"rng_state_{accelerator.process_index}.pt")
-    if main:  # the weights and optimizer state are the same on every process (DDP keeps them in step)
-        save_file({n: p.detach().cpu().contiguous() for n, p in trainable.named_parameters() if p.requires_grad},
-                  staging / TRAINABLE_FILE)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / OPTIMIZER_FILE)
-        shutil.copyfile(output_dir / "metrics.jsonl", staging / "metrics.jsonl")
-        (staging / STATE_FILE).write_text(json.dumps({**progress, "num_processes": accelerator.num_processes}))
-    accelerator.wait_for_everyone()  # every process's RNG file is written before the checkpoint counts
-    if main:
-        atomic_write_text(staging / COMPLETE_MARKER, json.dumps({"step": iteration}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        complete = [path for _, path in checkpoints(output_dir) if (path / COMPLETE_MARKER).is_file()]
-        for old in complete[: -keep] if keep else ():
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(path: Path, trainable: torch.nn.Module, optimizer, scheduler, shuffle, accelerator) -> dict:
-    """Load what :func:`save_checkpoint` wrote into the freshly built run (every process); returns its progress."""
-    from safetensors.torch import load_file
-
-    progress = json.loads((path / STATE_FILE).read_text())
-    if progress["num_processes"] != accelerator.num_processes:
-        raise ConfigError(f"--resume: {path} was written by {progress['num_processes']} processes, this run has "
-                          f"{accelerator.num_processes}; resume with the same number (the minibatch order is per process)")
-    saved = load_file(path / TRAINABLE_FILE)
-    params = {n: p for n, p in trainable.named_parameters() if p.requires_grad}
-    if saved.keys() != params.keys():
-        raise ConfigError(f"--resume: the trainable tensors of {path} are not this run's (adapter or model changed?): "
-                          f"{sorted(saved.keys() ^ params.keys())[:3]}")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(saved[name])
-    state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_states(torch.load(path / f"rng_state_{accelerator.process_index}.pt", weights_only=True), shuffle)
-    return progress
+# Checkpoints (``finetune.training_loop``), and rollouts.jsonl beside metrics.jsonl
 
 
 def restore_logs(output_dir: Path, checkpoint: Path, progress: dict) -> None:
     """Roll ``metrics.jsonl`` and ``rollouts.jsonl`` back to the checkpoint (main process), so the rows of the
     iterations run after it, which the resumed run repeats, are not written twice."""
-    atomic_write_text(output_dir / "metrics.jsonl", (checkpoint / "metrics.jsonl").read_text())
+    restore_metrics(output_dir, checkpoint)
     rollouts = output_dir / "rollouts.jsonl"
     if rollouts.exists():
         with open(rollouts, "r+b") as f:
@@ -471,8 +463,6 @@ def run(cfg: PPOConfig) -> dict:
 def train(cfg: PPOConfig) -> tuple[dict, Roles]:
     """:func:`run`, also returning the trained roles (the tests inspect the adapters after training)."""
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
-    from torch.utils.tensorboard import SummaryWriter
     from transformers import get_scheduler, set_seed
 
     cfg = resolve_init(cfg)  # a bad --init fails before anything is written
@@ -541,122 +531,47 @@ def train(cfg: PPOConfig) -> tuple[dict, Roles]:
     sum_across_processes = process_sum(accelerator)
     trainable = accelerator.unwrap_model(policy_and_value)
 
-    optimizer_steps, start_iteration, previous_seconds = 0, 0, 0.0
+    opt = Optimization(accelerator, policy_and_value, optimizer, scheduler, params, shuffle)
+    start_iteration, previous_seconds = 0, 0.0
     if resume_from:
-        progress = load_checkpoint(resume_from, trainable, optimizer, scheduler, shuffle, accelerator)
-        start_iteration, optimizer_steps = progress["iteration"], progress["optimizer_steps"]
+        progress = load_checkpoint(resume_from, accelerator, trainable, shuffle)
+        start_iteration, opt.steps = progress["iteration"], progress["optimizer_steps"]
         kl_ctl.value, previous_seconds = progress["kl_coef"], progress["train_seconds"]
         summary.update(progress["summary"])
         if main:
             restore_logs(output_dir, resume_from, progress)
             print(f"resuming from {resume_from} (iteration {start_iteration} of {cfg.ppo.num_iterations})")
         state.wait_for_everyone()
-    writer = SummaryWriter(str(output_dir / "runs" / time.strftime("%b%d_%H-%M-%S"))) if main else None
+    log = MetricsLog(output_dir, main)
     started = time.perf_counter()
     for iteration in range(start_iteration, cfg.ppo.num_iterations):
         t0 = time.perf_counter()
         batch = [prompts[i] for i in prompt_schedule(len(prompts), iteration, cfg.ppo.rollout_batch_size, cfg.ppo.seed)]
-        with state.split_between_processes(batch) as share:
-            seed = cfg.sampling.seed + iteration * accelerator.num_processes + accelerator.process_index
-            rollout = sample_rollout(roles, tokenizer, share, stop_ids, cfg, scorer, seed)
-        score_rollout(roles, rollout, lm_head_weight, temperature, cfg.ppo.mini_batch_size, cfg.sampling.top_k)
+        seed = cfg.sampling.seed + iteration * accelerator.num_processes + accelerator.process_index
+        rollout = generate_trajectory(roles, tokenizer, batch, stop_ids, cfg, scorer, seed, lm_head_weight)
+        adv = rewards_and_advantages(rollout, kl_ctl.value, cfg.ppo, sum_across_processes)
+        stats = ppo_epochs(opt, rollout, adv, lm_head_weight, cfg.ppo, temperature)
 
-        # Rewards, advantages, returns: pure functions over [N, T] response tokens.
-        mask = rollout.mask.float()
-        rewards, kl = per_token_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_ctl.value)
-        # Whitening statistics over every process's tokens: per-process ones would differ between processes and
-        # change with the number of processes.
-        if cfg.ppo.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False, sum_across_processes=sum_across_processes)
-        advantages, returns = gae(rewards, rollout.values, mask, cfg.ppo.gamma, cfg.ppo.lam)
-        advantages = masked_whiten(advantages, mask, sum_across_processes=sum_across_processes)
-
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction",
-                                                          "value_clip_fraction", "approx_kl", "entropy", "grad_norm")}
-        n = len(rollout.scores)
-        device = accelerator.device
-        policy_and_value.train()
-        for _ in range(cfg.ppo.ppo_epochs):
-            order = torch.randperm(n, generator=shuffle)
-            for start in range(0, n, cfg.ppo.mini_batch_size):
-                idx = order[start : start + cfg.ppo.mini_batch_size]
-                hidden, values = policy_and_value(rollout.input_ids[idx].to(device), rollout.attention_mask[idx].to(device))
-                mb_mask = mask[idx].to(device)
-                support = None if rollout.support is None else rollout.support[idx].to(device)
-                logprobs = policy_logprobs(hidden, lm_head_weight, rollout.labels[idx].to(device), temperature, support)
-                pg_loss, clip_fraction, approx_kl = ppo_policy_loss(
-                    logprobs, rollout.logprobs[idx].to(device), advantages[idx].to(device), mb_mask, cfg.ppo.clip_range
-                )
-                vf_loss, value_clip_fraction = ppo_value_loss(
-                    values[:, :-1].float(), rollout.values[idx].to(device), returns[idx].to(device), mb_mask,
-                    cfg.ppo.clip_range_value,
-                )
-                loss = pg_loss + cfg.ppo.value_loss_coef * vf_loss
-                accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(params, cfg.ppo.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-                optimizer_steps += 1
-                with torch.no_grad():
-                    entropy = response_entropy(hidden, lm_head_weight, mb_mask, temperature, support)
-                for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
-                                   ("value_clip_fraction", value_clip_fraction), ("approx_kl", approx_kl),
-                                   ("entropy", entropy), ("grad_norm", grad_norm)):
-                    stats[key].append(float(torch.as_tensor(value).detach()))
-
-        # The iteration's figures, averaged over processes.
-        kl_per_response = (kl * mask).sum(dim=1)
-        local = {
-            "score": rollout.scores.mean().item(),
-            "reward": rewards.sum(dim=1).mean().item(),
-            "kl": kl_per_response.mean().item(),
-            "response_length": mask.sum(dim=1).mean().item(),
-            "stopped_fraction": sum(r["stopped"] for r in rollout.records) / max(len(rollout.records), 1),
-            **{k: sum(v) / len(v) for k, v in stats.items()},
-        }
-        for name in (k for k in rollout.records[0] if k.startswith("score/")) if rollout.records else ():
-            local[name] = sum(r[name] for r in rollout.records) / len(rollout.records)
-        figures = {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in local.items()}
-        records = gather_object(rollout.records) if accelerator.num_processes > 1 else rollout.records
-        response_tokens = accelerator.reduce(mask.sum().to(device), "sum").item()
+        figures, records, response_tokens = iteration_figures(rollout, adv, stats, accelerator)
         kl_ctl.update(figures["kl"], n_steps=len(records))
-        row = {
-            "step": iteration + 1,
-            "optimizer_steps": optimizer_steps,
-            "learning_rate": scheduler.get_last_lr()[0],
-            "loss": figures["policy_loss"] + cfg.ppo.value_loss_coef * figures["value_loss"],
-            **figures,
-            "kl_coef": kl_ctl.value,
-            "tokens_per_second": response_tokens / (time.perf_counter() - t0),
-        }
+        row = {"step": iteration + 1, "optimizer_steps": opt.steps, "learning_rate": scheduler.get_last_lr()[0],
+               "loss": figures["policy_loss"] + cfg.ppo.value_loss_coef * figures["value_loss"], **figures,
+               "kl_coef": kl_ctl.value, "tokens_per_second": response_tokens / (time.perf_counter() - t0)}
         if main:
-            with open(output_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            with open(output_dir / "rollouts.jsonl", "a") as f:
-                for record in sorted(records, key=lambda r: (r["prompt_index"], r["sample"])):
-                    f.write(json.dumps({"iteration": iteration + 1, **record}) + "\n")
-            for key, value in row.items():
-                writer.add_scalar(f"ppo/{key}", value, iteration + 1)
-            print(f"iteration {iteration + 1}/{cfg.ppo.num_iterations}: score {row['score']:.3f} kl {row['kl']:.3f} "
-                  f"policy loss {row['policy_loss']:.4f} value loss {row['value_loss']:.4f} "
-                  f"clip {row['clip_fraction']:.3f} entropy {row['entropy']:.3f} length {row['response_length']:.1f}")
+            log_iteration(log, output_dir, row, records, cfg.ppo.num_iterations)
         if not all(math.isfinite(v) for v in figures.values()):
-            from ..runs import NonFiniteLossError
-
             raise NonFiniteLossError(f"iteration {iteration + 1}: non-finite figures {figures}; lower ppo.learning_rate")
+
         done = iteration + 1
         if cfg.ppo.save_every and (done % cfg.ppo.save_every == 0 or done == cfg.ppo.num_iterations):
-            rollouts_file = output_dir / "rollouts.jsonl"
-            progress = {"iteration": done, "optimizer_steps": optimizer_steps, "kl_coef": kl_ctl.value,
+            progress = {"iteration": done, "optimizer_steps": opt.steps, "kl_coef": kl_ctl.value,
                         "train_seconds": previous_seconds + time.perf_counter() - started,
                         "summary": {k: summary[k] for k in ("init_eval_accuracy",) if k in summary},
-                        "rollouts_bytes": rollouts_file.stat().st_size if main else 0}
-            save_checkpoint(output_dir, done, trainable, optimizer, scheduler, shuffle, progress, accelerator,
-                            cfg.ppo.save_total_limit)
+                        "rollouts_bytes": (output_dir / "rollouts.jsonl").stat().st_size if main else 0}
+            save_checkpoint(output_dir, done, accelerator, trainable, shuffle, progress, cfg.ppo.save_total_limit)
     train_seconds = previous_seconds + time.perf_counter() - started
-    if writer:
-        writer.close()
+    optimizer_steps = opt.steps
+    log.close()
 
     last = json.loads((output_dir / "metrics.jsonl").read_text().splitlines()[-1]) if main else {}
     summary.update(iterations=cfg.ppo.num_iterations, optimizer_steps=optimizer_steps, train_seconds=train_seconds,

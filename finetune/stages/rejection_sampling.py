@@ -31,15 +31,16 @@ import dataclasses
 import gc
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from ..config import ConfigError, RejectionParams, RejectionSamplingConfig, SFTConfig, to_dict
 from ..data import load_conversations
-from ..generation import SamplingConfig, generate
+from ..generation import SamplingConfig
 from ..models import adapter_config_from_run, check_init_run, load_adapter, load_base_model, load_tokenizer
+from ..prompts import Prompt, load_prompts
+from ..rollout import sample_groups
 from ..runs import (
     atomic_write_text,
     latest_complete_checkpoint,
@@ -49,8 +50,8 @@ from ..runs import (
     write_config,
     write_summary,
 )
-from ..scorers import Sample, build_scorer
-from ..templates import get_template, render_prompt, stop_token_ids
+from ..scorers import build_scorer
+from ..templates import get_template, stop_token_ids
 
 GENERATION_FILES = ("samples.jsonl", "kept.jsonl", "pairs.jsonl")
 GENERATION_MARKER = "generation_complete.json"
@@ -59,67 +60,30 @@ GENERATION_SECTIONS = ("init", "model", "data", "sampling", "score", "rejection"
 """The config sections that decide the samples, the kept samples and the pairs."""
 
 
-@dataclass
-class Prompt:
-    """A prompt to sample for: its number in the data, the conversation up to the user turn, and its token ids."""
-
-    index: int
-    messages: list[dict[str, str]]
-    ids: list[int]
-
-
-def load_prompts(conversations, template, tokenizer, max_prompt_length: int) -> tuple[list[Prompt], list[str]]:
-    """Each conversation up to its last user turn, rendered for generation; prompts longer than
-    ``max_prompt_length`` tokens are skipped and their origins returned (the caller reports them)."""
-    prompts, skipped = [], []
-    for conv in conversations:
-        messages = list(conv.messages)
-        while messages and messages[-1]["role"] == "assistant":
-            messages.pop()
-        if not messages:
-            skipped.append(conv.origin)
-            continue
-        ids = render_prompt(template, messages, tokenizer)
-        if len(ids) > max_prompt_length:
-            skipped.append(conv.origin)
-            continue
-        prompts.append(Prompt(len(prompts), messages, ids))
-    return prompts, skipped
-
-
 def sample_and_score(model, tokenizer, prompts: list[Prompt], stop_ids, sampling, scorer) -> list[dict]:
-    """``sampling.num_samples`` scored samples per prompt, as rows ordered by (prompt, sample), the same on every
-    process: each process samples its share of the prompts and the rows are gathered."""
+    """``sampling.num_samples`` scored samples per prompt (``finetune.rollout.sample_groups``), as rows ordered by
+    (prompt, sample), the same on every process: each process samples its share of the prompts and the rows are
+    gathered."""
     from accelerate.utils import gather_object
 
     state = process_state()
-    k = sampling.num_samples
     with state.split_between_processes(prompts) as share:
         config = SamplingConfig(sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
                                 seed=sampling.seed + state.process_index)
-        completions = (
-            generate(model, tokenizer, [p.ids for p in share for _ in range(k)], stop_ids, config, sampling.batch_size)
-            if share else []
-        )
-        samples = [
-            Sample(p.messages, completions[i * k + j].text, index=p.index * k + j)
-            for i, p in enumerate(share)
-            for j in range(k)
-        ]
-        by_part = scorer.scores_by_part(samples)
-        totals = scorer.total(by_part, len(samples))
+        samples = sample_groups(model, tokenizer, share, sampling.num_samples, stop_ids, config, sampling.batch_size,
+                                scorer)
         local = [
             {
-                "prompt_index": sample.index // k,
-                "sample": sample.index % k,
-                "prompt": sample.prompt,
-                "response": sample.response,
-                "score": total,
-                "scores": {name: scores[n] for name, scores in by_part.items()},
-                "stopped": completion.stopped,
-                "response_tokens": len(completion.token_ids),
+                "prompt_index": s.prompt.index,
+                "sample": s.sample,
+                "prompt": s.prompt.messages,
+                "response": s.completion.text,
+                "score": s.score,
+                "scores": s.scores,
+                "stopped": s.completion.stopped,
+                "response_tokens": len(s.completion.token_ids),
             }
-            for n, (sample, total, completion) in enumerate(zip(samples, totals, completions))
+            for s in samples
         ]
     rows = gather_object(local) if state.num_processes > 1 else local
     return sorted(rows, key=lambda r: (r["prompt_index"], r["sample"]))

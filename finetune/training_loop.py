@@ -1,0 +1,143 @@
+"""What a hand-written accelerate training loop (PPO; GRPO, RLOO next) shares with the stages TRL trains: the same
+``metrics.jsonl`` rows and TensorBoard events, and ``checkpoint-N/`` directories that ``--resume`` picks up by the
+same completion marker (``finetune.runs``).
+
+- :class:`MetricsLog` appends one JSON row per step to ``metrics.jsonl`` (what ``runs.read_metrics`` and
+  ``runs.plot_loss`` read) and writes the row's figures to TensorBoard as transformers' ``TensorBoardCallback``
+  does for SFT, DPO and reward runs: under ``runs/<date>_<host>/`` (or ``$TENSORBOARD_LOGGING_DIR``), tags ``train/<key>`` (``eval/<key>`` for
+  ``eval_`` keys), at the row's ``step``.
+- :func:`save_checkpoint` / :func:`load_checkpoint`: the trainable tensors by name, accelerate's own state
+  (``Accelerator.save_state``: the prepared optimizer and scheduler, every process's Python, NumPy, torch and
+  device RNG states), a per-process generator of the loop's own (e.g. the minibatch shuffle), the loop's progress
+  as JSON and a copy of ``metrics.jsonl``. Built in a staging directory, marked complete, renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+from .runs import COMPLETE_MARKER, atomic_write_text, checkpoints
+
+TRAINABLE_FILE, PROGRESS_FILE, METRICS_FILE = "trainable.safetensors", "progress.json", "metrics.jsonl"
+
+
+class MetricsLog:
+    """``metrics.jsonl`` and TensorBoard for one run, written by the main process only (the others hold a log that
+    writes nothing, so a loop calls it unconditionally)."""
+
+    def __init__(self, output_dir: Path, is_main_process: bool):
+        self.path = Path(output_dir) / METRICS_FILE
+        self.writer = None
+        if is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
+            from transformers.integrations.integration_utils import default_logdir
+
+            # transformers' TensorBoardCallback's directory, its environment override included
+            self.writer = SummaryWriter(os.getenv("TENSORBOARD_LOGGING_DIR") or str(Path(output_dir) / default_logdir()))
+
+    def log(self, row: dict) -> None:
+        """Append ``row`` (which holds ``step``) to ``metrics.jsonl`` and its other numbers to TensorBoard."""
+        if self.writer is None:
+            return
+        from transformers.integrations.integration_utils import rewrite_logs
+
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        figures = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        for tag, value in rewrite_logs(figures).items():
+            self.writer.add_scalar(tag, value, row["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _trainable_tensors(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(output_dir: Path, step: int, accelerator, trainable: torch.nn.Module, generator: torch.Generator,
+                    progress: dict, keep: int | None) -> Path:
+    """Write ``checkpoint-STEP/`` (called by every process, after the step's metrics row).
+
+    It is built in ``.checkpoint-STEP.staging/`` (a name ``--resume`` never matches), marked complete, then renamed
+    into place, so a process killed at any point leaves either no ``checkpoint-STEP`` or a whole one. Holds every
+    trainable tensor of ``trainable`` (the unwrapped module) by name, ``Accelerator.save_state``'s files without the
+    model weights (the frozen base is not saved again), each process's ``generator`` state, ``progress`` and the
+    number of processes as JSON, and a copy of ``metrics.jsonl``. Afterwards only the newest ``keep`` complete
+    checkpoints are kept (all when None)."""
+    from safetensors.torch import save_file
+
+    main = accelerator.is_main_process
+    final, staging = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.staging"
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    accelerator.wait_for_everyone()
+    # Only the trainable tensors are saved (below): accelerate gets no model weights to write.
+    hook = accelerator.register_save_state_pre_hook(lambda models, weights, directory: weights.clear())
+    try:
+        accelerator.save_state(str(staging))
+    finally:
+        hook.remove()
+    torch.save(generator.get_state(), staging / f"generator_{accelerator.process_index}.pt")
+    if main:  # the weights are the same on every process (DDP keeps them in step)
+        save_file({n: p.detach().cpu().contiguous() for n, p in _trainable_tensors(trainable).items()},
+                  staging / TRAINABLE_FILE)
+        shutil.copyfile(output_dir / METRICS_FILE, staging / METRICS_FILE)
+        (staging / PROGRESS_FILE).write_text(json.dumps({**progress, "num_processes": accelerator.num_processes}))
+    accelerator.wait_for_everyone()  # every process's files are written before the checkpoint counts
+    if main:
+        atomic_write_text(staging / COMPLETE_MARKER, json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        complete = [path for _, path in checkpoints(output_dir) if (path / COMPLETE_MARKER).is_file()]
+        for old in complete[: -keep] if keep else ():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path: Path, accelerator, trainable: torch.nn.Module, generator: torch.Generator) -> dict:
+    """Load what :func:`save_checkpoint` wrote into the freshly built and prepared run (every process); returns its
+    progress. Refuses a checkpoint of another number of processes (each process's random streams are its own) or
+    of other trainable tensors."""
+    from accelerate.utils import RNG_STATE_NAME
+    from safetensors.torch import load_file
+
+    progress = json.loads((path / PROGRESS_FILE).read_text())
+    if progress["num_processes"] != accelerator.num_processes:
+        raise ConfigError(f"--resume: {path} was written by {progress['num_processes']} processes, this run has "
+                          f"{accelerator.num_processes}; resume with the same number (the random streams are per process)")
+    saved = load_file(path / TRAINABLE_FILE)
+    params = _trainable_tensors(trainable)
+    if saved.keys() != params.keys():
+        raise ConfigError(f"--resume: the trainable tensors of {path} are not this run's (adapter or model changed?): "
+                          f"{sorted(saved.keys() ^ params.keys())[:3]}")
+    rng_file = path / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
+    if not rng_file.is_file():  # accelerate would go on without it, and the run would not continue as it would have
+        raise ConfigError(f"--resume: {path} has no {rng_file.name}; it is not a checkpoint of this loop")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
+    hook = accelerator.register_load_state_pre_hook(lambda models, directory: models.clear())
+    try:
+        accelerator.load_state(str(path))  # optimizer, scheduler, then the RNG states
+    finally:
+        hook.remove()
+    generator.set_state(torch.load(path / f"generator_{accelerator.process_index}.pt", weights_only=True))
+    return progress
+
+
+def restore_metrics(output_dir: Path, checkpoint: Path) -> None:
+    """Roll ``metrics.jsonl`` back to the checkpoint (main process), so the rows of the steps run after it, which the
+    resumed run repeats, are not written twice."""
+    atomic_write_text(output_dir / METRICS_FILE, (checkpoint / METRICS_FILE).read_text())
