@@ -117,18 +117,53 @@ def test_resume_after_kill_reproduces_the_uninterrupted_loss_curve(tmp_path):
     assert summaries[1]["train_loss"] == pytest.approx(summaries[0]["train_loss"], rel=1e-4)
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    """A learning rate of 1e9 makes the gradients NaN at step 2: the run stops there with one line naming the step,
-    writes no checkpoint, adapter or summary after it, and checkpoint-1 stays complete for --resume."""
-    out = tmp_path / "run"
-    code = run_recipe([
+def _blow_up(out, learning_rate, warmup_ratio):
+    return run_recipe([
         "--output_dir", str(out), "--data.max_train_samples=32", "--data.eval=null", "--train.max_steps=6",
-        "--train.logging_steps=1", "--train.save_steps=1", "--train.learning_rate=1e9", "--train.warmup_ratio=0",
-        "--eval.before_training=false",
+        "--train.logging_steps=1", "--train.save_steps=1", f"--train.learning_rate={learning_rate}",
+        f"--train.warmup_ratio={warmup_ratio}", "--eval.before_training=false",
     ])
+
+
+def test_nan_stop_names_no_checkpoint_the_blow_up_ruined(tmp_path, capsys):
+    """At a learning rate of 1e9 from the first step, checkpoint-1 holds weights the first update already ruined
+    (step 2's gradients are NaN): the run stops at step 2 with one line, names no last good checkpoint, unmarks
+    checkpoint-1 so --resume does not continue from it, and writes no adapter or summary."""
+    out = tmp_path / "run"
+    assert _blow_up(out, 1e9, 0) == 2
     err = capsys.readouterr().err
-    assert code == 2
-    assert "error: grad_norm nan at step 2; stopped without saving" in err and "checkpoint-1" in err
-    assert (out / "checkpoint-1" / "checkpoint_complete.json").is_file()
+    assert "error: grad_norm nan at step 2; stopped without saving. Last good checkpoint: none." in err
+    assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-1" / "checkpoint_complete.json").exists()
     assert not (out / "checkpoint-2").exists()
     assert not (out / "summary.json").exists() and not (out / "adapter_model.safetensors").exists()
+
+
+def test_nan_stop_names_the_checkpoint_whose_next_step_was_finite(tmp_path, capsys):
+    """Linear warm-up to 1e6 over 3 steps: the first update has learning rate 0, the second 3.3e5. Step 2's loss and
+    gradients (on checkpoint-1's weights) are finite, step 3's gradients (on checkpoint-2's) are NaN: checkpoint-1 is
+    named, its adapter is the untouched initial one (B = 0), checkpoint-2 is unmarked, and --resume continues from
+    checkpoint-1."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert _blow_up(out, 1e6, 0.5) == 2
+    err = capsys.readouterr().err
+    assert "error: grad_norm nan at step 3" in err and f"Last good checkpoint: {out / 'checkpoint-1'}." in err
+    assert (out / "checkpoint-1" / "checkpoint_complete.json").is_file()
+    assert not (out / "checkpoint-2" / "checkpoint_complete.json").exists()
+    good = load_file(out / "checkpoint-1" / "adapter_model.safetensors")
+    assert all(t.isfinite().all() and t.abs().max() < 1 for t in good.values())
+    assert all(t.abs().max() == 0 for name, t in good.items() if "lora_B" in name)
+    from finetune.runs import latest_complete_checkpoint
+
+    assert latest_complete_checkpoint(out) == out / "checkpoint-1"
+
+
+def test_learning_rate_beyond_float_range_is_the_same_clean_stop(tmp_path, capsys):
+    """lr 1e39 does not fit a float32: the optimizer step raises torch's overflow error, reported as the same
+    one-line stop (exit status 2, no traceback)."""
+    out = tmp_path / "run"
+    assert _blow_up(out, 1e39, 0) == 2
+    err = capsys.readouterr().err
+    assert "error: the optimizer step overflowed" in err and "Last good checkpoint: none" in err
+    assert "Traceback" not in err and not (out / "summary.json").exists()
