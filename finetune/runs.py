@@ -425,9 +425,13 @@ class RunCallback(TrainerCallback):
 
 
 def rotate_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
-    """Remove all but the newest ``keep`` complete checkpoints (none when ``keep`` is None); returns those removed."""
+    """Remove all but the newest ``keep`` complete checkpoints (none when ``keep`` is None), and incomplete ones older
+    than the newest complete one (a rotation killed half-way); returns those removed."""
     complete = [path for _, path in checkpoints(output_dir) if (path / COMPLETE_MARKER).is_file()]
     old = complete[:-keep] if keep else []
+    if complete:
+        newest = checkpoint_step(complete[-1])
+        old += [path for step, path in checkpoints(output_dir) if step < newest and path not in complete]
     for path in old:
         remove_checkpoint(path)
     return old
