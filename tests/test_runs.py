@@ -14,8 +14,8 @@ from finetune.runs import (
     COMPLETE_MARKER,
     NonFiniteLossCallback,
     RunCallback,
-    diverged,
     discard_incomplete_checkpoints,
+    diverged,
     last_good_checkpoint,
     latest_complete_checkpoint,
     plan_output_dir,
@@ -292,3 +292,23 @@ def test_a_model_directory_without_run_json_is_taken_as_it_is(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     read = open_run(tmp_path)
     assert read.kind == "full" and read.finished and read.config == {}
+
+
+def test_export_chat_and_the_reward_scorer_refuse_a_run_that_did_not_finish(tmp_path):
+    """A run killed or failed after its adapter files appeared (run.json still says running) is not exported,
+    chatted with or scored with; once finished, export reads it."""
+    from finetune.chat import load_chat_model
+    from finetune.export import ExportError, inspect_run
+    from finetune.scoring import load_reward_model
+
+    run = make_run(tmp_path / "run", status="running")
+    (run / "adapter_config.json").write_text("{}")
+    (run / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ExportError, match="did not finish"):
+        inspect_run(run)
+    with pytest.raises(ExportError, match="did not finish"):
+        load_chat_model(str(run))
+    with pytest.raises(ConfigError, match="did not finish"):
+        load_reward_model(run)
+    write_run_state(run, "sft", "finished", "adapter")
+    assert inspect_run(run).has_adapter
