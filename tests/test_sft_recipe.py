@@ -86,6 +86,21 @@ def test_saved_configs_keep_the_kv_cache_on(finished_run):
     assert json.loads((finished_run / "generation_config.json").read_text())["use_cache"] is True
 
 
+def test_a_full_fine_tune_saves_its_model_with_the_cache_on(tmp_path):
+    """Full weights: config.json and generation_config.json both say use_cache true, run.json says kind full, and
+    the model loads and generates with its cache."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "full"
+    assert run_recipe(["--output_dir", str(out), "--adapter.method=full", "--train.max_steps=2", "--data.eval=null",
+                       "--data.max_train_samples=8", "--eval.before_training=false", "--train.save_steps=0"]) == 0
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((out / name).read_text())["use_cache"] is True, name
+    assert json.loads((out / "run.json").read_text())["kind"] == "full"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.use_cache and model.generation_config.use_cache
+
+
 def test_the_run_records_that_it_finished(finished_run):
     state = json.loads((finished_run / "run.json").read_text())
     assert state["stage"] == "sft" and state["status"] == "finished" and state["kind"] == "adapter"

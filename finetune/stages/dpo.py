@@ -25,7 +25,8 @@ from ..evaluate import load_callable
 from ..models import load_adapter, load_base_model, lora_config, resolve_model
 from ..preference_data import chosen_conversations, tokenize_pairs_for_dpo
 from ..runs import trainer_arguments
-from .scaffold import Stage, StageRun, Trained, check_finite, load_rows, run_stage, train_with_trainer, verifier_figures
+from . import scaffold
+from .scaffold import Stage, StageRun, Trained
 
 POLICY_ADAPTER = "default"
 """PEFT's name for the trainable policy adapter (the one TRL's ``DPOTrainer`` trains and copies)."""
@@ -155,7 +156,7 @@ def build_trainer(cfg: DPOConfig, model, peft_config, tokenizer, train_rows, eva
 
 
 def load_data(cfg: DPOConfig, tokenizer, template):
-    return load_rows(cfg, tokenizer, template, load_preferences, tokenize_pairs_for_dpo)
+    return scaffold.load_rows(cfg, tokenizer, template, load_preferences, tokenize_pairs_for_dpo)
 
 
 def train(run: StageRun) -> Trained:
@@ -168,19 +169,17 @@ def train(run: StageRun) -> Trained:
 
     summary: dict = {"model": cfg.model.name, "resolved_model": resolve_model(cfg.model.name), "init": cfg.init}
     if verifier and cfg.eval.before_training:
-        before = verifier_figures(run, model, generation_convs, verifier)
-        summary["init_eval_accuracy"] = before.accuracy
-        if run.main:
-            print(f"verifier accuracy of the SFT init: {before.accuracy:.3f} on {before.num_prompts} eval prompts")
+        summary["init_eval_accuracy"] = scaffold.verifier_accuracy_of(run, model, generation_convs, verifier,
+                                                             "the SFT init").accuracy
 
-    trainer, figures = train_with_trainer(run, lambda callbacks: build_trainer(
+    trainer, figures = scaffold.train_with_trainer(run, lambda callbacks: build_trainer(
         cfg, model, peft_config, run.tokenizer, rows.train, rows.eval, run.output_dir,
         [ReferenceGapCallback(cfg.dpo.beta), *callbacks]))
     summary.update(loss=cfg.dpo.loss, beta=cfg.dpo.beta, **figures)
     if rows.eval:
         metrics = trainer.evaluate()
         summary.update(
-            eval_loss=check_finite("eval loss", metrics["eval_loss"]),
+            eval_loss=scaffold.check_finite("eval loss", metrics["eval_loss"]),
             eval_reward_accuracy=metrics["eval_rewards/accuracies"],
             eval_rewards_chosen=metrics["eval_rewards/chosen"],
             eval_rewards_rejected=metrics["eval_rewards/rejected"],
@@ -189,7 +188,7 @@ def train(run: StageRun) -> Trained:
             eval_data=rows.eval_report.as_dict(),
         )
     if verifier:
-        after = verifier_figures(run, trainer.model, generation_convs, verifier)
+        after = scaffold.verifier_accuracy_of(run, trainer.model, generation_convs, verifier)
         summary["eval_accuracy"] = after.accuracy
         summary["eval_samples"] = after.samples
 
@@ -205,4 +204,4 @@ STAGE = Stage("dpo", load_data, train)
 
 def run(cfg: DPOConfig) -> dict:
     """Train, evaluate and save; returns the summary also written to ``summary.json``."""
-    return run_stage(cfg, STAGE).summary
+    return scaffold.run_stage(cfg, STAGE).summary

@@ -247,10 +247,14 @@ def check_finite(name: str, value: float) -> float:
     return value
 
 
-def verifier_figures(run: StageRun, model, conversations, verifier):
-    """``finetune.evaluate.verifier_accuracy`` of ``model`` on ``conversations`` with the run's eval settings."""
+def verifier_accuracy_of(run: StageRun, model, conversations, verifier, what: str | None = None):
+    """``finetune.evaluate.verifier_accuracy`` of ``model`` on ``conversations`` with the run's eval settings; with
+    ``what`` (e.g. ``"the SFT init"``) the accuracy is also printed, once."""
     from ..evaluate import verifier_accuracy
 
     cfg = run.cfg
-    return verifier_accuracy(model, run.tokenizer, run.template, conversations, verifier, cfg.eval.max_new_tokens,
-                             cfg.eval.batch_size)
+    result = verifier_accuracy(model, run.tokenizer, run.template, conversations, verifier, cfg.eval.max_new_tokens,
+                               cfg.eval.batch_size)
+    if what and run.main:
+        print(f"verifier accuracy of {what}: {result.accuracy:.3f} on {result.num_prompts} eval prompts")
+    return result

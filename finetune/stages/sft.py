@@ -15,17 +15,8 @@ from ..data import load_conversations, tokenize_conversations
 from ..evaluate import eval_loss, load_callable
 from ..models import load_adapter, load_base_model, lora_config, resolve_model
 from ..runs import trainer_arguments, two_column_table
-from .scaffold import (
-    Stage,
-    StageRun,
-    Trained,
-    check_finite,
-    load_rows,
-    run_stage,
-    train_with_trainer,
-    trainer_inputs,
-    verifier_figures,
-)
+from . import scaffold
+from .scaffold import Stage, StageRun, Trained
 
 
 def trl_arguments(cfg: SFTConfig, output_dir: Path, has_eval: bool):
@@ -53,7 +44,7 @@ def load_model(cfg: SFTConfig, init_kind: str | None):
 
 
 def load_data(cfg: SFTConfig, tokenizer, template):
-    return load_rows(cfg, tokenizer, template, load_conversations, tokenize_conversations)
+    return scaffold.load_rows(cfg, tokenizer, template, load_conversations, tokenize_conversations)
 
 
 def train(run: StageRun) -> Trained:
@@ -71,21 +62,19 @@ def train(run: StageRun) -> Trained:
     if rows.eval and cfg.eval.before_training:
         summary["base_eval_loss"] = eval_loss(model, rows.eval, run.tokenizer.pad_token_id, cfg.train.per_device_batch_size)
     if verifier and cfg.eval.before_training:
-        before = verifier_figures(run, model, generation_convs, verifier)
-        summary["base_eval_accuracy"] = before.accuracy
-        if run.main:
-            print(f"verifier accuracy before training: {before.accuracy:.3f} on {before.num_prompts} eval prompts")
+        summary["base_eval_accuracy"] = scaffold.verifier_accuracy_of(run, model, generation_convs, verifier,
+                                                             "the model before training").accuracy
 
-    trainer, figures = train_with_trainer(run, lambda callbacks: SFTTrainer(
+    trainer, figures = scaffold.train_with_trainer(run, lambda callbacks: SFTTrainer(
         model=model, args=trl_arguments(cfg, run.output_dir, bool(rows.eval)), peft_config=peft_config,
-        callbacks=callbacks, **trainer_inputs(run)))
+        callbacks=callbacks, **scaffold.trainer_inputs(run)))
     summary.update(figures)
     if rows.eval:
         loss = eval_loss(trainer.model, rows.eval, run.tokenizer.pad_token_id, cfg.train.per_device_batch_size)
-        summary["eval_loss"] = check_finite("eval loss", loss)
+        summary["eval_loss"] = scaffold.check_finite("eval loss", loss)
         summary["eval_data"] = rows.eval_report.as_dict()
     if verifier:
-        after = verifier_figures(run, trainer.model, generation_convs, verifier)
+        after = scaffold.verifier_accuracy_of(run, trainer.model, generation_convs, verifier)
         summary["eval_accuracy"] = after.accuracy
         summary["eval_samples"] = after.samples
     return Trained(summary, lambda directory: trainer.save_model(str(directory)), trainer.model.config, trainer.model)
@@ -96,7 +85,7 @@ STAGE = Stage("sft", load_data, train)
 
 def run(cfg: SFTConfig) -> dict:
     """Train, evaluate and save; returns the summary also written to ``summary.json``."""
-    return run_stage(cfg, STAGE).summary
+    return scaffold.run_stage(cfg, STAGE).summary
 
 
 def before_after_table(summary: dict) -> str:
