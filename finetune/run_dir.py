@@ -161,10 +161,32 @@ class RunDir:
 
     def adapter_shape(self) -> dict:
         """``r``, ``alpha``, ``dropout`` and ``target_modules`` of the saved adapter, as :class:`AdapterConfig` has them."""
-        saved = self.lora_config()
+        try:
+            saved = self.lora_config()
+        except (OSError, ValueError, TypeError) as e:
+            raise ConfigError(f"{self.path}/{ADAPTER_CONFIG}: cannot read it: {' '.join(str(e).split())}") from None
         modules = saved.target_modules
         return dict(r=saved.r, alpha=saved.lora_alpha, dropout=saved.lora_dropout,
                     target_modules=[modules] if isinstance(modules, str) else sorted(modules))
+
+    def check_adapter_weights(self, option: str) -> None:
+        """The saved adapter's weights open (a truncated file does not) and every LoRA matrix has the saved rank."""
+        from safetensors import SafetensorError, safe_open
+
+        weights = self.path / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            return  # a .bin adapter: torch reads it when it is loaded
+        r = self.adapter_shape()["r"]
+        try:
+            with safe_open(str(weights), "pt") as f:
+                shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+        except (OSError, SafetensorError) as e:
+            raise ConfigError(f"{option} {self.path}: cannot read {ADAPTER_WEIGHTS} ({' '.join(str(e).split())}); "
+                              f"is the file complete?") from None
+        for key, shape in shapes.items():
+            rank = shape[0] if "lora_A" in key else shape[1] if "lora_B" in key else r
+            if rank != r:
+                raise ConfigError(f"{option} {self.path}: {key} has rank {rank} but {ADAPTER_CONFIG} says r={r}")
 
     def check_matches(self, model_name: str, template: str, option: str) -> None:
         """An adapter trained on one base is meaningless on another, and a template other than the one the run learned
@@ -194,6 +216,8 @@ def open_run(run_dir: str | Path, option: str = "--init") -> RunDir:
     if run.kind is None:
         raise ConfigError(f"{option} {run_dir}: not a finished run (no {ADAPTER_WEIGHTS} or model weights); pass the "
                           f"output_dir of a finished run")
+    if run.kind == "adapter":
+        run.check_adapter_weights(option)
     return run
 
 
