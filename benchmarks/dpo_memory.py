@@ -124,10 +124,12 @@ def arm_dpo_full_reference(runs: dict, out: Path, pairs: int, steps: int, checkp
     from finetune.data import load_preferences
     from finetune.models import load_adapter, load_base_model, load_tokenizer
     from finetune.preference_data import tokenize_pairs_for_dpo
+    from finetune.run_dir import resolve_init
     from finetune.stages import dpo
     from finetune.templates import get_template
 
-    cfg, init_kind, _ = dpo.resolve_init(parse_args(DPOConfig, dpo_args(runs, out, pairs, steps, checkpointing)))
+    cfg, init, _ = resolve_init(parse_args(DPOConfig, dpo_args(runs, out, pairs, steps, checkpointing)))
+    init_kind = init.kind
     tokenizer = load_tokenizer(cfg.model.name)
     template = get_template(cfg.data.template, tokenizer)
     train_pairs = load_preferences(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples)

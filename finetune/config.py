@@ -167,9 +167,10 @@ class RunConfig:
     output_dir: str = "runs/sft"
     """Where the run writes config, metrics, checkpoints and the final adapter."""
     resume: bool = False
-    """Continue from the newest complete checkpoint in ``output_dir``."""
+    """Continue the run in ``output_dir`` from its newest complete checkpoint (from the start if it has none)."""
     overwrite: bool = False
-    """Delete a non-empty ``output_dir`` first."""
+    """Replace the previous run in ``output_dir``: only a run or export directory that holds none of this run's
+    inputs; it is moved aside, removed once this run finishes and put back if this run fails."""
 
 
 @dataclass

@@ -70,18 +70,6 @@ class RunSource:
     """The run's resolved ``config.yaml`` (empty for a plain model directory)."""
 
 
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ExportError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict):
-        raise ExportError(f"{path}: expected a mapping of config sections")
-    return data
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -89,53 +77,52 @@ def _read_json(path: Path) -> dict:
         raise ExportError(f"{path}: cannot read it: {e}") from None
 
 
-def _has_model_weights(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(
-        path.glob(pattern) for pattern in ("model*.safetensors", "pytorch_model*.bin")
-    )
-
-
 def inspect_run(run_dir: str | Path, template: str | None = None) -> RunSource:
-    """Read what ``run_dir`` holds; :class:`ExportError` if it is neither a run with an adapter nor a model.
+    """Read what ``run_dir`` holds (``finetune.run_dir.RunDir``); :class:`ExportError` if it is neither a run with an
+    adapter nor a model, or a run that did not finish.
 
     The template is ``template`` if given, else the run's ``data.template``, else the one recorded by an earlier
     export, else ``tokenizer`` (the tokenizer's own ``chat_template``).
     """
-    from .models import adapter_run_base
+    from .config import ConfigError
+    from .run_dir import ADAPTER_CONFIG, RUN_STATE, RunDir
     from .templates import template_class
 
     path = Path(run_dir).resolve()
     if not path.is_dir():
         raise ExportError(f"{run_dir} is not a directory; expected a run directory such as runs/sft")
-    config = _read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
+    try:
+        run = RunDir.read(path)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
     previous = _read_json(path / METADATA_FILE) if (path / METADATA_FILE).is_file() else {}
-    has_adapter = (path / "adapter_config.json").is_file() and any(
-        (path / name).is_file() for name in ADAPTER_FILES[1:]
-    )
-    if not has_adapter and not _has_model_weights(path):
+    if run.kind is None:
         raise ExportError(
             f"{run_dir} holds neither a PEFT adapter (adapter_config.json + adapter_model.safetensors) nor a model "
             f"(config.json + model.safetensors); is it a finished run directory?"
         )
-    model_cfg = config.get("model") or {}
-    adapter_cfg = config.get("adapter") or {}
-    base = model_cfg.get("name") or previous.get("base_model")
-    if has_adapter and config.get("init"):  # from a full fine-tune, the adapter trained on those weights
-        init = config["init"]
-        if adapter_run_base(config) == init:
-            base = str(Path(init).resolve())
-        elif not Path(init).exists() and (_read_json(path / "adapter_config.json").get("base_model_name_or_path")
-                                          == str(Path(init))):
+    if not run.finished:
+        raise ExportError(f"{run_dir}: that run did not finish ({RUN_STATE} says {run.state.get('status')!r}); "
+                          f"resume it with --resume, then export")
+    has_adapter = run.kind == "adapter"
+    model_cfg = run.config.get("model") or {}
+    base = run.model_name or previous.get("base_model")
+    init = run.init
+    adapter_base = _read_json(path / ADAPTER_CONFIG).get("base_model_name_or_path") if has_adapter else None
+    if has_adapter and init and (run.base_model == init or base == init or adapter_base == str(Path(init))):
+        # From a full fine-tune: the adapter trained on those weights.
+        if not Path(init).exists():
             raise ExportError(f"{run_dir} trained its adapter on {init} (its --init), which is not there; run the "
                               f"export from the directory the run was started in")
+        base = str(Path(init).resolve())
     if has_adapter:
-        base = base or _read_json(path / "adapter_config.json").get("base_model_name_or_path")
+        base = base or adapter_base
         if not base:
             raise ExportError(f"{run_dir}: no base model named in config.yaml (model.name) or adapter_config.json")
-    method = adapter_cfg.get("method") or previous.get("adapter_method") or ("lora" if has_adapter else "full")
+    method = run.method or previous.get("adapter_method") or ("lora" if has_adapter else "full")
     if method == "full" and has_adapter:
         method = "lora"
-    name = template or (config.get("data") or {}).get("template") or previous.get("template") or "tokenizer"
+    name = template or run.template or previous.get("template") or "tokenizer"
     try:
         template_class(name)
     except ValueError as e:
@@ -147,16 +134,14 @@ def inspect_run(run_dir: str | Path, template: str | None = None) -> RunSource:
         method=method,
         template=name,
         attn_implementation=model_cfg.get("attn_implementation") or "auto",
-        config=config,
+        config=run.config,
     )
 
 
 def _torch_dtype(name: str | None):
-    import torch
+    from .models import resolve_dtype
 
-    if name is None:
-        return "auto"  # the checkpoint's own dtype
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    return "auto" if name is None else resolve_dtype(name)  # None: the checkpoint's own dtype
 
 
 def load_tokenizer_and_template(source: RunSource):

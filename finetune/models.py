@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .run_dir import ADAPTER_WEIGHTS
 from .tiny import TINY_NAME, tiny_model_dir
 
 
@@ -26,16 +27,20 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
+DTYPES = ("bfloat16", "float16", "float32")
+"""The dtypes a model is loaded, trained or exported in, by the names config files and ``--dtype`` use (each is the
+``torch`` attribute of that name); ``model.dtype`` also takes ``auto``."""
+
+
 def resolve_dtype(name: str):
     """``auto`` -> bf16 on a CUDA GPU that supports it, else float32 (CPU training in bf16 is slow and lossy)."""
     import torch
 
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-    except KeyError:
-        raise ValueError(f"model.dtype must be auto, bfloat16, float16 or float32; got {name!r}") from None
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
+    return getattr(torch, name)
 
 
 def quantization_config(dtype):
@@ -121,55 +126,6 @@ def lora_config(adapter_cfg, task_type: str = "CAUSAL_LM", modules_to_save: list
 # ---------------------------------------------------------------------------------------------------------------
 # One base, many adapters: a run's adapter loaded by name onto a base that is loaded once.
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def _run_kind(path: Path) -> str | None:
-    """``"adapter"``, ``"full"`` or ``None`` (missing, or neither) for a run directory."""
-    if (path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file():
-        return "adapter"
-    if (path / "config.json").is_file() and any(path.glob("model*.safetensors")):
-        return "full"
-    return None
-
-
-def init_run_kind(run_dir: str | Path, option: str = "--init") -> str:
-    """What a run directory to start from holds: ``"adapter"`` (a LoRA run) or ``"full"`` (full weights).
-
-    Raises:
-        ConfigError: ``run_dir`` is missing or holds neither (named after ``option``, one line).
-    """
-    from .config import ConfigError
-
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise ConfigError(f"{option} {run_dir}: no such directory (pass the output_dir of a finished SFT run)")
-    kind = _run_kind(path)
-    if kind:
-        return kind
-    raise ConfigError(
-        f"{option} {run_dir}: not a finished run (no {ADAPTER_WEIGHTS} or model weights); pass the output_dir of a "
-        f"finished SFT run"
-    )
-
-
-def run_config(run_dir: str | Path) -> dict:
-    """The resolved ``config.yaml`` a run wrote (empty when there is none, e.g. a model downloaded elsewhere)."""
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        return {}
-    return yaml.safe_load(path.read_text()) or {}
-
-
-def run_lora_config(run_dir: str | Path):
-    """The ``peft.LoraConfig`` an adapter run saved."""
-    from peft import LoraConfig
-
-    return LoraConfig.from_pretrained(str(run_dir))
-
 
 def load_adapter(model, run_dir: str | Path, adapter_name: str = "default", trainable: bool = False):
     """Attach the adapter saved in ``run_dir`` to ``model`` under ``adapter_name``; returns the ``PeftModel``.
@@ -230,72 +186,6 @@ def load_sequence_classifier(model_cfg, method: str = "lora", name_or_path: str 
     return _prepare(model, model_cfg, for_training)
 
 
-def adapter_run_base(saved: dict) -> str | None:
-    """The weights an adapter run (its resolved ``config.yaml``, ``saved``) trained on: its ``init`` when that was a
-    full fine-tune (the stage put a new adapter on those weights), else its ``model.name``."""
-    init = saved.get("init")
-    if init and _run_kind(Path(init)) == "full":
-        return init
-    return (saved.get("model") or {}).get("name")
-
-
-def check_init_run(run_dir: str | Path, model_name: str, template: str, option: str = "--init") -> str:
-    """Check that a run to start from exists and matches this run's base model and chat template; returns its kind
-    (:func:`init_run_kind`). An adapter trained on one base is meaningless on another, and a template other than the
-    one it learned would change every prompt, so both mismatches are one-line ``ConfigError``s."""
-    from .config import ConfigError
-
-    kind = init_run_kind(run_dir, option)
-    saved = run_config(run_dir)
-    saved_model = adapter_run_base(saved)
-    if kind == "adapter" and saved_model and resolve_model(saved_model) != resolve_model(model_name):
-        raise ConfigError(
-            f"{option} {run_dir} trained an adapter on {saved_model!r} but model.name is {model_name!r}; "
-            f"pass --model.name={saved_model}"
-        )
-    saved_template = (saved.get("data") or {}).get("template")
-    if saved_template and saved_template != template:
-        raise ConfigError(
-            f"{option} {run_dir} was trained with template {saved_template!r} but data.template is {template!r}; "
-            f"pass --data.template={saved_template}"
-        )
-    return kind
-
-
-def adapter_config_from_run(adapter_cfg, run_dir: str | Path):
-    """``adapter_cfg`` with the LoRA shape (r, alpha, dropout, target modules) of the adapter saved in ``run_dir``,
-    and the names of the fields that changed: continuing an adapter fixes its shape."""
-    import dataclasses
-
-    saved = run_lora_config(run_dir)
-    shape = dict(
-        r=saved.r,
-        alpha=saved.lora_alpha,
-        dropout=saved.lora_dropout,
-        target_modules=sorted(saved.target_modules) if not isinstance(saved.target_modules, str) else [saved.target_modules],
-    )
-    current = dict(r=adapter_cfg.r, alpha=adapter_cfg.alpha, dropout=adapter_cfg.dropout,
-                   target_modules=sorted(adapter_cfg.target_modules))
-    changed = [k for k in shape if shape[k] != current[k]]
-    return dataclasses.replace(adapter_cfg, **shape), changed
-
-
-
-def resolve_init(cfg):
-    """Check a stage config's ``init`` run (if any) against its base and template, and when it is an adapter run take
-    the adapter shape from it: ``(cfg, init kind or None, adapter fields that changed)``. A bad ``--init`` fails here,
-    before anything is written."""
-    import dataclasses
-
-    if not cfg.init:
-        return cfg, None, []
-    kind = check_init_run(cfg.init, cfg.model.name, cfg.data.template)
-    changed: list[str] = []
-    if kind == "adapter":
-        adapter, changed = adapter_config_from_run(cfg.adapter, cfg.init)
-        cfg = dataclasses.replace(cfg, adapter=adapter)
-    return cfg, kind, changed
-
 def activate_adapter(peft_model, adapter_name: str, trainable: tuple[str, ...] | list[str] = ()) -> None:
     """Make ``adapter_name`` the active role of a base that holds several adapters, without changing which adapters
     train: PEFT's ``set_adapter`` would make the active adapter trainable and freeze every other one, so after it only
@@ -318,7 +208,7 @@ def load_scalar_head_adapter(peft_model, run_dir: str | Path, adapter_name: str,
     from peft import LoraConfig
     from peft.utils import load_peft_weights, set_peft_model_state_dict
 
-    saved = run_lora_config(run_dir)
+    saved = LoraConfig.from_pretrained(str(run_dir))
     peft_model.add_adapter(
         adapter_name,
         LoraConfig(

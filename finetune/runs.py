@@ -13,8 +13,10 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -71,7 +73,7 @@ def trainer_arguments(cfg, output_dir: Path, has_eval: bool) -> dict:
         data_seed=train.seed,
         logging_steps=train.logging_steps,
         save_steps=train.save_steps,
-        save_total_limit=train.save_total_limit,
+        save_total_limit=None,  # RunCallback rotates, after the new checkpoint's marker is in place
         eval_strategy="steps" if (has_eval and eval_every) else "no",
         eval_steps=eval_every,
         bf16=dtype == torch.bfloat16,
@@ -88,26 +90,173 @@ def trainer_arguments(cfg, output_dir: Path, has_eval: bool) -> dict:
     )
 
 
-def prepare_output_dir(output_dir: str | Path, resume: bool, overwrite: bool, is_main_process: bool = True) -> Path:
-    """Create ``output_dir``; refuse a non-empty one unless resuming or overwriting (never silently clobber a run)."""
+def project_root() -> Path:
+    """The directory holding this package (the checkout, or site-packages when installed)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def _holds(directory: Path, path: Path) -> bool:
+    return path == directory or path.is_relative_to(directory)
+
+
+def check_replaceable(path: Path, inputs: dict[str, str] | None = None) -> None:
+    """Refuse to replace ``path`` (``--overwrite``, or restarting an unfinished run) unless it is one of our run or
+    export directories and holds nothing this run or this machine's user still needs.
+
+    Raises:
+        ConfigError: ``path`` is the current directory or a parent of it, holds the project, holds one of
+            ``inputs`` (``{"data.train": path, ...}``: the run's own data, init run, reward run or base model), or is
+            not a run or export directory.
+    """
+    from .run_dir import is_export_directory, is_run_directory
+
+    resolved = path.resolve()
+    refuse = f"--overwrite: refusing to replace {path}"
+    if _holds(resolved, Path.cwd().resolve()):
+        raise ConfigError(f"{refuse}: it is the current directory or one of its parents")
+    if _holds(resolved, project_root()):
+        raise ConfigError(f"{refuse}: it holds the finetune project itself ({project_root()})")
+    for name, value in (inputs or {}).items():
+        if value and Path(value).exists() and _holds(resolved, Path(value).resolve()):
+            raise ConfigError(f"{refuse}: it holds this run's own input {name}={value}")
+    if not (is_run_directory(path) or is_export_directory(path)):
+        raise ConfigError(f"{refuse}: it is not a run directory (no config.yaml or run.json) nor an export; remove it "
+                          f"yourself or choose another --output_dir")
+
+
+def run_inputs(cfg) -> dict[str, str]:
+    """The paths a stage config reads (data, the init run, the reward run, a local base model), by config key."""
+    found = {}
+    for key in ("init", "model.name", "data.train", "data.eval", "score.reward_model"):
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        if isinstance(value, str) and value:
+            found[key] = value
+    return found
+
+
+@dataclass
+class OutputDir:
+    """A run's output directory, prepared. With ``--overwrite`` the previous run is moved aside (``replaced``), not
+    deleted: :meth:`commit` removes it once this run has finished, :meth:`abandon` puts it back if this run fails."""
+
+    path: Path
+    action: str
+    """``create`` (new or empty), ``restart`` (an unfinished run with nothing to resume, replaced), ``replace``
+    (``--overwrite``) or ``resume``."""
+    replaced: Path | None = None
+
+    def commit(self) -> None:
+        if self.replaced is not None:
+            shutil.rmtree(self.replaced.parent, ignore_errors=True)
+            self.replaced = None
+
+    def abandon(self) -> None:
+        """This run failed: with ``--overwrite``, the previous run comes back in place of this one's remains."""
+        if self.replaced is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            os.replace(self.replaced, self.path)
+            shutil.rmtree(self.replaced.parent, ignore_errors=True)
+            print(f"the previous run in {self.path} is restored (this run failed)", file=sys.stderr)
+            self.replaced = None
+
+
+def plan_output_dir(output_dir: str | Path, resume: bool, overwrite: bool, inputs: dict[str, str] | None = None,
+                    has_progress=None) -> str:
+    """What preparing ``output_dir`` will do (see :attr:`OutputDir.action`), decided before anything changes, the
+    same on every process. ``has_progress(path)``: whether an unfinished run there has something to resume
+    (default: a complete checkpoint); without it, a plain rerun restarts it without asking.
+
+    Raises:
+        ConfigError: a contradiction, a non-empty directory without ``--resume``/``--overwrite``, ``--resume`` of
+            something that is no run, or a directory :func:`check_replaceable` refuses.
+    """
+    from .run_dir import RunDir, is_run_directory
+
     path = Path(output_dir)
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pick one")
-    non_empty = path.is_dir() and any(path.iterdir())
     if path.exists() and not path.is_dir():
         raise ConfigError(f"output_dir {path} exists and is not a directory")
-    if resume and latest_complete_checkpoint(path) is None:
-        raise ConfigError(f"--resume: no complete checkpoint-N/ in {path} to resume from")
-    if non_empty and not resume:
-        if not overwrite:
-            raise ConfigError(
-                f"output_dir {path} is not empty; pass --resume to continue that run or --overwrite to replace it"
-            )
-        if is_main_process:
-            shutil.rmtree(path)
-    if is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
-    return path
+    empty = not path.exists() or not any(path.iterdir())
+    if resume:
+        if empty or not is_run_directory(path):
+            raise ConfigError(f"--resume: {path} holds no run to resume (no config.yaml or run.json)")
+        return "resume"
+    if empty:
+        return "create"
+    progress = has_progress or (lambda p: latest_complete_checkpoint(p) is not None)
+    if is_run_directory(path) and not RunDir.read(path).finished and not progress(path):
+        check_replaceable(path, inputs)
+        return "restart"
+    if not overwrite:
+        raise ConfigError(
+            f"output_dir {path} is not empty; pass --resume to continue that run or --overwrite to replace it"
+        )
+    check_replaceable(path, inputs)
+    return "replace"
+
+
+def apply_output_dir(output_dir: str | Path, action: str, is_main_process: bool = True) -> OutputDir:
+    """Carry out :func:`plan_output_dir`'s ``action`` (the main process changes the file system)."""
+    path = Path(output_dir)
+    prepared = OutputDir(path, action)
+    if not is_main_process:
+        return prepared
+    if action == "replace":
+        aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.replaced-", dir=path.resolve().parent))
+        os.replace(path, aside / path.name)
+        prepared.replaced = aside / path.name
+        print(f"--overwrite: the previous run is in {aside} until this one finishes")
+    elif action == "restart":
+        shutil.rmtree(path)
+    elif action == "resume":
+        for removed in discard_incomplete_checkpoints(path):
+            print(f"discarded incomplete checkpoint {removed}")
+        latest = latest_complete_checkpoint(path)
+        if latest is None:
+            print(f"--resume: no complete checkpoint in {path}; starting from the beginning")
+        rewind_metrics(path, checkpoint_step(latest) if latest else 0)
+    path.mkdir(parents=True, exist_ok=True)
+    return prepared
+
+
+def prepare_output_dir(output_dir: str | Path, resume: bool, overwrite: bool, is_main_process: bool = True,
+                       inputs: dict[str, str] | None = None) -> OutputDir:
+    """:func:`plan_output_dir` then :func:`apply_output_dir`, for one process."""
+    return apply_output_dir(output_dir, plan_output_dir(output_dir, resume, overwrite, inputs), is_main_process)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(_CHECKPOINT.match(Path(path).name).group(1))
+
+
+def rewind_metrics(output_dir: Path, step: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (the checkpoint a resumed run continues from): the steps
+    after it are run again and logged again, once."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if path.exists():
+        kept = [row for row in read_metrics(output_dir) if row.get("step", 0) <= step]
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint, its completion marker first, so a kill half-way leaves an incomplete one (ignored)."""
+    (Path(path) / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def publish(staging: Path, output_dir: Path) -> None:
+    """Move everything in ``staging`` (the final model or adapter, tokenizer, generation config, written there
+    first) into ``output_dir``, one rename per entry, then remove ``staging``: a reader never sees a half-written
+    file, and ``run.json`` says ``finished`` only after this."""
+    for entry in sorted(Path(staging).iterdir()):
+        target = Path(output_dir) / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    Path(staging).rmdir()
 
 
 def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -132,12 +281,14 @@ def latest_complete_checkpoint(output_dir: Path) -> Path | None:
 def discard_incomplete_checkpoints(output_dir: Path) -> list[Path]:
     """Remove checkpoints newer than the latest complete one (the remains of a crash during a save)."""
     latest = latest_complete_checkpoint(output_dir)
-    latest_step = int(_CHECKPOINT.match(latest.name).group(1)) if latest else -1
+    latest_step = checkpoint_step(latest) if latest else -1
     removed = []
     for step, path in checkpoints(output_dir):
         if step > latest_step or not (path / COMPLETE_MARKER).is_file():
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
+    for staging in Path(output_dir).glob(".final-staging*"):  # the remains of a kill while publishing
+        shutil.rmtree(staging, ignore_errors=True)
     return removed
 
 
@@ -200,8 +351,9 @@ def plot_loss(output_dir: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(output_dir)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    # One point per step, the latest row's (a metrics file written before resume rewound it may repeat steps).
+    train = sorted({r["step"]: r["loss"] for r in rows if "loss" in r}.items())
+    evals = sorted({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}.items())
     if not train and not evals:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -226,14 +378,18 @@ class NonFiniteLossError(RuntimeError):
 
 
 class RunCallback(TrainerCallback):
-    """Writes ``metrics.jsonl``, marks checkpoints complete, and stops on a non-finite loss.
+    """Writes ``metrics.jsonl``, marks checkpoints complete and rotates them.
 
     Logged rows carry ``step``, ``loss``, ``learning_rate`` and ``tokens_per_second`` (tokens of the inputs seen
-    since the previous log, divided by the wall time since then; TRL's ``num_tokens`` counts them).
+    since the previous log, divided by the wall time since then; TRL's ``num_tokens`` counts them). After each save
+    the new checkpoint's marker goes in first and only then are checkpoints beyond the newest ``keep`` removed
+    (the trainer's own ``save_total_limit`` would remove them before the marker exists, so a kill there would
+    leave nothing to resume from; :func:`trainer_arguments` turns it off).
     """
 
-    def __init__(self, output_dir: Path):
+    def __init__(self, output_dir: Path, keep: int | None = None):
         self.output_dir = Path(output_dir)
+        self.keep = keep
         self._last_time: float | None = None
         self._last_tokens: float | None = None
 
@@ -265,21 +421,69 @@ class RunCallback(TrainerCallback):
         path = self.output_dir / f"checkpoint-{state.global_step}"
         if path.is_dir():
             atomic_write_text(path / COMPLETE_MARKER, json.dumps({"step": state.global_step}))
+            rotate_checkpoints(self.output_dir, self.keep)
+
+
+def rotate_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
+    """Remove all but the newest ``keep`` complete checkpoints (none when ``keep`` is None), and incomplete ones older
+    than the newest complete one (a rotation killed half-way); returns those removed."""
+    complete = [path for _, path in checkpoints(output_dir) if (path / COMPLETE_MARKER).is_file()]
+    old = complete[:-keep] if keep else []
+    if complete:
+        newest = checkpoint_step(complete[-1])
+        old += [path for step, path in checkpoints(output_dir) if step < newest and path not in complete]
+    for path in old:
+        remove_checkpoint(path)
+    return old
+
+
+DIVERGENCE_FACTOR, DIVERGENCE_MARGIN = 2.0, 3.0
+"""A logged training loss has diverged when it is above both ``DIVERGENCE_FACTOR`` times the run's lowest logged
+loss so far and that lowest loss plus ``DIVERGENCE_MARGIN`` nats: far outside the noise of a healthy run (a loss
+that doubles and climbs 3 nats), yet reached by a run whose weights blew up."""
+
+
+def diverged(loss: float, lowest: float | None) -> bool:
+    return lowest is not None and loss > max(DIVERGENCE_FACTOR * lowest, lowest + DIVERGENCE_MARGIN)
 
 
 class NonFiniteLossCallback(TrainerCallback):
-    """Stop at the first logged NaN/inf loss or gradient norm, without saving: the last checkpoint stays the last
-    good one. (Trainers must log with ``logging_nan_inf_filter=False``, or transformers hides a NaN loss as 0.)"""
+    """Stop at the first logged NaN/inf loss or gradient norm, or diverged loss (:func:`diverged`), without saving.
+
+    It also keeps ``last_good_step``, the last logged step whose figures were finite and not diverged: the weights of
+    a checkpoint at step ``c`` are first used by step ``c + 1``, so only checkpoints before ``last_good_step`` are
+    known good (:func:`train_resumable` names the newest). Trainers must log with ``logging_nan_inf_filter=False``,
+    or transformers hides a NaN loss as 0.
+    """
 
     def __init__(self):
         self.bad_step: int | None = None
         self.bad_value: str | None = None
+        self.last_good_step = 0
+        self.lowest_loss: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run starts from the history its checkpoint restored.
+        for row in state.log_history:
+            if "loss" in row and row["step"] <= state.global_step and math.isfinite(row["loss"]):
+                self.lowest_loss = min(row["loss"], self.lowest_loss if self.lowest_loss is not None else math.inf)
+        self.last_good_step = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "grad_norm"):
-            value = (logs or {}).get(key)
-            if value is not None and not math.isfinite(value) and self.bad_step is None:
-                self.bad_step, self.bad_value = state.global_step, f"{key} {value}"
+        logs = logs or {}
+        if self.bad_step is None:
+            for key in ("loss", "grad_norm"):
+                value = logs.get(key)
+                if value is not None and not math.isfinite(value):
+                    self.bad_step, self.bad_value = state.global_step, f"{key} {value}"
+                    break
+            loss = logs.get("loss")
+            if self.bad_step is None and loss is not None and diverged(loss, self.lowest_loss):
+                self.bad_step = state.global_step
+                self.bad_value = f"loss {loss:.4g} diverged (lowest so far {self.lowest_loss:.4g})"
+            if self.bad_step is None and loss is not None:
+                self.lowest_loss = loss if self.lowest_loss is None else min(self.lowest_loss, loss)
+                self.last_good_step = state.global_step
         if self.bad_step is not None:
             control.should_training_stop = True
             control.should_save = False
@@ -287,20 +491,40 @@ class NonFiniteLossCallback(TrainerCallback):
         return control
 
 
+def last_good_checkpoint(output_dir: Path, last_good_step: int) -> Path | None:
+    """The newest complete checkpoint from before ``last_good_step`` (see :class:`NonFiniteLossCallback`)."""
+    for step, path in reversed(checkpoints(output_dir)):
+        if step < last_good_step and (path / COMPLETE_MARKER).is_file():
+            return path
+    return None
+
+
 def train_resumable(trainer, output_dir: Path, resume: bool, nan_guard: NonFiniteLossCallback, is_main_process: bool,
                     train_report) -> dict:
     """Run a composed TRL trainer: from the newest complete checkpoint when ``resume``, stopping with a one-line
-    error when ``nan_guard`` saw a non-finite loss (nothing saved; the last good checkpoint is named). Returns the
-    summary's training figures: ``train_loss`` (over the whole run, resumed or not), ``train_steps``,
-    ``train_seconds`` and ``train_data`` (``train_report``, what was kept, cut and skipped)."""
+    error when ``nan_guard`` saw a non-finite or diverged loss, or the optimizer step overflowed (a learning rate
+    beyond float range): nothing saved, the last good checkpoint named, and newer ones unmarked so ``--resume``
+    continues from it. Returns the summary's training figures: ``train_loss`` (over the whole run, resumed or not),
+    ``train_steps``, ``train_seconds`` and ``train_data`` (``train_report``, what was kept, cut and skipped)."""
     resume_from = latest_complete_checkpoint(output_dir) if resume else None
     if resume_from and is_main_process:
         print(f"resuming from {resume_from}")
     started = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except RuntimeError as e:
+        if "overflow" not in str(e):
+            raise
+        nan_guard.bad_step = trainer.state.global_step + 1
+        nan_guard.bad_value = f"the optimizer step overflowed ({' '.join(str(e).split())})"
+        train_result = None
     train_seconds = time.perf_counter() - started
     if nan_guard.bad_step is not None:
-        last_good = latest_complete_checkpoint(output_dir)
+        last_good = last_good_checkpoint(output_dir, nan_guard.last_good_step)
+        if is_main_process:
+            for step, path in checkpoints(output_dir):
+                if last_good is None or step > checkpoint_step(last_good):
+                    (path / COMPLETE_MARKER).unlink(missing_ok=True)  # trained past the last good figures
         raise NonFiniteLossError(
             f"{nan_guard.bad_value} at step {nan_guard.bad_step}; stopped without saving. "
             f"Last good checkpoint: {last_good or 'none'}. Lower train.learning_rate or check the data."

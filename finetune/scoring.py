@@ -101,25 +101,28 @@ class RewardModel:
 def load_reward_model(run_dir: str | Path) -> RewardModel:
     """Load a finished reward run (``recipes/reward.py``'s output directory) for scoring.
 
-    The base named in the run's ``config.yaml`` is loaded as a sequence classifier (in 4-bit for a QLoRA run), the
-    saved adapter and ``score`` head go on top, and the tokenizer and template come from the run.
+    The run's base (``finetune.run_dir.RunDir.base_model``) is loaded as a sequence classifier (in 4-bit for a QLoRA
+    run), the saved adapter and ``score`` head go on top, and the tokenizer and template come from the run.
+
+    Raises:
+        ConfigError: ``run_dir`` is not a finished run with an adapter and its ``config.yaml``.
     """
+    import dataclasses
+
     from peft import PeftModel
 
     from .config import ConfigError, ModelConfig, from_dict
-    from .models import ADAPTER_CONFIG, init_run_kind, load_sequence_classifier, load_tokenizer, run_config
+    from .models import load_sequence_classifier, load_tokenizer
+    from .run_dir import open_run
     from .templates import get_template
 
-    run_dir = Path(run_dir)
-    saved = run_config(run_dir)
-    if not (run_dir / ADAPTER_CONFIG).is_file() or not saved:
-        raise ConfigError(f"{run_dir}: not a finished reward run (needs {ADAPTER_CONFIG} and config.yaml)")
-    model_cfg = from_dict(ModelConfig, saved.get("model") or {}, "model")
-    init = saved.get("init")
-    base_path = init if init and init_run_kind(init, "the reward run's init") == "full" else None
-    base = load_sequence_classifier(model_cfg, saved["adapter"]["method"], name_or_path=base_path, for_training=False)
-    tokenizer = load_tokenizer(str(run_dir))
+    run = open_run(run_dir, "reward model")
+    if run.kind != "adapter" or not run.config:
+        raise ConfigError(f"reward model {run_dir}: not a finished reward run (needs an adapter and config.yaml)")
+    model_cfg = dataclasses.replace(from_dict(ModelConfig, run.config.get("model") or {}, "model"), name=run.base_model)
+    base = load_sequence_classifier(model_cfg, run.method or "lora", for_training=False)
+    tokenizer = load_tokenizer(str(run.path))
     base.config.pad_token_id = tokenizer.pad_token_id
-    model = PeftModel.from_pretrained(base, str(run_dir))
+    model = PeftModel.from_pretrained(base, str(run.path))
     model.eval()
-    return RewardModel(model, tokenizer, get_template(saved["data"]["template"], tokenizer))
+    return RewardModel(model, tokenizer, get_template(run.template, tokenizer))

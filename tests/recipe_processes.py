@@ -79,7 +79,7 @@ def checkpoint_complete(output_dir: Path, step: int) -> Callable[[], bool]:
 
 
 def losses_by_step(output_dir: Path) -> dict[int, float]:
-    """Training loss per logged step from ``metrics.jsonl``. A resumed run appends to the killed run's file, so a step
-    logged twice keeps its latest row (the resumed run's)."""
+    """Training loss per logged step from ``metrics.jsonl`` (a resumed run rewinds the file to its checkpoint, so
+    each step has one row)."""
     rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}

@@ -16,6 +16,7 @@ from finetune.logprobs import sequence_logprobs
 from finetune.models import lora_config, resolve_model
 from finetune.preference_data import split_pair, tokenize_pairs_for_dpo
 from finetune.recipe import launch
+from finetune.run_dir import resolve_init
 from finetune.runs import write_config
 from finetune.stages import dpo
 from finetune.templates import get_template
@@ -72,7 +73,8 @@ def dpo_config(sft_run, tmp_path, **dpo_params):
 
 
 def make_trainer(cfg, tokenizer, num_pairs=4):
-    cfg, kind, _ = dpo.resolve_init(cfg)
+    cfg, init, _ = resolve_init(cfg)
+    kind = init.kind
     template = get_template(cfg.data.template, tokenizer)
     rows, _ = tokenize_pairs_for_dpo(load_preferences(EVAL, limit=num_pairs), template, tokenizer, cfg.data.max_length)
     model, peft_config = dpo.load_policy(cfg, kind)

@@ -334,7 +334,7 @@ def test_config_errors_are_one_line(tmp_path, sft_run, capsys):
     assert "error: --init" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="ppo.save_every=0 writes none"):
         parse_args(PPOConfig, ["--init", "x", "--resume", "--ppo.save_every=0"])
-    with pytest.raises(ConfigError, match="no complete checkpoint-N/"):
+    with pytest.raises(ConfigError, match="holds no run to resume"):
         ppo.train(ppo_config(tmp_path, sft_run, "--resume"))
 
 
@@ -359,7 +359,7 @@ def test_full_weights_sft_run_is_the_base_and_the_reference(tmp_path, tokenizer,
     from test_dpo import make_full_sft_run
     from transformers import AutoModelForCausalLM
 
-    from finetune.models import run_config
+    from finetune.run_dir import RunDir
 
     full = make_full_sft_run(tmp_path / "sft_full", noise=0.3)
     cfg = parse_args(PPOConfig, ["--init", str(full), "--output_dir", str(tmp_path / "ppo"), *QUICK,
@@ -374,7 +374,7 @@ def test_full_weights_sft_run_is_the_base_and_the_reference(tmp_path, tokenizer,
     assert (reference_logprobs(roles.model, rollout) - sft).abs().max() > 1e-3, "the policy adapter moved"
     row = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["kl"] == pytest.approx(0.0, abs=1e-5), "the first rollout comes from the SFT model itself"
-    saved = run_config(tmp_path / "ppo")
+    saved = RunDir.read(tmp_path / "ppo").config
     assert saved["model"]["name"] == str(full) and saved["adapter"]["r"] == 4
     assert "eval_accuracy" in summary
     # A reward adapter trained on the original base cannot share this one.

@@ -152,7 +152,7 @@ def test_threshold_mode_counts_prompts_that_kept_nothing(tmp_path, sft_run, gene
 def test_fine_tune_is_the_sft_stage_continuing_the_sft_adapter(tmp_path, sft_run):
     from safetensors.torch import load_file
 
-    from finetune.models import run_config
+    from finetune.run_dir import RunDir
 
     out = tmp_path / "rs"
     assert run_recipe(["--init", str(sft_run), "--output_dir", str(out), *QUICK, "--train.max_steps=2",
@@ -162,7 +162,7 @@ def test_fine_tune_is_the_sft_stage_continuing_the_sft_adapter(tmp_path, sft_run
     for key in ("init_eval_accuracy", "eval_accuracy", "init_eval_loss", "eval_loss", "mean_score_all"):
         assert key in summary, key
     assert summary["train_steps"] == 2 and summary["sft_output_dir"] == str(out / "sft")
-    sft_cfg = run_config(out / "sft")
+    sft_cfg = RunDir.read(out / "sft").config
     assert sft_cfg["init"] == str(sft_run) and sft_cfg["data"]["train"] == str(out / "kept.jsonl")
     before = load_file(sft_run / "adapter_model.safetensors")
     after = load_file(out / "sft" / "adapter_model.safetensors")
@@ -239,7 +239,7 @@ def test_resume_after_kill_in_the_fine_tune_matches_an_uninterrupted_run(tmp_pat
 
 
 def test_full_weights_sft_run_is_sampled_and_gets_a_new_adapter(tmp_path):
-    from finetune.models import run_config
+    from finetune.run_dir import RunDir
 
     greedy = [*QUICK, "--sampling.temperature=0", "--sampling.num_samples=1", "--data.max_train_samples=8"]
     moved = make_full_sft_run(tmp_path / "sft_moved", noise=0.3)
@@ -252,7 +252,7 @@ def test_full_weights_sft_run_is_sampled_and_gets_a_new_adapter(tmp_path):
     replies = [[row["response"] for row in read_jsonl(tmp_path / run / "samples.jsonl")] for run in ("a", "b")]
     assert replies[0] != replies[1]
     # The fine-tune is the SFT stage from full weights: a new adapter of the configured shape on the SFT model.
-    sft_cfg = run_config(tmp_path / "b" / "sft")
+    sft_cfg = RunDir.read(tmp_path / "b" / "sft").config
     assert sft_cfg["init"] == str(moved) and sft_cfg["adapter"]["r"] == 4
     assert (tmp_path / "b" / "sft" / "adapter_model.safetensors").is_file()
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())

@@ -133,11 +133,13 @@ def test_init_from_sft_copies_its_adapter_and_trl_loss_is_bradley_terry(tmp_path
     from datasets import Dataset
     from trl import RewardTrainer
 
+    from finetune.run_dir import resolve_init
     from finetune.stages import reward
 
     sft = make_sft_run(tmp_path / "sft")
     cfg = parse_args(RewardConfig, ["--init", str(tmp_path / "sft"), "--output_dir", str(tmp_path / "rm")])
-    cfg, kind, changed = reward.resolve_init(cfg)
+    cfg, init, changed = resolve_init(cfg)
+    kind = init.kind
     assert kind == "adapter" and cfg.adapter.r == 8 and cfg.adapter.alpha == 16 and changed == ["r", "alpha"]
     model = reward.load_reward_backbone(cfg, kind)
     sft_weights = {n.replace(".default", ""): p for n, p in sft.named_parameters() if "lora_" in n}

@@ -1,33 +1,163 @@
-"""The run directory contract: refusal to clobber, complete-checkpoint detection, NaN guard."""
+"""The run directory contract: what --overwrite may replace, resume and restart, complete-checkpoint detection and
+rotation, the NaN and divergence guard, and reading a run back (finetune.run_dir)."""
 
+import json
 import math
+import os
 
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from finetune.config import ConfigError
+from finetune.config import ConfigError, SFTConfig
+from finetune.run_dir import RunDir, open_run, write_run_state
 from finetune.runs import (
     COMPLETE_MARKER,
     NonFiniteLossCallback,
+    RunCallback,
     discard_incomplete_checkpoints,
+    diverged,
+    last_good_checkpoint,
     latest_complete_checkpoint,
+    plan_output_dir,
     prepare_output_dir,
+    read_metrics,
     whole_run_train_loss,
+    write_config,
 )
 
 
+def make_run(path, status="finished", checkpoints=(), metrics_steps=()):
+    """A run directory as the scaffold leaves it: config.yaml, run.json, metrics rows, complete checkpoints."""
+    path.mkdir(parents=True, exist_ok=True)
+    write_config(path, SFTConfig(output_dir=str(path)))
+    write_run_state(path, "sft", "running")
+    if status == "finished":
+        write_run_state(path, "sft", "finished", "adapter")
+    for step in checkpoints:
+        (path / f"checkpoint-{step}").mkdir()
+        (path / f"checkpoint-{step}" / COMPLETE_MARKER).write_text("{}")
+    (path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in metrics_steps))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preparing the output directory
+
+
 def test_non_empty_output_dir_needs_resume_or_overwrite(tmp_path):
-    (tmp_path / "old.txt").write_text("previous run")
+    run = make_run(tmp_path / "run")
     with pytest.raises(ConfigError, match="not empty; pass --resume .* or --overwrite"):
-        prepare_output_dir(tmp_path, resume=False, overwrite=False)
-    assert (tmp_path / "old.txt").exists()
-    prepare_output_dir(tmp_path, resume=False, overwrite=True)
-    assert tmp_path.is_dir() and not any(tmp_path.iterdir())
+        prepare_output_dir(run, resume=False, overwrite=False)
+    assert (run / "config.yaml").exists()
 
 
-def test_resume_without_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(ConfigError, match="no complete checkpoint"):
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path):
+    (tmp_path / "old.txt").write_text("someone's file")
+    with pytest.raises(ConfigError, match="not a run directory"):
+        prepare_output_dir(tmp_path, resume=False, overwrite=True)
+    assert (tmp_path / "old.txt").read_text() == "someone's file"
+
+
+def test_overwrite_accepts_an_export_directory(tmp_path):
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "export_metadata.json").write_text("{}")
+    assert plan_output_dir(tmp_path / "export", resume=False, overwrite=True) == "replace"
+
+
+def test_overwrite_refuses_the_current_directory_and_its_parents(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "run")
+    monkeypatch.chdir(run)
+    with pytest.raises(ConfigError, match="current directory"):
+        plan_output_dir(".", resume=False, overwrite=True)
+    (run / "work").mkdir()
+    monkeypatch.chdir(run / "work")
+    with pytest.raises(ConfigError, match="current directory or one of its parents"):
+        plan_output_dir(run, resume=False, overwrite=True)
+
+
+def test_overwrite_refuses_a_parent_of_the_project(tmp_path, monkeypatch):
+    from finetune.runs import project_root
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="holds the finetune project"):
+        plan_output_dir(project_root().parent, resume=False, overwrite=True)
+
+
+@pytest.mark.parametrize("key", ["data.train", "data.eval", "init"])
+def test_overwrite_refuses_a_run_holding_this_runs_own_inputs(tmp_path, key):
+    """The data (or the run to start from) inside the output directory, or the output directory a parent of them:
+    replacing it would delete what the run is about to read."""
+    run = make_run(tmp_path / "run")
+    inside = run / "data" / "train.jsonl"
+    inside.parent.mkdir()
+    inside.write_text("{}\n")
+    with pytest.raises(ConfigError, match=f"holds this run's own input {key}="):
+        plan_output_dir(run, resume=False, overwrite=True, inputs={key: str(inside)})
+    with pytest.raises(ConfigError, match=f"holds this run's own input {key}="):
+        plan_output_dir(tmp_path / "run", resume=False, overwrite=True, inputs={key: str(tmp_path / "run")})
+    assert inside.is_file()
+
+
+def test_overwrite_moves_the_old_run_aside_until_the_new_one_finishes(tmp_path):
+    run = make_run(tmp_path / "run", checkpoints=[2])
+    (run / "adapter_model.safetensors").write_text("old weights")
+    prepared = prepare_output_dir(run, resume=False, overwrite=True)
+    assert prepared.action == "replace" and run.is_dir() and not any(run.iterdir())
+    assert (prepared.replaced / "adapter_model.safetensors").read_text() == "old weights"
+    aside = prepared.replaced.parent
+    prepared.commit()
+    assert not aside.exists() and sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_a_failed_overwrite_puts_the_old_run_back(tmp_path):
+    run = make_run(tmp_path / "run", checkpoints=[2])
+    (run / "adapter_model.safetensors").write_text("old weights")
+    prepared = prepare_output_dir(run, resume=False, overwrite=True)
+    (run / "config.yaml").write_text("the failed run's")
+    prepared.abandon()
+    assert (run / "adapter_model.safetensors").read_text() == "old weights"
+    assert (run / "checkpoint-2" / COMPLETE_MARKER).is_file() and RunDir.read(run).finished
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_an_unfinished_run_with_nothing_to_resume_is_restarted_without_asking(tmp_path):
+    """A run killed before (or while) writing its first checkpoint: a plain rerun replaces it."""
+    run = make_run(tmp_path / "run", status="running", metrics_steps=[1, 2])
+    (run / "checkpoint-2").mkdir()  # half-written: no marker
+    prepared = prepare_output_dir(run, resume=False, overwrite=False)
+    assert prepared.action == "restart" and not any(run.iterdir())
+
+
+def test_an_unfinished_run_with_a_checkpoint_needs_resume_or_overwrite(tmp_path):
+    run = make_run(tmp_path / "run", status="running", checkpoints=[2])
+    with pytest.raises(ConfigError, match="not empty; pass --resume"):
+        plan_output_dir(run, resume=False, overwrite=False)
+
+
+def test_resume_needs_a_run(tmp_path):
+    with pytest.raises(ConfigError, match="holds no run to resume"):
         prepare_output_dir(tmp_path, resume=True, overwrite=False)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ConfigError, match="holds no run to resume"):
+        prepare_output_dir(tmp_path, resume=True, overwrite=False)
+
+
+def test_resume_rewinds_metrics_to_the_checkpoint(tmp_path):
+    """The killed run logged steps 1-5 after checkpoint-4; the resumed run logs 5 again, so the file keeps 1-4."""
+    run = make_run(tmp_path / "run", status="running", checkpoints=[2, 4], metrics_steps=[1, 2, 3, 4, 5])
+    (run / "checkpoint-6").mkdir()
+    prepare_output_dir(run, resume=True, overwrite=False)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+    assert not (run / "checkpoint-6").exists()
+
+
+def test_resume_without_a_complete_checkpoint_starts_from_the_beginning(tmp_path, capsys):
+    """A kill during the very first checkpoint: --resume accepts the directory and starts afresh."""
+    run = make_run(tmp_path / "run", status="running", metrics_steps=[1, 2])
+    (run / "checkpoint-2").mkdir()
+    assert prepare_output_dir(run, resume=True, overwrite=False).action == "resume"
+    assert "starting from the beginning" in capsys.readouterr().out
+    assert read_metrics(run) == [] and not (run / "checkpoint-2").exists()
 
 
 def test_half_written_checkpoint_is_never_resumed_from(tmp_path):
@@ -75,3 +205,142 @@ def test_whole_run_train_loss_folds_in_the_steps_before_the_checkpoint():
         11 / 6)
     straight = SimpleNamespace(training_loss=11 / 6, global_step=6)
     assert whole_run_train_loss(straight, history, None) == 11 / 6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rotation: the new checkpoint's marker before any old checkpoint goes
+
+
+def test_rotation_marks_the_new_checkpoint_before_removing_the_old(tmp_path, monkeypatch):
+    """save_total_limit=1: at the save of step 4, checkpoint-4 is marked complete first; if the process dies while
+    checkpoint-2 is being removed (simulated: the removal raises), checkpoint-4 is already resumable."""
+    import shutil
+
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-2" / COMPLETE_MARKER).write_text("{}")
+    callback = RunCallback(tmp_path, keep=1)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+
+    def killed(path, *a, **k):
+        raise KeyboardInterrupt("killed while removing " + str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        callback.on_save(args, TrainerState(global_step=4), TrainerControl())
+    assert latest_complete_checkpoint(tmp_path).name == "checkpoint-4"
+    assert not (tmp_path / "checkpoint-2" / COMPLETE_MARKER).exists(), "its marker goes first"
+    monkeypatch.undo()
+    callback.on_save(args, TrainerState(global_step=4), TrainerControl())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Divergence and the last good checkpoint
+
+
+def test_divergence_is_twice_the_lowest_loss_and_three_nats_above_it():
+    """Lowest 1.0: 4.0 is the threshold (max(2 * 1, 1 + 3)); lowest 5.0: 10.0 (max(10, 8))."""
+    assert not diverged(4.0, 1.0) and diverged(4.01, 1.0)
+    assert not diverged(10.0, 5.0) and diverged(10.01, 5.0)
+    assert not diverged(1e9, None)
+
+
+def test_the_guard_keeps_the_last_good_step_and_stops_on_divergence(tmp_path):
+    guard = NonFiniteLossCallback()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    control = TrainerControl()
+    for step, loss in ((1, 3.0), (2, 2.0), (3, 2.5)):
+        guard.on_log(args, TrainerState(global_step=step), control, logs={"loss": loss})
+    assert guard.last_good_step == 3 and guard.bad_step is None and not control.should_training_stop
+    guard.on_log(args, TrainerState(global_step=4), control, logs={"loss": 5.5})
+    assert guard.bad_step == 4 and "diverged" in guard.bad_value and control.should_training_stop
+    assert guard.last_good_step == 3
+
+
+def test_last_good_checkpoint_is_before_the_last_good_step(tmp_path):
+    """Checkpoint c's weights are first used by step c + 1: with the last good log at step 4, checkpoint-4 is
+    unproven and checkpoint-3 is the last good one."""
+    for step in (2, 3, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / COMPLETE_MARKER).write_text("{}")
+    assert last_good_checkpoint(tmp_path, 4).name == "checkpoint-3"
+    assert last_good_checkpoint(tmp_path, 2) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading a run back
+
+
+def test_run_dir_reads_kind_base_template_and_whether_it_finished(tmp_path):
+    run = make_run(tmp_path / "run", status="running")
+    (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "elsewhere"}))
+    (run / "adapter_model.safetensors").write_bytes(b"")
+    read = RunDir.read(run)
+    assert read.kind == "adapter" and read.base_model == "tiny" and read.template == "llama3"
+    assert read.stage == "sft" and not read.finished
+    with pytest.raises(ConfigError, match="did not finish"):
+        open_run(run)
+    write_run_state(run, "sft", "finished", "adapter")
+    assert open_run(run).finished
+    state = json.loads((run / "run.json").read_text())
+    assert state["status"] == "finished" and state["kind"] == "adapter" and state["started"] <= state["finished"]
+
+
+def test_a_model_directory_without_run_json_is_taken_as_it_is(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    read = open_run(tmp_path)
+    assert read.kind == "full" and read.finished and read.config == {}
+
+
+def test_export_chat_and_the_reward_scorer_refuse_a_run_that_did_not_finish(tmp_path):
+    """A run killed or failed after its adapter files appeared (run.json still says running) is not exported,
+    chatted with or scored with; once finished, export reads it."""
+    from finetune.chat import load_chat_model
+    from finetune.export import ExportError, inspect_run
+    from finetune.scoring import load_reward_model
+
+    run = make_run(tmp_path / "run", status="running")
+    (run / "adapter_config.json").write_text("{}")
+    (run / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ExportError, match="did not finish"):
+        inspect_run(run)
+    with pytest.raises(ExportError, match="did not finish"):
+        load_chat_model(str(run))
+    with pytest.raises(ConfigError, match="did not finish"):
+        load_reward_model(run)
+    write_run_state(run, "sft", "finished", "adapter")
+    assert inspect_run(run).has_adapter
+
+
+def test_a_corrupt_truncated_or_wrong_rank_adapter_is_a_one_line_init_error(tmp_path):
+    import shutil
+
+    from test_dpo import make_sft_run
+
+    from finetune.run_dir import ADAPTER_WEIGHTS, resolve_init
+
+    def init_of(run):
+        return resolve_init(SFTConfig(init=str(run), output_dir=str(tmp_path / "out")))
+
+    good = make_sft_run(tmp_path / "good")
+    assert init_of(good)[1].kind == "adapter"
+
+    def copy_of_good(name):  # each copy is then broken in one way
+        return shutil.copytree(good, tmp_path / name)
+
+    truncated = copy_of_good("truncated")
+    weights = truncated / ADAPTER_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ConfigError, match="cannot read adapter_model.safetensors"):
+        init_of(truncated)
+    wrong_rank = copy_of_good("rank")
+    config = json.loads((wrong_rank / "adapter_config.json").read_text())
+    (wrong_rank / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
+    with pytest.raises(ConfigError, match="has rank 8 but adapter_config.json says r=4"):
+        init_of(wrong_rank)
+    corrupt = copy_of_good("corrupt")
+    (corrupt / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="adapter_config.json: cannot read it"):
+        init_of(corrupt)

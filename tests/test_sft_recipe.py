@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import recipe_runs
-from recipe_processes import checkpoint_complete, losses_by_step, run_to_end, run_until
+from recipe_processes import losses_by_step, run_to_end, run_until
 from recipe_runs import assert_run_directory
 
 from finetune.config import SFTConfig
+from finetune.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "sft.py"
@@ -80,6 +81,89 @@ def test_refuses_non_empty_output_dir(finished_run, capsys):
     assert "is not empty; pass --resume" in capsys.readouterr().err
 
 
+def test_saved_configs_keep_the_kv_cache_on(finished_run):
+    """Training turns the cache off on the live model only: the run's generation config says use_cache true."""
+    assert json.loads((finished_run / "generation_config.json").read_text())["use_cache"] is True
+
+
+def test_a_full_fine_tune_saves_its_model_with_the_cache_on(tmp_path):
+    """Full weights: config.json and generation_config.json both say use_cache true, run.json says kind full, and
+    the model loads and generates with its cache."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "full"
+    assert run_recipe(["--output_dir", str(out), "--adapter.method=full", "--train.max_steps=2", "--data.eval=null",
+                       "--data.max_train_samples=8", "--eval.before_training=false", "--train.save_steps=0"]) == 0
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((out / name).read_text())["use_cache"] is True, name
+    assert json.loads((out / "run.json").read_text())["kind"] == "full"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.use_cache and model.generation_config.use_cache
+
+
+def test_the_run_records_that_it_finished(finished_run):
+    state = json.loads((finished_run / "run.json").read_text())
+    assert state["stage"] == "sft" and state["status"] == "finished" and state["kind"] == "adapter"
+    assert not list(finished_run.glob(".final-staging*"))
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_typo_in_the_data_with_overwrite_leaves_the_finished_run_untouched(finished_run, capsys):
+    before = _snapshot(finished_run)
+    assert run_recipe(["--output_dir", str(finished_run), *QUICK, "--data.train=missing.jsonl", "--overwrite"]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert _snapshot(finished_run) == before
+
+
+def test_a_run_failing_after_it_started_puts_the_overwritten_run_back(finished_run, tmp_path, capsys):
+    """--overwrite, then a NaN stop at step 2: the previous run is back as it was, and nothing is left beside it."""
+    before = _snapshot(finished_run)
+    code = run_recipe(["--output_dir", str(finished_run), "--overwrite", "--data.max_train_samples=16",
+                       "--data.eval=null", "--train.max_steps=4", "--train.logging_steps=1",
+                       "--train.learning_rate=1e9", "--train.warmup_ratio=0", "--eval.before_training=false"])
+    assert code == 2 and "restored" in capsys.readouterr().err
+    assert _snapshot(finished_run) == before
+    assert sorted(p.name for p in finished_run.parent.iterdir()) == [finished_run.name]
+
+
+def test_a_failed_run_does_not_block_the_corrected_rerun(tmp_path, capsys, monkeypatch):
+    """Bad data fails before the output directory exists; a run that fails after it started (here: loading the
+    model raises) leaves an unfinished run with nothing to resume, which the corrected plain rerun replaces."""
+    from finetune.stages import sft
+
+    out = tmp_path / "run"
+    assert run_recipe(["--output_dir", str(out), "--data.train=missing.jsonl"]) == 2
+    assert not out.exists()
+
+    def broken(*args):
+        raise RuntimeError("the model failed to load")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sft, "load_model", broken)
+        with pytest.raises(RuntimeError, match="failed to load"):
+            run_recipe(["--output_dir", str(out), *QUICK, "--eval.before_training=false", "--data.eval=null"])
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    capsys.readouterr()
+    assert run_recipe(["--output_dir", str(out), *QUICK, "--train.max_steps=2", "--eval.before_training=false",
+                       "--data.eval=null"]) == 0
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_an_unfinished_run_is_refused_as_init(tmp_path, capsys):
+    from test_dpo import make_sft_run
+
+    from finetune.run_dir import write_run_state
+
+    sft = make_sft_run(tmp_path / "sft")
+    write_run_state(sft, "sft", "running")
+    assert run_recipe(["--output_dir", str(tmp_path / "next"), f"--init={sft}", *QUICK]) == 2
+    assert "did not finish" in capsys.readouterr().err
+    assert not (tmp_path / "next").exists()
+
+
 def test_bad_data_is_one_line_error(tmp_path, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')
@@ -99,36 +183,108 @@ def _command(out, extra=()):
     return [sys.executable, RECIPE, "--output_dir", out, *args]
 
 
-@pytest.mark.slow
-def test_resume_after_kill_reproduces_the_uninterrupted_loss_curve(tmp_path):
-    """Kill -9 a run once it has written checkpoint-4, resume it, and compare its loss curve with a run that was
-    never interrupted: the same losses at every logged step."""
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_to_end(_command(straight))
-    run_until(_command(killed), checkpoint_complete(killed, 4))
-    assert not (killed / "summary.json").exists()
+def _gone_after_complete(checkpoint: Path):
+    """A ``run_until`` predicate: ``checkpoint`` was seen complete and has since been removed (rotated away)."""
+    seen = []
 
-    output = run_to_end(_command(killed, ["--resume"]))
-    assert "resuming from" in output
-    # metrics.jsonl holds the killed run's rows and the resumed run's; the latest row per step wins.
+    def predicate() -> bool:
+        if (checkpoint / "checkpoint_complete.json").is_file():
+            seen.append(True)
+        return bool(seen) and not checkpoint.exists()
+
+    return predicate
+
+
+@pytest.mark.slow
+def test_resume_after_kill_in_the_rotation_window_reproduces_the_uninterrupted_loss_curve(tmp_path):
+    """save_total_limit=1: kill -9 the moment checkpoint-2 has been rotated away (after checkpoint-4 was written).
+    checkpoint-4 is already complete (its marker goes in before any old checkpoint is removed), --resume continues
+    from it, metrics.jsonl ends with one row per logged step, and the losses equal an uninterrupted run's."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    limit = ["--train.save_total_limit=1"]
+    run_to_end(_command(straight, limit))
+    run_until(_command(killed, limit), _gone_after_complete(killed / "checkpoint-2"), poll=0.002)
+    assert not (killed / "summary.json").exists()
+    assert (killed / "checkpoint-4" / "checkpoint_complete.json").is_file()
+
+    output = run_to_end(_command(killed, [*limit, "--resume"]))
+    assert "resuming from" in output and "checkpoint-4" in output
+    steps = [row["step"] for row in read_metrics(killed) if "loss" in row]
+    assert steps == sorted(set(steps)) == [2, 4, 6, 8, 10, 12, 14, 16], "one row per step"
     assert losses_by_step(killed) == pytest.approx(losses_by_step(straight), rel=1e-4)
     # The summary's train_loss is the mean over all steps, not only those run after the resume.
     summaries = [json.loads((out / "summary.json").read_text()) for out in (straight, killed)]
     assert summaries[1]["train_loss"] == pytest.approx(summaries[0]["train_loss"], rel=1e-4)
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    """A learning rate of 1e9 makes the gradients NaN at step 2: the run stops there with one line naming the step,
-    writes no checkpoint, adapter or summary after it, and checkpoint-1 stays complete for --resume."""
-    out = tmp_path / "run"
-    code = run_recipe([
+@pytest.mark.slow
+def test_a_kill_during_the_first_checkpoint_leaves_a_directory_resume_and_a_rerun_accept(tmp_path):
+    """Kill -9 once checkpoint-2 has appeared; if its marker made it in before the kill, take it out (and cut a
+    file short), which is what a kill a moment earlier leaves. Both --resume and a plain rerun then finish."""
+    import shutil
+
+    out = tmp_path / "killed"
+    run_until(_command(out, ["--train.max_steps=4"]), (out / "checkpoint-2").is_dir, poll=0.002)
+    (out / "checkpoint-2" / "checkpoint_complete.json").unlink(missing_ok=True)
+    for weights in (out / "checkpoint-2").glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:10])
+    shutil.copytree(out, tmp_path / "copy")
+
+    output = run_to_end(_command(out, ["--train.max_steps=4", "--resume"]))
+    assert "starting from the beginning" in output
+    assert [row["step"] for row in read_metrics(out) if "loss" in row] == [2, 4]
+    run_to_end(_command(tmp_path / "copy", ["--train.max_steps=4"]))
+    for run in (out, tmp_path / "copy"):
+        assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
+def _blow_up(out, learning_rate, warmup_ratio):
+    return run_recipe([
         "--output_dir", str(out), "--data.max_train_samples=32", "--data.eval=null", "--train.max_steps=6",
-        "--train.logging_steps=1", "--train.save_steps=1", "--train.learning_rate=1e9", "--train.warmup_ratio=0",
-        "--eval.before_training=false",
+        "--train.logging_steps=1", "--train.save_steps=1", f"--train.learning_rate={learning_rate}",
+        f"--train.warmup_ratio={warmup_ratio}", "--eval.before_training=false",
     ])
+
+
+def test_nan_stop_names_no_checkpoint_the_blow_up_ruined(tmp_path, capsys):
+    """At a learning rate of 1e9 from the first step, checkpoint-1 holds weights the first update already ruined
+    (step 2's gradients are NaN): the run stops at step 2 with one line, names no last good checkpoint, unmarks
+    checkpoint-1 so --resume does not continue from it, and writes no adapter or summary."""
+    out = tmp_path / "run"
+    assert _blow_up(out, 1e9, 0) == 2
     err = capsys.readouterr().err
-    assert code == 2
-    assert "error: grad_norm nan at step 2; stopped without saving" in err and "checkpoint-1" in err
-    assert (out / "checkpoint-1" / "checkpoint_complete.json").is_file()
+    assert "error: grad_norm nan at step 2; stopped without saving. Last good checkpoint: none." in err
+    assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-1" / "checkpoint_complete.json").exists()
     assert not (out / "checkpoint-2").exists()
     assert not (out / "summary.json").exists() and not (out / "adapter_model.safetensors").exists()
+
+
+def test_nan_stop_names_the_checkpoint_whose_next_step_was_finite(tmp_path, capsys):
+    """Linear warm-up to 1e6 over 3 steps: the first update has learning rate 0, the second 3.3e5. Step 2's loss and
+    gradients (on checkpoint-1's weights) are finite, step 3's gradients (on checkpoint-2's) are NaN: checkpoint-1 is
+    named, its adapter is the untouched initial one (B = 0), checkpoint-2 is unmarked, and --resume continues from
+    checkpoint-1."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert _blow_up(out, 1e6, 0.5) == 2
+    err = capsys.readouterr().err
+    assert "error: grad_norm nan at step 3" in err and f"Last good checkpoint: {out / 'checkpoint-1'}." in err
+    assert (out / "checkpoint-1" / "checkpoint_complete.json").is_file()
+    assert not (out / "checkpoint-2" / "checkpoint_complete.json").exists()
+    good = load_file(out / "checkpoint-1" / "adapter_model.safetensors")
+    assert all(t.isfinite().all() and t.abs().max() < 1 for t in good.values())
+    assert all(t.abs().max() == 0 for name, t in good.items() if "lora_B" in name)
+    from finetune.runs import latest_complete_checkpoint
+
+    assert latest_complete_checkpoint(out) == out / "checkpoint-1"
+
+
+def test_learning_rate_beyond_float_range_is_the_same_clean_stop(tmp_path, capsys):
+    """lr 1e39 does not fit a float32: the optimizer step raises torch's overflow error, reported as the same
+    one-line stop (exit status 2, no traceback)."""
+    out = tmp_path / "run"
+    assert _blow_up(out, 1e39, 0) == 2
+    err = capsys.readouterr().err
+    assert "error: the optimizer step overflowed" in err and "Last good checkpoint: none" in err
+    assert "Traceback" not in err and not (out / "summary.json").exists()

@@ -15,38 +15,18 @@ TRL's loss equals ours on the same batch for every loss offered here.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from ..config import DPOConfig, DPOParams
 from ..data import load_preferences
-from ..evaluate import load_callable, verifier_accuracy
-from ..models import (
-    load_adapter,
-    load_base_model,
-    load_tokenizer,
-    lora_config,
-    resolve_init,
-    resolve_model,
-)
+from ..evaluate import load_callable
+from ..models import load_adapter, load_base_model, lora_config, resolve_model
 from ..preference_data import chosen_conversations, tokenize_pairs_for_dpo
-from ..runs import (
-    NonFiniteLossCallback,
-    NonFiniteLossError,
-    RunCallback,
-    discard_incomplete_checkpoints,
-    plot_loss,
-    prepare_output_dir,
-    process_state,
-    train_resumable,
-    trainer_arguments,
-    write_config,
-    write_summary,
-)
-from ..templates import get_template, save_with_template
+from ..runs import trainer_arguments
+from . import scaffold
+from .scaffold import Stage, StageRun, Trained
 
 POLICY_ADAPTER = "default"
 """PEFT's name for the trainable policy adapter (the one TRL's ``DPOTrainer`` trains and copies)."""
@@ -142,11 +122,11 @@ class ReferenceGapCallback(TrainerCallback):
 
 def load_policy(cfg: DPOConfig, init_kind: str):
     """The base, loaded once, with the SFT adapter as the trainable ``default`` adapter; returns ``(model,
-    peft_config)`` where ``peft_config`` is the new adapter for a full-weights init (else ``None``)."""
+    peft_config)`` where ``peft_config`` is the new adapter for a full-weights init (else ``None``; a full-weights
+    ``init`` is ``model.name`` once resolved)."""
+    base = load_base_model(cfg.model, cfg.adapter.method)
     if init_kind == "adapter":
-        base = load_base_model(cfg.model, cfg.adapter.method)
         return load_adapter(base, cfg.init, POLICY_ADAPTER, trainable=True), None
-    base = load_base_model(dataclasses.replace(cfg.model, name=cfg.init), cfg.adapter.method)
     return base, lora_config(cfg.adapter)
 
 
@@ -175,81 +155,40 @@ def build_trainer(cfg: DPOConfig, model, peft_config, tokenizer, train_rows, eva
     return trainer
 
 
-def run(cfg: DPOConfig) -> dict:
-    """Train, evaluate and save; returns the summary also written to ``summary.json``."""
-    from transformers import set_seed
+def load_data(cfg: DPOConfig, tokenizer, template):
+    return scaffold.load_rows(cfg, tokenizer, template, load_preferences, tokenize_pairs_for_dpo)
 
-    state = process_state()
-    main = state.is_main_process
-    cfg, init_kind, changed = resolve_init(cfg)  # a bad --init fails before anything is written
 
-    tokenizer = load_tokenizer(cfg.model.name)
-    template = get_template(cfg.data.template, tokenizer)
-    train_pairs = load_preferences(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples)
-    train_rows, train_report = tokenize_pairs_for_dpo(train_pairs, template, tokenizer, cfg.data.max_length)
-    eval_pairs, eval_rows, eval_report = [], [], None
-    if cfg.data.eval:
-        eval_pairs = load_preferences(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples)
-        eval_rows, eval_report = tokenize_pairs_for_dpo(eval_pairs, template, tokenizer, cfg.data.max_length)
-    if not train_rows:
-        raise ValueError(f"no training pairs left from {cfg.data.train}: {train_report.describe('train data')}")
-
-    output_dir = prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, main)
-    state.wait_for_everyone()
-    if cfg.resume and main:
-        for path in discard_incomplete_checkpoints(output_dir):
-            print(f"discarded incomplete checkpoint {path}")
-    state.wait_for_everyone()
-    if main:
-        write_config(output_dir, cfg)
-        if changed:
-            print(f"adapter {', '.join(changed)} taken from --init {cfg.init} (the policy continues that adapter)")
-        print(train_report.describe("train data"))
-        if eval_report:
-            print(eval_report.describe("eval data"))
-    set_seed(cfg.train.seed)
-
-    model, peft_config = load_policy(cfg, init_kind)
-    verifier = load_callable(cfg.eval.verifier) if cfg.eval.verifier and eval_pairs else None
-    eval_convs = chosen_conversations(eval_pairs)
+def train(run: StageRun) -> Trained:
+    """Load the policy, measure the SFT init, train, measure the policy; the run's output is the policy alone."""
+    cfg, rows = run.cfg, run.data
+    model, peft_config = load_policy(cfg, run.init.kind)
+    verifier = load_callable(cfg.eval.verifier) if cfg.eval.verifier and rows.eval_records else None
+    eval_convs = chosen_conversations(rows.eval_records)
     generation_convs = eval_convs[: cfg.eval.num_samples] if cfg.eval.num_samples else eval_convs
 
     summary: dict = {"model": cfg.model.name, "resolved_model": resolve_model(cfg.model.name), "init": cfg.init}
     if verifier and cfg.eval.before_training:
-        before = verifier_accuracy(
-            model, tokenizer, template, generation_convs, verifier, cfg.eval.max_new_tokens, cfg.eval.batch_size
-        )
-        summary["init_eval_accuracy"] = before.accuracy
-        if main:
-            print(f"verifier accuracy of the SFT init: {before.accuracy:.3f} on {before.num_prompts} eval prompts")
+        summary["init_eval_accuracy"] = scaffold.verifier_accuracy_of(run, model, generation_convs, verifier,
+                                                             "the SFT init").accuracy
 
-    nan_guard = NonFiniteLossCallback()
-    callbacks = [ReferenceGapCallback(cfg.dpo.beta), RunCallback(output_dir), nan_guard]
-    trainer = build_trainer(cfg, model, peft_config, tokenizer, train_rows, eval_rows, output_dir, callbacks)
-    train_figures = train_resumable(trainer, output_dir, cfg.resume, nan_guard, main, train_report)
-
-    summary.update(
-        loss=cfg.dpo.loss,
-        beta=cfg.dpo.beta,
-        **train_figures,
-    )
-    if eval_rows:
+    trainer, figures = scaffold.train_with_trainer(run, lambda callbacks: build_trainer(
+        cfg, model, peft_config, run.tokenizer, rows.train, rows.eval, run.output_dir,
+        [ReferenceGapCallback(cfg.dpo.beta), *callbacks]))
+    summary.update(loss=cfg.dpo.loss, beta=cfg.dpo.beta, **figures)
+    if rows.eval:
         metrics = trainer.evaluate()
-        if not math.isfinite(metrics["eval_loss"]):
-            raise NonFiniteLossError(f"eval loss is {metrics['eval_loss']}")
         summary.update(
-            eval_loss=metrics["eval_loss"],
+            eval_loss=scaffold.check_finite("eval loss", metrics["eval_loss"]),
             eval_reward_accuracy=metrics["eval_rewards/accuracies"],
             eval_rewards_chosen=metrics["eval_rewards/chosen"],
             eval_rewards_rejected=metrics["eval_rewards/rejected"],
             eval_reward_margin=metrics["eval_rewards/margins"],
             eval_kl_gap=(metrics["eval_rewards/chosen"] + metrics["eval_rewards/rejected"]) / (2 * cfg.dpo.beta),
-            eval_data=eval_report.as_dict(),
+            eval_data=rows.eval_report.as_dict(),
         )
     if verifier:
-        after = verifier_accuracy(
-            trainer.model, tokenizer, template, generation_convs, verifier, cfg.eval.max_new_tokens, cfg.eval.batch_size
-        )
+        after = scaffold.verifier_accuracy_of(run, trainer.model, generation_convs, verifier)
         summary["eval_accuracy"] = after.accuracy
         summary["eval_samples"] = after.samples
 
@@ -257,10 +196,12 @@ def run(cfg: DPOConfig) -> dict:
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     if REFERENCE_ADAPTER in getattr(unwrapped, "peft_config", {}):
         unwrapped.delete_adapter(REFERENCE_ADAPTER)
-    trainer.save_model(str(output_dir))
-    if main:
-        save_with_template(tokenizer, template, output_dir, model_config=unwrapped.config)
-        write_summary(output_dir, summary)
-        plot_loss(output_dir)
-    state.wait_for_everyone()
-    return summary
+    return Trained(summary, lambda directory: trainer.save_model(str(directory)), unwrapped.config, trainer.model)
+
+
+STAGE = Stage("dpo", load_data, train)
+
+
+def run(cfg: DPOConfig) -> dict:
+    """Train, evaluate and save; returns the summary also written to ``summary.json``."""
+    return scaffold.run_stage(cfg, STAGE).summary

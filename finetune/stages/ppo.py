@@ -58,36 +58,28 @@ from ..logprobs import chunked_entropy, chunked_token_logprobs, masked_whiten, t
 from ..losses import AdaptiveKLController, FixedKLController, gae, per_token_rewards, ppo_policy_loss, ppo_value_loss
 from ..models import (
     activate_adapter,
-    adapter_config_from_run,
-    adapter_run_base,
     backbone_hidden_states,
-    check_init_run,
-    init_run_kind,
     load_adapter,
     load_base_model,
     load_scalar_head_adapter,
-    load_tokenizer,
     lora_config,
     resolve_model,
-    run_config,
     save_adapter,
 )
 from ..prompts import Prompt, load_prompts, prompt_schedule
 from ..rollout import Rollout, rollout_of, sample_groups
+from ..run_dir import open_reward_run, run_kind
+from ..run_dir import resolve_init as resolve_adapter_init
 from ..runs import (
     NonFiniteLossError,
-    discard_incomplete_checkpoints,
     latest_complete_checkpoint,
-    plot_loss,
-    prepare_output_dir,
     process_state,
     two_column_table,
-    write_config,
-    write_summary,
 )
 from ..scorers import build_scorer
-from ..templates import get_template, render, save_with_template, stop_token_ids
+from ..templates import render, stop_token_ids
 from ..training_loop import MetricsLog, load_checkpoint, restore_metrics, save_checkpoint
+from .scaffold import Stage, StageData, StageRun, Trained, run_stage
 
 POLICY, REFERENCE, VALUE, REWARD = "policy", "reference", "value", "reward"
 TRAINABLE = (POLICY, VALUE)
@@ -118,7 +110,7 @@ def load_roles(cfg: PPOConfig, device=None) -> Roles:
     from peft import get_peft_model
 
     base = load_base_model(cfg.model, cfg.adapter.method)
-    if init_run_kind(cfg.init) == "full":  # the full-weights SFT run is the base (resolve_init made it model.name)
+    if run_kind(cfg.init) == "full":  # the full-weights SFT run is the base (resolve made it model.name)
         model = get_peft_model(base, lora_config(cfg.adapter), adapter_name=POLICY)
         model.add_adapter(REFERENCE, lora_config(cfg.adapter))  # lora_B = 0: exactly the SFT model
         model.set_requires_grad([REFERENCE], False)
@@ -434,25 +426,38 @@ def restore_logs(output_dir: Path, checkpoint: Path, progress: dict) -> None:
 # The run
 
 
-def resolve_init(cfg: PPOConfig) -> PPOConfig:
-    """Check the SFT run and the reward run against this run's base and template. From a LoRA SFT run the policy
-    keeps the SFT adapter's shape; a full-weights SFT run becomes the base (``model.name``), and every role is a new
-    ``adapter`` on it (the reference's stays zero: the SFT model itself)."""
-    if check_init_run(cfg.init, cfg.model.name, cfg.data.template) == "adapter":
-        adapter, _ = adapter_config_from_run(cfg.adapter, cfg.init)
-        cfg = dataclasses.replace(cfg, adapter=adapter)
-    else:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=cfg.init))
+def resolve(cfg: PPOConfig):
+    """Check the SFT run and the reward run against this run's base and template (``finetune.run_dir``): from a LoRA
+    SFT run the policy keeps the SFT adapter's shape; a full-weights SFT run becomes the base (``model.name``), and
+    every role is a new ``adapter`` on it (the reference's stays zero: the SFT model itself)."""
+    cfg, init, changed = resolve_adapter_init(cfg)
     if cfg.score.reward_model:
-        option = "--score.reward_model"
-        if init_run_kind(cfg.score.reward_model, option) != "adapter":
-            raise ConfigError(f"{option} {cfg.score.reward_model}: not a reward run (no adapter with a scalar head)")
-        reward_base = adapter_run_base(run_config(cfg.score.reward_model))
-        if reward_base and resolve_model(reward_base) != resolve_model(cfg.model.name):
-            raise ConfigError(f"{option} {cfg.score.reward_model} was trained on {reward_base}, not on this run's base "
-                              f"{cfg.model.name}; its adapter cannot share this base")
-        check_init_run(cfg.score.reward_model, cfg.model.name, cfg.data.template, option)
-    return cfg
+        open_reward_run(cfg.score.reward_model, cfg.model.name, cfg.data.template)
+    processes = process_state().num_processes
+    if cfg.ppo.rollout_batch_size % processes:
+        raise ConfigError(f"ppo.rollout_batch_size ({cfg.ppo.rollout_batch_size}) must be a multiple of the number of "
+                          f"processes ({processes})")
+    return cfg, init, changed
+
+
+def resolve_init(cfg: PPOConfig) -> PPOConfig:
+    """:func:`resolve`'s config, for callers that build the roles themselves."""
+    return resolve(cfg)[0]
+
+
+def load_data(cfg: PPOConfig, tokenizer, template) -> StageData:
+    """The prompts and (with a verifier) the eval conversations: ``(prompts, skipped, eval_convs)``."""
+    conversations = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples)
+    prompts, skipped = load_prompts(conversations, template, tokenizer, cfg.data.max_prompt_length)
+    if not prompts:
+        raise ConfigError(f"no prompt of {cfg.data.train} fits data.max_prompt_length={cfg.data.max_prompt_length}")
+    eval_convs = []
+    if cfg.data.eval and cfg.eval.verifier:
+        eval_convs = load_conversations(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples)
+        eval_convs = eval_convs[: cfg.eval.num_samples] if cfg.eval.num_samples else eval_convs
+    report = [f"prompts: {len(prompts)} from {cfg.data.train}, {len(skipped)} skipped (longer than "
+              f"data.max_prompt_length)"]
+    return StageData((prompts, skipped, eval_convs), report)
 
 
 def run(cfg: PPOConfig) -> dict:
@@ -462,41 +467,23 @@ def run(cfg: PPOConfig) -> dict:
 
 def train(cfg: PPOConfig) -> tuple[dict, Roles]:
     """:func:`run`, also returning the trained roles (the tests inspect the adapters after training)."""
-    from accelerate import Accelerator
-    from transformers import get_scheduler, set_seed
+    trained = run_stage(cfg, STAGE)
+    return trained.summary, trained.model
 
-    cfg = resolve_init(cfg)  # a bad --init fails before anything is written
-    state = process_state()
+
+def train_policy(run: StageRun) -> Trained:
+    """The PPO run inside the stage scaffold: roles, optimizer, the iterations, the final evaluation."""
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    cfg, state, output_dir, tokenizer, template = run.cfg, run.state, run.output_dir, run.tokenizer, run.template
+    prompts, skipped, eval_convs = run.data
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
-    if cfg.ppo.rollout_batch_size % accelerator.num_processes:
-        raise ConfigError(f"ppo.rollout_batch_size ({cfg.ppo.rollout_batch_size}) must be a multiple of the number of "
-                          f"processes ({accelerator.num_processes})")
     scorer_needs_rm = bool(cfg.score.reward_model)
-
-    tokenizer = load_tokenizer(cfg.model.name)
-    template = get_template(cfg.data.template, tokenizer)
-    conversations = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples)
-    prompts, skipped = load_prompts(conversations, template, tokenizer, cfg.data.max_prompt_length)
-    if not prompts:
-        raise ConfigError(f"no prompt of {cfg.data.train} fits data.max_prompt_length={cfg.data.max_prompt_length}")
-    eval_convs = []
-    if cfg.data.eval and cfg.eval.verifier:
-        eval_convs = load_conversations(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples)
-        eval_convs = eval_convs[: cfg.eval.num_samples] if cfg.eval.num_samples else eval_convs
-
-    output_dir = prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, main)
-    state.wait_for_everyone()
-    if cfg.resume and main:
-        for path in discard_incomplete_checkpoints(output_dir):
-            print(f"discarded incomplete checkpoint {path}")
-    state.wait_for_everyone()
     resume_from = latest_complete_checkpoint(output_dir) if cfg.resume else None
-    if main:
-        write_config(output_dir, cfg)
-        print(f"prompts: {len(prompts)} from {cfg.data.train}, {len(skipped)} skipped (longer than "
-              f"data.max_prompt_length)")
-    set_seed(cfg.ppo.seed)
+    if cfg.resume and not resume_from and main:  # nothing to resume: start afresh (metrics.jsonl is rewound)
+        (output_dir / "rollouts.jsonl").unlink(missing_ok=True)
 
     roles = load_roles(cfg, accelerator.device)
     scorer = build_scorer(cfg.score, AdapterRewardModel(roles, tokenizer, template) if scorer_needs_rm else None)
@@ -585,17 +572,22 @@ def train(cfg: PPOConfig) -> tuple[dict, Roles]:
         summary["eval_accuracy"] = after.accuracy
         summary["eval_samples"] = after.samples
 
-    if main:
-        save_adapter(roles.model, POLICY, output_dir)
-        save_adapter(roles.model, VALUE, output_dir / "value")
-        from safetensors.torch import save_file
+    return Trained(summary, lambda directory: save_roles(roles, directory, main), roles.model.get_base_model().config,
+                   roles)
 
-        save_file({"weight": roles.value_head.weight.detach().cpu().contiguous()}, output_dir / "value" / "value_head.safetensors")
-        save_with_template(tokenizer, template, output_dir, model_config=roles.model.get_base_model().config)
-        write_summary(output_dir, summary)
-        plot_loss(output_dir)
-    state.wait_for_everyone()
-    return summary, roles
+
+def save_roles(roles: Roles, directory: Path, main: bool) -> None:
+    """The policy adapter at the top of ``directory`` (a run's adapter like any other), the value adapter and its head
+    under ``value/`` (main process)."""
+    from safetensors.torch import save_file
+
+    if main:
+        save_adapter(roles.model, POLICY, directory)
+        save_adapter(roles.model, VALUE, directory / "value")
+        save_file({"weight": roles.value_head.weight.detach().cpu().contiguous()}, directory / "value" / "value_head.safetensors")
+
+
+STAGE = Stage("ppo", load_data, train_policy, resolve=resolve, seed=lambda cfg: cfg.ppo.seed)
 
 
 def results_table(summary: dict) -> str:

@@ -38,20 +38,19 @@ import yaml
 from ..config import ConfigError, RejectionParams, RejectionSamplingConfig, SFTConfig, to_dict
 from ..data import load_conversations
 from ..generation import SamplingConfig
-from ..models import adapter_config_from_run, check_init_run, load_adapter, load_base_model, load_tokenizer
+from ..models import load_adapter, load_base_model
 from ..prompts import Prompt, load_prompts
 from ..rollout import sample_groups
+from ..run_dir import resolve_init
 from ..runs import (
     atomic_write_text,
     latest_complete_checkpoint,
-    prepare_output_dir,
     process_state,
     two_column_table,
-    write_config,
-    write_summary,
 )
 from ..scorers import build_scorer
-from ..templates import get_template, stop_token_ids
+from ..templates import stop_token_ids
+from .scaffold import Stage, StageData, StageRun, Trained, run_stage
 
 GENERATION_FILES = ("samples.jsonl", "kept.jsonl", "pairs.jsonl")
 GENERATION_MARKER = "generation_complete.json"
@@ -237,49 +236,49 @@ def sft_config(cfg: RejectionSamplingConfig, output_dir: Path, resume: bool = Fa
 
 
 def load_sft_model(cfg: RejectionSamplingConfig, init_kind: str):
-    """The SFT model to sample: the base with the SFT adapter, or a full-weights SFT run itself (then the fine-tune
-    puts a new ``adapter`` on it, as the SFT stage does from full weights)."""
-    if init_kind == "full":
-        return load_base_model(dataclasses.replace(cfg.model, name=cfg.init), cfg.adapter.method, for_training=False)
-    return load_adapter(load_base_model(cfg.model, cfg.adapter.method, for_training=False), cfg.init)
+    """The SFT model to sample: the base with the SFT adapter, or a full-weights SFT run itself (``model.name`` once
+    resolved; the fine-tune then puts a new ``adapter`` on it, as the SFT stage does from full weights)."""
+    base = load_base_model(cfg.model, cfg.adapter.method, for_training=False)
+    return base if init_kind == "full" else load_adapter(base, cfg.init)
 
 
-def run(cfg: RejectionSamplingConfig) -> dict:
-    """Sample, score, select, write; then fine-tune with the SFT stage unless ``generate_only``. Returns the summary
-    also written to ``summary.json``."""
-    from transformers import set_seed
+def resolve(cfg: RejectionSamplingConfig):
+    """The ``--init`` resolution (the fine-tune continues the SFT adapter, so it keeps its shape); ``--resume`` needs
+    a rejection-sampling run in ``output_dir``."""
+    cfg, init, changed = resolve_init(cfg)
+    if cfg.resume:
+        resumable_output_dir(cfg)
+    return cfg, init, changed
 
-    from ..stages import sft
 
-    state = process_state()
-    main = state.is_main_process
-    init_kind = check_init_run(cfg.init, cfg.model.name, cfg.data.template)  # fails before anything is written
-    if init_kind == "adapter":  # the fine-tune continues the SFT adapter, so it keeps its shape
-        adapter, _ = adapter_config_from_run(cfg.adapter, cfg.init)
-        cfg = dataclasses.replace(cfg, adapter=adapter)
+def load_data(cfg: RejectionSamplingConfig, tokenizer, template) -> StageData:
+    """The scorer (a bad verifier or reward run fails here) and the prompts: ``(prompts, skipped, scorer)``."""
     scorer = build_scorer(cfg.score)
-
-    tokenizer = load_tokenizer(cfg.model.name)
-    template = get_template(cfg.data.template, tokenizer)
     conversations = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples)
     prompts, skipped = load_prompts(conversations, template, tokenizer, cfg.data.max_length)
     if not prompts:
         raise ConfigError(f"no prompt of {cfg.data.train} fits data.max_length={cfg.data.max_length}")
+    report = [f"prompts: {len(prompts)} from {cfg.data.train}, {len(skipped)} skipped (longer than data.max_length)"]
+    return StageData((prompts, skipped, scorer), report)
 
-    if cfg.resume:
-        output_dir = resumable_output_dir(cfg)
-        reused = completed_generation(output_dir, cfg)
-    else:
-        output_dir = prepare_output_dir(cfg.output_dir, False, cfg.overwrite, main)
-        reused = None
+
+def has_progress(output_dir: Path) -> bool:
+    """Complete samples, or a fine-tune checkpoint, are worth resuming."""
+    return (output_dir / GENERATION_MARKER).is_file() or latest_complete_checkpoint(output_dir / "sft") is not None
+
+
+def train(run: StageRun) -> Trained:
+    """Sample, score, select, write; then fine-tune with the SFT stage unless ``generate_only``."""
+    from ..stages import sft
+
+    cfg, state, main, output_dir, tokenizer, template = run.cfg, run.state, run.main, run.output_dir, run.tokenizer, run.template
+    prompts, skipped, scorer = run.data
+    init_kind = run.init.kind
+    reused = completed_generation(output_dir, cfg) if cfg.resume else None
     state.wait_for_everyone()  # every process has read the marker before the main process touches the directory
-    if main:
-        if cfg.resume and reused is None:  # killed while sampling: whatever it left is not trusted
-            for name in GENERATION_FILES:
-                (output_dir / name).unlink(missing_ok=True)
-        write_config(output_dir, cfg)
-        print(f"prompts: {len(prompts)} from {cfg.data.train}, {len(skipped)} skipped (longer than data.max_length)")
-    set_seed(cfg.train.seed)
+    if main and cfg.resume and reused is None:  # killed while sampling: whatever it left is not trusted
+        for name in GENERATION_FILES:
+            (output_dir / name).unlink(missing_ok=True)
 
     if reused is not None:
         summary = dict(reused)
@@ -320,10 +319,16 @@ def run(cfg: RejectionSamplingConfig) -> dict:
         for key in ("eval_accuracy", "eval_loss", "train_loss", "train_steps", "train_seconds"):
             if key in result:
                 summary[key] = result[key]
-    if main:
-        write_summary(output_dir, summary)
-    state.wait_for_everyone()
-    return summary
+    return Trained(summary)  # the fine-tuned model is the SFT run's, in OUTPUT_DIR/sft
+
+
+STAGE = Stage("rejection_sampling", load_data, train, resolve=resolve, has_progress=has_progress)
+
+
+def run(cfg: RejectionSamplingConfig) -> dict:
+    """Sample, score, select, write; then fine-tune with the SFT stage unless ``generate_only``. Returns the summary
+    also written to ``summary.json``."""
+    return run_stage(cfg, STAGE).summary
 
 
 def describe(summary: dict) -> str:
