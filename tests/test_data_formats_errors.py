@@ -16,6 +16,7 @@ from data_formats import (
     PreferencePair,
     load_conversations,
     load_preferences,
+    sources,
     write,
 )
 from data_formats.cli import main
@@ -341,8 +342,8 @@ RECORD_CASES = [
         "pref",
         {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"},
         PREF,
-        None,
-        ["an hh record", "got a preference record"],
+        "prompt",
+        ["no prompt field in an hh record", "got '2+2?'"],
     ),
 ]
 
@@ -443,10 +444,10 @@ def test_unreadable_file(tmp_path, monkeypatch):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps(ALPACA) + "\n")
 
-    def denied(self):
-        raise PermissionError(13, "Permission denied", str(self))
+    def denied(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(sources, "open", denied, raising=False)
     check(lambda: load_conversations(path), path, None, None, "a readable file", "permission denied")
 
 
