@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from .canonical import Conversation, DataFormatError, Found, PreferencePair, Where, describe
 from .readers import (
@@ -110,6 +111,20 @@ def _load(
     report: LoadReport | None = None,
 ) -> list:
     """Read ``source`` with the reader of one format out of ``formats``; ``hint`` says what to do instead."""
+    return list(iter_records(source, format, split, formats, hint, limit, skip_invalid, report))
+
+
+def iter_records(
+    source,
+    format: str,
+    split: str | None,
+    formats: tuple[str, ...],
+    hint: str,
+    limit: int | None = None,
+    skip_invalid: bool = False,
+    report: LoadReport | None = None,
+) -> Iterator:
+    """The records of :func:`_load` one at a time, so that a conversion streams from source to output."""
     if format != "auto" and format not in FORMATS:
         raise DataFormatError(
             _display(source), None, None, "format to be one of auto, " + ", ".join(FORMATS), describe(format)
@@ -120,11 +135,11 @@ def _load(
     opened = open_source(source, split)
     report.source = opened.name
     if limit is not None and limit <= 0:
-        return []
+        return
     fmt = None if format == "auto" else format
     if fmt is not None:
         _check_columns(opened, fmt)
-    out = []
+    accepted = 0
     records = opened.records
     try:
         for record, position in records:
@@ -147,13 +162,16 @@ def _load(
                     fmt = detected
                 else:
                     _check_same_format(record, fmt, format == "auto", where)
-                out.append(READERS[fmt](record, where))
+                canonical = READERS[fmt](record, where)
                 report.accept()
             except DataFormatError as error:
                 if not skip_invalid:
                     raise
                 report.reject(where.origin, error)
-            if limit is not None and len(out) >= limit:
+                continue
+            yield canonical
+            accepted += 1
+            if limit is not None and accepted >= limit:
                 break
     except _WrongKind as wrong:
         raise wrong.error from None
@@ -161,7 +179,7 @@ def _load(
         close = getattr(records, "close", None)
         if close is not None:
             close()  # a limit leaves the file half read: close it now, not when the generator is collected
-    if not out:
+    if not accepted:
         raise DataFormatError(
             opened.name,
             None,
@@ -169,7 +187,6 @@ def _load(
             "at least one valid record",
             Found(f"none of {report.records} (" + "; ".join(f"{n} x {why}" for why, n in report.skipped.items()) + ")"),
         )
-    return out
 
 
 class _WrongKind(Exception):

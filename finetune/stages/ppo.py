@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, PPOConfig
-from ..data import load_conversations
+from ..data import load_conversations, write_rejects
 from ..evaluate import load_callable, verifier_accuracy
 from ..generation import SamplingConfig, generate
 from ..kernels import auto_chunk_size
@@ -486,16 +486,21 @@ def train(cfg: PPOConfig) -> tuple[dict, Roles]:
 
     tokenizer = load_tokenizer(cfg.model.name)
     template = get_template(cfg.data.template, tokenizer)
-    conversations = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples)
+    reports: list = []  # what each load skipped, for OUTPUT_DIR/rejects.jsonl
+    conversations = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples,
+                                       skip_invalid=cfg.data.skip_invalid, reports=reports, name="train data")
     prompts, skipped = load_prompts(conversations, template, tokenizer, cfg.data.max_prompt_length)
     if not prompts:
         raise ConfigError(f"no prompt of {cfg.data.train} fits data.max_prompt_length={cfg.data.max_prompt_length}")
     eval_convs = []
     if cfg.data.eval and cfg.eval.verifier:
-        eval_convs = load_conversations(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples)
+        eval_convs = load_conversations(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples,
+                                        skip_invalid=cfg.data.skip_invalid, reports=reports, name="eval data")
         eval_convs = eval_convs[: cfg.eval.num_samples] if cfg.eval.num_samples else eval_convs
 
     output_dir = prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, main)
+    if main:
+        write_rejects(output_dir, reports)
     state.wait_for_everyone()
     if cfg.resume and main:
         for path in discard_incomplete_checkpoints(output_dir):

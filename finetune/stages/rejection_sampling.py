@@ -37,7 +37,7 @@ from pathlib import Path
 import yaml
 
 from ..config import ConfigError, RejectionParams, RejectionSamplingConfig, SFTConfig, to_dict
-from ..data import load_conversations
+from ..data import load_conversations, write_rejects
 from ..generation import SamplingConfig, generate
 from ..models import adapter_config_from_run, check_init_run, load_adapter, load_base_model, load_tokenizer
 from ..runs import (
@@ -297,7 +297,9 @@ def run(cfg: RejectionSamplingConfig) -> dict:
 
     tokenizer = load_tokenizer(cfg.model.name)
     template = get_template(cfg.data.template, tokenizer)
-    conversations = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples)
+    reports: list = []  # what each load skipped, for OUTPUT_DIR/rejects.jsonl
+    conversations = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples,
+                                       skip_invalid=cfg.data.skip_invalid, reports=reports, name="train data")
     prompts, skipped = load_prompts(conversations, template, tokenizer, cfg.data.max_length)
     if not prompts:
         raise ConfigError(f"no prompt of {cfg.data.train} fits data.max_length={cfg.data.max_length}")
@@ -308,6 +310,8 @@ def run(cfg: RejectionSamplingConfig) -> dict:
     else:
         output_dir = prepare_output_dir(cfg.output_dir, False, cfg.overwrite, main)
         reused = None
+    if main:
+        write_rejects(output_dir, reports)
     state.wait_for_everyone()  # every process has read the marker before the main process touches the directory
     if main:
         if cfg.resume and reused is None:  # killed while sampling: whatever it left is not trusted

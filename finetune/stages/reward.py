@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from ..config import RewardConfig
-from ..data import load_preferences
+from ..data import load_preferences, write_rejects
 from ..models import (
     copy_adapter_weights,
     load_sequence_classifier,
@@ -82,16 +82,21 @@ def run(cfg: RewardConfig) -> dict:
 
     tokenizer = load_tokenizer(cfg.model.name)
     template = get_template(cfg.data.template, tokenizer)
-    train_pairs = load_preferences(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples)
+    reports: list = []  # what each load skipped, for OUTPUT_DIR/rejects.jsonl
+    train_pairs = load_preferences(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples,
+                                   skip_invalid=cfg.data.skip_invalid, reports=reports, name="train data")
     train_rows, train_report = tokenize_pairs_for_reward(train_pairs, template, tokenizer, cfg.data.max_length)
     eval_rows, eval_report = [], None
     if cfg.data.eval:
-        eval_pairs = load_preferences(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples)
+        eval_pairs = load_preferences(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples,
+                                      skip_invalid=cfg.data.skip_invalid, reports=reports, name="eval data")
         eval_rows, eval_report = tokenize_pairs_for_reward(eval_pairs, template, tokenizer, cfg.data.max_length)
     if not train_rows:
         raise ValueError(f"no training pairs left from {cfg.data.train}: {train_report.describe('train data')}")
 
     output_dir = prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, main)
+    if main:
+        write_rejects(output_dir, reports)
     state.wait_for_everyone()
     if cfg.resume and main:
         for path in discard_incomplete_checkpoints(output_dir):

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from ..config import ConfigError, SFTConfig
-from ..data import load_conversations, tokenize_conversations
+from ..data import load_conversations, tokenize_conversations, write_rejects
 from ..evaluate import eval_loss, load_callable, verifier_accuracy
 from ..models import (
     load_adapter,
@@ -95,13 +95,17 @@ def run(cfg: SFTConfig) -> dict:
 
     tokenizer = load_tokenizer(cfg.model.name)
     template = get_template(cfg.data.template, tokenizer)
-    train_convs = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples)
+    reports: list = []  # what each load skipped, for OUTPUT_DIR/rejects.jsonl
+    train_convs = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples,
+                                     skip_invalid=cfg.data.skip_invalid, reports=reports, name="train data")
     train_rows, train_report = tokenize_conversations(train_convs, template, tokenizer, cfg.data.max_length)
     eval_convs, eval_rows, eval_report = [], [], None
     if cfg.data.eval:
-        eval_convs = load_conversations(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples)
+        eval_convs = load_conversations(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples,
+                                        skip_invalid=cfg.data.skip_invalid, reports=reports, name="eval data")
         eval_rows, eval_report = tokenize_conversations(eval_convs, template, tokenizer, cfg.data.max_length)
     if main:
+        write_rejects(output_dir, reports)
         print(train_report.describe("train data"))
         if eval_report:
             print(eval_report.describe("eval data"))
