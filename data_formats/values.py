@@ -37,6 +37,37 @@ def check_value(record, where: Where) -> None:
     Raises:
         DataFormatError: Naming the field (``conversations[2].value``) of the first offending value.
     """
+    if _plain(record, 1):
+        return  # the common case, checked without building a field path for every value
+    _locate(record, where)
+
+
+def _plain(value, depth: int) -> bool:
+    """Whether ``value`` is plain JSON within the limits (exact built-in types only; anything else is left to
+    :func:`_locate`, which decides). Recursion is bounded by :data:`MAX_DEPTH`."""
+    kind = type(value)
+    if kind is str:
+        return value.isascii() or _SURROGATE.search(value) is None
+    if kind is dict:
+        if depth > MAX_DEPTH:
+            return False
+        for key, item in value.items():
+            if type(key) is not str or not (key.isascii() or _SURROGATE.search(key) is None):
+                return False
+            if not _plain(item, depth + 1):
+                return False
+        return True
+    if kind is list:
+        if depth > MAX_DEPTH:
+            return False
+        return all(_plain(item, depth + 1) for item in value)
+    if kind is float:
+        return math.isfinite(value)
+    return kind is int or kind is bool or value is None
+
+
+def _locate(record, where: Where) -> None:
+    """Find and raise the first problem :func:`_plain` saw, with its field path (or return: there was none)."""
     stack = [(record, "", 1)]
     while stack:
         value, path, depth = stack.pop()
