@@ -246,6 +246,9 @@ def validate_messages(
                 raise where.error(f"{container}[{i}].role", "one of " + ", ".join(ROLES), message.get("role"))
             if not isinstance(message.get("content"), str):
                 raise where.error(f"{container}[{i}].content", "a string", message.get("content"))
+            weight = message.get("weight", 1)
+            if type(weight) not in (int, bool) or weight not in (0, 1):
+                raise where.error(f"{container}[{i}].weight", "a weight of 0 or 1", weight)
         turns = [Turn(f"{container}[{i}].role", f"{container}[{i}].content", m["role"]) for i, m in enumerate(messages)]
     if not messages:
         raise where.error(container, "a non-empty list of messages", Found("an empty list"))

@@ -694,13 +694,22 @@ def test_lone_surrogate_in_content_names_line_and_field(tmp_path):
           "valid Unicode text", "lone surrogate \\ud800")
 
 
-def test_lone_surrogate_is_one_line_in_convert(tmp_path, capsys):
+def test_lone_surrogate_is_one_line_in_convert_and_render(tmp_path, capsys):
     path = tmp_path / "data.jsonl"
     path.write_text('{"messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "c"}]}\n')
     code, err = finetune_cli(capsys, "convert", str(path), str(tmp_path / "out.jsonl"), "--to", "sharegpt")
     assert code == 2
     one_line_error(err, "data.jsonl, line 1, field 'messages[0].content'")
     assert not (tmp_path / "out.jsonl").exists()
+    code, err = finetune_cli(capsys, "render", str(path), "--template", "llama3")
+    assert code == 2
+    one_line_error(err, "data.jsonl, line 1, field 'messages[0].content'", "lone surrogate")
+
+
+def test_writer_refuses_a_weight_other_than_0_or_1(tmp_path):
+    out = tmp_path / "out.jsonl"
+    record = Conversation([user("Hi"), {**assistant("Hello"), "weight": 0.5}])
+    check(lambda: write([record], out), out, 0, "messages[1].weight", "a weight of 0 or 1")
 
 
 def test_nesting_100000_deep_is_refused_not_a_recursion_error(tmp_path):
