@@ -1,8 +1,12 @@
 """Where records come from: local files, ``save_to_disk`` directories, hub dataset ids, or lists in memory.
 
 Every source becomes a :class:`Source` that yields ``(record, position)`` pairs, where position is the 1-based line
-number for JSON Lines and the 0-based index otherwise. Problems with the source itself (missing, unreadable, not
-parseable, empty) are raised here as :class:`DataFormatError`; checking the records is the readers' job.
+number for JSON Lines and the 0-based index otherwise. Files are streamed: a JSON Lines line, an element of a JSON
+list, a CSV row or a parquet batch at a time, never the whole file. Problems with the source itself (missing, not a
+regular file, unreadable, not parseable, empty) are raised here as :class:`DataFormatError`; a record that cannot
+be parsed but whose end is known (a bad JSON Lines line, a duplicate key, a JSON file cut off inside its last
+record) is yielded as its ``DataFormatError`` in place of the record, so that a load with ``skip_invalid`` can go
+on. Checking the records is the readers' job.
 
 ``datasets`` and ``pyarrow`` are imported inside the functions that need them, so that ``import data_formats``
 stays light and local JSON data can be read without them.
