@@ -2,12 +2,18 @@
 
 A message is a plain ``{"role": "system" | "user" | "assistant", "content": str}`` dict: the shape TRL,
 transformers' ``apply_chat_template`` and jinja chat templates consume, so the trainers need no adapter.
+
+One optional key more: ``"weight"``, ``0`` or ``1`` (an ``int``; sources may write ``true``/``false``), axolotl's
+per-turn ShareGPT convention. ``0`` on an assistant turn means "keep it as context, do not train on it"; ``1`` is
+what an assistant turn without the key means. It is kept only where the source gave it, on any role, and written
+back by the ``messages``, ``sharegpt`` and ``preference`` writers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 ROLES = ("system", "user", "assistant")
 
@@ -82,12 +88,13 @@ class Conversation:
     """One training conversation.
 
     Attributes:
-        messages: Optional leading system message, then user/assistant turns alternating, ending on assistant.
+        messages: Optional leading system message, then user/assistant turns alternating, ending on assistant;
+            each ``{"role", "content"}`` with an optional ``"weight"`` (see the module docstring).
         origin: Where it came from: ``path/to/file.jsonl:12`` (line) or ``path/to/file.json[3]`` (index).
         meta: Fields of the source record that are not part of the conversation (kept so they survive conversion).
     """
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     origin: str = "<memory>"
     meta: dict = field(default_factory=dict)
 
@@ -119,11 +126,14 @@ class Where:
         file: Display name of the source.
         record: Line number or index of the record (``None`` for whole-source problems).
         unit: ``"line"`` or ``"record"``.
+        report: The :class:`~data_formats.report.LoadReport` of the load, so a reader can count what it changed
+            (:meth:`note`); ``None`` outside a load.
     """
 
     file: str
     record: int | None = None
     unit: str = "record"
+    report: Any = field(default=None, compare=False, repr=False)
 
     @property
     def origin(self) -> str:
@@ -134,7 +144,12 @@ class Where:
 
     def at(self, record: int | None) -> Where:
         """The same source, another record."""
-        return Where(self.file, record, self.unit)
+        return Where(self.file, record, self.unit, self.report)
+
+    def note(self, change: str) -> None:
+        """Count a change a reader made to this record (e.g. a dropped leading assistant turn) in the load report."""
+        if self.report is not None:
+            self.report.note(change)
 
     def error(self, field: str | None, expected: str, got=_UNSET, *, hint: str | None = None) -> DataFormatError:
         """A :class:`DataFormatError` at this position; ``got`` is a raw value, described via :func:`describe`."""
@@ -231,6 +246,9 @@ def validate_messages(
                 raise where.error(f"{container}[{i}].role", "one of " + ", ".join(ROLES), message.get("role"))
             if not isinstance(message.get("content"), str):
                 raise where.error(f"{container}[{i}].content", "a string", message.get("content"))
+            weight = message.get("weight", 1)
+            if type(weight) not in (int, bool) or weight not in (0, 1):
+                raise where.error(f"{container}[{i}].weight", "a weight of 0 or 1", weight)
         turns = [Turn(f"{container}[{i}].role", f"{container}[{i}].content", m["role"]) for i, m in enumerate(messages)]
     if not messages:
         raise where.error(container, "a non-empty list of messages", Found("an empty list"))

@@ -6,13 +6,24 @@ import argparse
 import sys
 
 from .canonical import DataFormatError
-from .loading import _load
+from .loading import iter_records
 from .readers import CONVERSATION_FORMATS, FORMATS, PREFERENCE_FORMATS
+from .report import LoadReport, write_rejects
 from .writers import WRITERS, write
 
 
-def convert(in_path, out_path, to: str, from_format: str = "auto", split: str | None = None) -> int:
-    """Read any supported source and write it as JSON Lines in another format.
+def convert(
+    in_path,
+    out_path,
+    to: str,
+    from_format: str = "auto",
+    split: str | None = None,
+    *,
+    limit: int | None = None,
+    skip_invalid: bool = False,
+    report: LoadReport | None = None,
+) -> int:
+    """Read any supported source and write it as JSON Lines in another format, one record at a time.
 
     Args:
         in_path: Anything :func:`data_formats.load_conversations` accepts.
@@ -21,6 +32,9 @@ def convert(in_path, out_path, to: str, from_format: str = "auto", split: str | 
             input, the others conversation input.
         from_format: The input format, or ``"auto"`` to detect it from the first record.
         split: Split of a ``DatasetDict`` directory or hub dataset.
+        limit: Convert only the first N accepted records.
+        skip_invalid: Skip malformed records, counting them in ``report``, instead of stopping at the first.
+        report: Filled in with what was read, changed and skipped.
 
     Returns:
         The number of records written.
@@ -32,11 +46,40 @@ def convert(in_path, out_path, to: str, from_format: str = "auto", split: str | 
         raise DataFormatError(str(out_path), None, None, "--to to be one of " + ", ".join(WRITERS), repr(to))
     if to == "preference":
         hint = "preference output needs preference input; convert conversations with --to messages, sharegpt or alpaca"
-        records = _load(in_path, from_format, split, PREFERENCE_FORMATS, hint)
+        formats = PREFERENCE_FORMATS
     else:
         hint = "convert preference data with --to preference"
-        records = _load(in_path, from_format, split, CONVERSATION_FORMATS, hint)
+        formats = CONVERSATION_FORMATS
+    records = iter_records(in_path, from_format, split, formats, hint, limit, skip_invalid, report)
     return write(records, out_path, to=to)
+
+
+def rejects_path(out_path) -> str:
+    """Where ``convert --skip-invalid`` lists the skipped records: beside the output, ``OUT.rejects.jsonl``."""
+    return f"{out_path}.rejects.jsonl"
+
+
+def add_skip_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--skip-invalid`` and ``--rejects``, shared with ``finetune convert``."""
+    parser.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="skip malformed records (counted per reason) instead of stopping at the first",
+    )
+    parser.add_argument(
+        "--rejects", default=None, metavar="FILE", help="with --skip-invalid: list of skipped records (default OUT.rejects.jsonl)"
+    )
+
+
+def report_conversion(count: int, to: str, out_path, report: LoadReport, skip_invalid: bool, rejects) -> None:
+    """Print what was written, changed and skipped, and write the rejects file when records were skipped."""
+    print(f"wrote {count} {to} records to {out_path}")
+    if report.changes or report.skipped:
+        print(report.describe("read"))
+    if skip_invalid and report.rejects:
+        path = rejects or rejects_path(out_path)
+        write_rejects(path, [report])
+        print(f"skipped records listed in {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,11 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         "--from", dest="from_format", default="auto", choices=["auto", *FORMATS], help="input format (default: auto)"
     )
     conv.add_argument("--split", default=None, help="split of a DatasetDict directory or hub dataset (default train)")
+    add_skip_arguments(conv)
     args = parser.parse_args(argv)
+    report = LoadReport()
     try:
-        count = convert(args.input, args.output, args.to, args.from_format, args.split)
+        count = convert(
+            args.input, args.output, args.to, args.from_format, args.split, skip_invalid=args.skip_invalid, report=report
+        )
+        report_conversion(count, args.to, args.output, report, args.skip_invalid, args.rejects)
     except DataFormatError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(f"wrote {count} {args.to} records to {args.output}")
     return 0

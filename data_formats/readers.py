@@ -171,9 +171,36 @@ def parse_message_list(
         content = item[content_key]
         if not isinstance(content, str):
             raise where.error(f"{path}.{content_key}", "a string", content)
-        messages.append({"role": roles[raw], "content": content})
+        message = {"role": roles[raw], "content": content}
+        if item.get("weight") is not None:
+            message["weight"] = _weight(item["weight"], where, f"{path}.weight")
+        messages.append(message)
         turns.append(Turn(f"{path}.{role_key}", f"{path}.{content_key}", raw))
     return messages, turns
+
+
+def _weight(value, where: Where, path: str) -> int:
+    """axolotl's per-turn ``weight``: 0 or 1, or the booleans false and true."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int) and value in (0, 1):
+        return value
+    raise where.error(path, "a weight of 0 or 1 (or false/true): whether the turn is trained", value)
+
+
+def _record_system(record: dict, where: Where, messages: list, turns: list, container: str) -> None:
+    """A record-level ``system`` beside the turns becomes the leading system message; with one already, refuse."""
+    system = _optional_str(record, "system", where)
+    if not system:
+        return
+    if messages and messages[0]["role"] == "system":
+        raise where.error(
+            "system",
+            f"a record-level system prompt or a leading system message in {container}, not both",
+            Found("both"),
+        )
+    messages.insert(0, {"role": "system", "content": system})
+    turns.insert(0, Turn("system", "system", "system"))
 
 
 def read_alpaca(record: dict, where: Where) -> Conversation:
@@ -202,6 +229,8 @@ def read_sharegpt(record: dict, where: Where) -> Conversation:
     """ShareGPT: ``conversations`` of ``{from: human|gpt|system, value}``; optional record-level ``system``.
 
     ``user``/``assistant`` (and the ``chatgpt``/``bing``/``bard`` of raw ShareGPT dumps) are accepted as speakers.
+    A first turn (after an optional system turn) from the assistant is dropped, as FastChat does, and counted in
+    the load report. A turn's ``weight`` (0/1) is kept.
     """
     if record.get("conversations") is None:
         raise where.error("conversations", "a list of {from, value} objects", MISSING)
@@ -214,26 +243,30 @@ def read_sharegpt(record: dict, where: Where) -> Conversation:
         roles=SHAREGPT_ROLES,
         roles_text="one of human, gpt, system",
     )
+    # FastChat's training drops a first turn that is not the human's (6,358 of 17,671 real ShareGPT records open
+    # on "gpt", a reply to a question that was not kept); count it rather than refuse the record.
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    if len(messages) > first and messages[first]["role"] == "assistant":
+        del messages[first], turns[first]
+        where.note("dropped a leading assistant turn")
     # Some ShareGPT variants (LLaMA-Factory's) put the system prompt beside the turns instead of among them.
-    system = _optional_str(record, "system", where)
-    if system:
-        if messages and messages[0]["role"] == "system":
-            raise where.error(
-                "system", "a record-level system prompt or a leading system turn, not both", Found("both")
-            )
-        messages.insert(0, {"role": "system", "content": system})
-        turns.insert(0, Turn("system", "system", "system"))
+    _record_system(record, where, messages, turns, "conversations")
     validate_messages(messages, where, container="conversations", turns=turns, role_names=SHAREGPT_ROLE_NAMES)
     return Conversation(messages, where.origin, _meta(record, ("conversations", "system")))
 
 
 def read_messages(record: dict, where: Where) -> Conversation:
-    """Chat messages: ``messages`` of ``{role: system|user|assistant, content}``."""
+    """Chat messages: ``messages`` of ``{role: system|user|assistant, content}``; optional record-level ``system``.
+
+    A record-level ``system`` string becomes the leading system message (refused when ``messages`` has one). A
+    message's ``weight`` (0/1) is kept.
+    """
     if record.get("messages") is None:
         raise where.error("messages", "a list of {role, content} objects", MISSING)
     messages, turns = parse_message_list(record["messages"], where, "messages")
+    _record_system(record, where, messages, turns, "messages")
     validate_messages(messages, where, container="messages", turns=turns, role_names=MESSAGE_ROLE_NAMES)
-    return Conversation(messages, where.origin, _meta(record, ("messages",)))
+    return Conversation(messages, where.origin, _meta(record, ("messages", "system")))
 
 
 def _side(record: dict, name: str, where: Where):
@@ -280,7 +313,7 @@ def read_preference(record: dict, where: Where) -> PreferencePair:
     """
     chosen, chosen_turns = _side(record, "chosen", where)
     rejected, rejected_turns = _side(record, "rejected", where)
-    consumed = ("prompt", "chosen", "rejected")
+    consumed = ("prompt", "chosen", "rejected", "system")
 
     if record.get("prompt") is not None:
         value = record["prompt"]
@@ -290,12 +323,15 @@ def read_preference(record: dict, where: Where) -> PreferencePair:
             prompt, prompt_turns = parse_message_list(value, where, "prompt")
         else:
             raise where.error("prompt", "a string or a list of messages", value)
+        # Sides that repeat the prompt repeat it as written, without a record-level system message.
+        prompt_body = list(prompt)
+        _record_system(record, where, prompt, prompt_turns, "prompt")
         validate_messages(prompt, where, ends_on="user", container="prompt", turns=prompt_turns)
-        n = len(prompt)
+        n = len(prompt_body)
         # A side that repeats the prompt before its reply is the "full conversation" shape: cut the prompt off.
-        if len(chosen) > n and chosen[:n] == prompt:
+        if len(chosen) > n and chosen[:n] == prompt_body:
             chosen, chosen_turns = chosen[n:], chosen_turns[n:]
-        if len(rejected) > n and rejected[:n] == prompt:
+        if len(rejected) > n and rejected[:n] == prompt_body:
             rejected, rejected_turns = rejected[n:], rejected_turns[n:]
         chosen = _reply(chosen, chosen_turns, "chosen", where)
         rejected = _reply(rejected, rejected_turns, "rejected", where)
@@ -327,8 +363,9 @@ def read_preference(record: dict, where: Where) -> PreferencePair:
             "conversation up to the last user turn)",
             rejected[n]["content"],
         )
-    prompt = chosen[:n]
-    validate_messages(prompt, where, ends_on="user", container="chosen", turns=chosen_turns[:n])
+    prompt, prompt_turns = chosen[:n], chosen_turns[:n]
+    _record_system(record, where, prompt, prompt_turns, "chosen")
+    validate_messages(prompt, where, ends_on="user", container="chosen", turns=prompt_turns)
     chosen = _reply(chosen[n:], chosen_turns[n:], "chosen", where)
     rejected = _reply(rejected[n:], rejected_turns[n:], "rejected", where)
     _different(chosen, rejected, where)
@@ -347,10 +384,19 @@ def _split_hh(record: dict, name: str, where: Where) -> tuple[str, str]:
     cut = text.rfind(HH_ASSISTANT)
     if cut < 0:
         raise where.error(name, "a transcript with a '\\n\\nAssistant:' turn (the reply)", text)
-    return text[:cut], text[cut + len(HH_ASSISTANT) :].strip()
+    reply = text[cut + len(HH_ASSISTANT) :]
+    human = reply.find(HH_HUMAN)
+    if human >= 0:
+        # A Human turn after the last reply would otherwise be trained as part of the reply.
+        raise where.error(
+            name,
+            "a transcript ending on an '\\n\\nAssistant:' reply",
+            Found(f"a last turn from Human: {describe(reply[human + len(HH_HUMAN):].strip())}"),
+        )
+    return text[:cut], reply.strip()
 
 
-def _hh_prompt(text: str, where: Where) -> list[dict[str, str]]:
+def _hh_prompt(text: str, where: Where) -> tuple[list[dict[str, str]], list[Turn]]:
     """The turns of an HH prompt (the part before the final Assistant turn)."""
     if not text.startswith(HH_HUMAN):
         raise where.error("chosen", "a transcript starting with '\\n\\nHuman:'", text)
@@ -366,14 +412,21 @@ def _hh_prompt(text: str, where: Where) -> list[dict[str, str]]:
         turns.append(Turn("chosen", "chosen", HH_ROLE_NAMES[speaker]))
         rest = rest[end:]
     validate_messages(messages, where, ends_on="user", container="chosen", turns=turns, role_names=HH_ROLE_NAMES)
-    return messages
+    return messages, turns
 
 
 def read_hh(record: dict, where: Where) -> PreferencePair:
     """Anthropic HH: ``chosen``/``rejected`` transcripts ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``.
 
     The last Assistant turn of each is its reply; everything before it is the prompt and must be the same in both.
+    A transcript that ends on a Human turn is refused (that turn is not a reply). A record-level ``system`` string
+    becomes the prompt's leading system message; a ``prompt`` field (the prompt is inside the transcripts) is
+    refused unless it is null.
     """
+    if record.get("prompt") is not None:
+        raise where.error(
+            "prompt", "no prompt field in an hh record (the prompt is the transcripts' common start)", record["prompt"]
+        )
     chosen_prompt, chosen_reply = _split_hh(record, "chosen", where)
     rejected_prompt, rejected_reply = _split_hh(record, "rejected", where)
     if chosen_prompt != rejected_prompt:
@@ -386,7 +439,8 @@ def read_hh(record: dict, where: Where) -> PreferencePair:
             "the same prompt as chosen (everything before the last '\\n\\nAssistant:' must match)",
             Found(f"a prompt that differs from character {at}: {describe(rejected_prompt[at : at + 40])}"),
         )
-    prompt = _hh_prompt(chosen_prompt, where)
+    prompt, prompt_turns = _hh_prompt(chosen_prompt, where)
+    _record_system(record, where, prompt, prompt_turns, "chosen")
     if not chosen_reply:
         raise where.error("chosen", "a non-empty reply after the last '\\n\\nAssistant:'", record["chosen"][-80:])
     if not rejected_reply:
@@ -394,7 +448,7 @@ def read_hh(record: dict, where: Where) -> PreferencePair:
     chosen = [{"role": "assistant", "content": chosen_reply}]
     rejected = [{"role": "assistant", "content": rejected_reply}]
     _different(chosen, rejected, where)
-    return PreferencePair(prompt, chosen, rejected, where.origin, _meta(record, ("chosen", "rejected")))
+    return PreferencePair(prompt, chosen, rejected, where.origin, _meta(record, ("prompt", "chosen", "rejected", "system")))
 
 
 READERS = {

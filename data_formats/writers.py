@@ -23,17 +23,37 @@ def _conversation(record, where: Where, to: str) -> Conversation:
         hint = "write preference pairs with to='preference'" if isinstance(record, PreferencePair) else None
         raise where.error(None, f"a Conversation for to={to!r}", Found(f"a {type(record).__name__}"), hint=hint)
     validate_messages(record.messages, where)
+    if to == "alpaca":
+        weighted = next((i for i, m in enumerate(record.messages) if "weight" in m), None)
+        if weighted is not None:
+            # Alpaca has no place for a per-turn weight; writing the record without it would train that turn.
+            raise where.error(
+                f"messages[{weighted}].weight",
+                "messages without a weight for alpaca",
+                record.messages[weighted]["weight"],
+                hint="write weighted turns as messages or sharegpt",
+            )
     return record
+
+
+def _with_weight(row: dict, message: dict) -> dict:
+    if "weight" in message:
+        row["weight"] = message["weight"]
+    return row
 
 
 def _messages_row(record, where: Where) -> dict:
     conv = _conversation(record, where, "messages")
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in conv.messages]}
+    return {"messages": [_with_weight({"role": m["role"], "content": m["content"]}, m) for m in conv.messages]}
 
 
 def _sharegpt_row(record, where: Where) -> dict:
     conv = _conversation(record, where, "sharegpt")
-    return {"conversations": [{"from": SHAREGPT_FROM[m["role"]], "value": m["content"]} for m in conv.messages]}
+    return {
+        "conversations": [
+            _with_weight({"from": SHAREGPT_FROM[m["role"]], "value": m["content"]}, m) for m in conv.messages
+        ]
+    }
 
 
 def _alpaca_row(record, where: Where) -> dict:
@@ -90,9 +110,15 @@ def _row(record, where: Where, to: str) -> str:
             raise where.error(f"meta.{key}", f"meta keys other than the {to} fields " + ", ".join(row), key)
         row[key] = value
     try:
-        return json.dumps(row, ensure_ascii=False)
-    except (TypeError, ValueError) as e:
-        raise where.error("meta", "JSON-serialisable values", Found(str(e))) from None
+        # allow_nan=False: NaN and Infinity are not standard JSON, and other tools' readers refuse them.
+        text = json.dumps(row, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise where.error("meta", "JSON-serialisable values (finite numbers, no objects)", Found(str(e))) from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise where.error(None, "valid Unicode text", Found(f"a lone surrogate ({e.reason})")) from None
+    return text
 
 
 def _discard(tmp: Path) -> None:

@@ -44,7 +44,9 @@ class Command:
 
 
 def _render_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="a data file or directory that data_formats reads (alpaca, sharegpt, messages)")
+    parser.add_argument(
+        "data", help="a data file or directory that data_formats reads (alpaca, sharegpt, messages), or bundled:FILE"
+    )
     parser.add_argument("--template", required=True, help="llama3, llama2, vicuna_v1.1, alpaca, chatml or tokenizer")
     parser.add_argument("--model", default="tiny", help="model name, directory or hub id whose tokenizer to use")
     parser.add_argument("--json", action="store_true", help="one JSON object per record instead of the text")
@@ -59,14 +61,12 @@ def _count(text: str) -> int:
 
 def _render(args: argparse.Namespace) -> int:
     """Print each conversation as the template renders it, or (``--json``) its text, trained text and counts."""
-    import data_formats
-
+    from .data import load_conversations
     from .templates import IGNORE_INDEX, get_template, render, template_class, trained_text
 
     template_class(args.template)  # an unknown name fails before anything is loaded
-    conversations = data_formats.load_conversations(args.data)
-    if args.limit is not None:
-        conversations = conversations[: args.limit]
+    # With --limit only the first N records are read, so a large file's later records are not checked.
+    conversations = load_conversations(args.data, limit=args.limit)
     tokenizer = _load_tokenizer(args.model)
     template = get_template(args.template, tokenizer)
     for conv in conversations:
@@ -101,18 +101,38 @@ def _load_tokenizer(model: str):
 
 
 def _convert_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="a .jsonl/.json/.parquet/.csv file, a save_to_disk directory or a hub dataset id")
+    from data_formats.cli import add_skip_arguments
+
+    parser.add_argument(
+        "input", help="a .jsonl/.json/.parquet/.csv file, a save_to_disk directory, a hub dataset id or bundled:FILE"
+    )
     parser.add_argument("output", help="the .jsonl file to write")
     parser.add_argument("--to", required=True, help="output format: messages, sharegpt, alpaca or preference")
     parser.add_argument("--from", dest="from_format", default="auto", help="input format (default: auto-detect)")
+    parser.add_argument("--split", default=None, help="split of a DatasetDict directory or hub dataset (default train)")
+    parser.add_argument("--limit", type=_count, default=None, metavar="N", help="convert only the first N records")
+    add_skip_arguments(parser)
 
 
 def _convert(args: argparse.Namespace) -> int:
-    """Rewrite a data file in another format through ``data_formats.convert``."""
+    """Rewrite a data file in another format through ``data_formats.convert`` (streamed; torch is not imported)."""
     import data_formats
+    from data_formats.cli import report_conversion
 
-    count = data_formats.convert(args.input, args.output, args.to, from_format=args.from_format)
-    print(f"wrote {count} {args.to} records to {args.output}")
+    from .data import resolve_source
+
+    report = data_formats.LoadReport()
+    count = data_formats.convert(
+        resolve_source(args.input),
+        args.output,
+        args.to,
+        from_format=args.from_format,
+        split=args.split,
+        limit=args.limit,
+        skip_invalid=args.skip_invalid,
+        report=report,
+    )
+    report_conversion(count, args.to, args.output, report, args.skip_invalid, args.rejects)
     return 0
 
 
@@ -162,13 +182,20 @@ COMMANDS: list[Command] = [
 """The subcommands, in the order ``finetune --help`` lists them."""
 
 
-def build_parser(commands: list[Command] = COMMANDS) -> argparse.ArgumentParser:
-    """The argument parser with one subparser per command; the chosen command lands in ``args.command``."""
+def build_parser(commands: list[Command] = COMMANDS, chosen: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with one subparser per command; the chosen command lands in ``args.command``.
+
+    Args:
+        commands: The subcommands.
+        chosen: The command the arguments name, if known: only its arguments are added, because adding some
+            (``export``, ``chat``) imports torch, which ``convert`` and ``render`` should not pay for.
+    """
     parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune LLaMA models: data, templates, export.")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for command in commands:
         sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
-        command.add_arguments(sub)
+        if chosen is None or command.name == chosen:
+            command.add_arguments(sub)
         sub.set_defaults(command=command)
     return parser
 
@@ -185,7 +212,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``finetune ARGV``; returns the exit status (0 ok, 2 user error; argparse's own status for bad usage)."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    names = {command.name for command in COMMANDS}
+    parser = build_parser(chosen=argv[0] if argv and argv[0] in names else None)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error argparse has already printed

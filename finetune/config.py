@@ -99,6 +99,10 @@ class DataConfig:
     """Use only the first N training records (for quick runs)."""
     max_eval_samples: int | None = None
     """Use only the first N eval records."""
+    skip_invalid: bool = False
+    """Skip malformed records instead of stopping at the first: each is counted per reason in the printed load
+    report and listed (``file:line`` or ``file[index]``, reason) in ``OUTPUT_DIR/rejects.jsonl``. Off, the first
+    malformed record stops the run with one line naming file, record and field."""
 
 
 @dataclass
@@ -217,6 +221,10 @@ class PreferenceDataConfig:
     """Use only the first N training pairs (for quick runs)."""
     max_eval_samples: int | None = None
     """Use only the first N eval pairs."""
+    skip_invalid: bool = False
+    """Skip malformed records instead of stopping at the first: each is counted per reason in the printed load
+    report and listed (``file:line`` or ``file[index]``, reason) in ``OUTPUT_DIR/rejects.jsonl``. Off, the first
+    malformed record stops the run with one line naming file, record and field."""
 
 
 @dataclass
@@ -459,6 +467,10 @@ class PromptDataConfig:
     """Use only the first N prompts."""
     max_eval_samples: int | None = None
     """Use only the first N eval conversations."""
+    skip_invalid: bool = False
+    """Skip malformed records instead of stopping at the first: each is counted per reason in the printed load
+    report and listed (``file:line`` or ``file[index]``, reason) in ``OUTPUT_DIR/rejects.jsonl``. Off, the first
+    malformed record stops the run with one line naming file, record and field."""
 
 
 @dataclass

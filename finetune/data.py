@@ -13,29 +13,94 @@ import data_formats
 
 BUNDLED_PREFIX = "bundled:"
 SAMPLES_DIR = Path(data_formats.__file__).resolve().parent / "samples"
+REJECTS_FILE = "rejects.jsonl"
+"""Where a run lists the records ``data.skip_invalid`` skipped, in its output directory."""
+
+
+def bundled_files() -> list[str]:
+    """The names ``bundled:NAME`` accepts: the data files shipped in ``data_formats/samples``."""
+    return sorted(p.name for p in SAMPLES_DIR.iterdir() if p.is_file() and p.suffix in (".jsonl", ".json"))
 
 
 def resolve_source(source: str) -> str:
-    """``bundled:FILE`` -> the shipped sample file; anything else unchanged."""
+    """``bundled:FILE`` -> the shipped sample file (a plain file name, never a path out of the samples); anything
+    else unchanged."""
     if source.startswith(BUNDLED_PREFIX):
-        path = SAMPLES_DIR / source[len(BUNDLED_PREFIX) :]
-        if not path.is_file():
-            shipped = ", ".join(sorted(p.name for p in SAMPLES_DIR.glob("*.jsonl")))
-            raise data_formats.DataFormatError(str(path), None, None, f"one of the bundled files: {shipped}")
-        return str(path)
+        name = source[len(BUNDLED_PREFIX) :]
+        shipped = bundled_files()
+        if name not in shipped:
+            raise data_formats.DataFormatError(
+                source, None, None, "bundled:NAME with NAME one of the bundled files: " + ", ".join(shipped)
+            )
+        return str(SAMPLES_DIR / name)
     return source
 
 
-def load_conversations(source: str, format: str = "auto", split: str | None = None, limit: int | None = None):
-    """Conversations from any source the config accepts (see ``DataConfig.train``)."""
-    conversations = data_formats.load_conversations(resolve_source(source), format=format, split=split)
-    return conversations[:limit] if limit is not None else conversations
+def load_conversations(
+    source: str,
+    format: str = "auto",
+    split: str | None = None,
+    limit: int | None = None,
+    *,
+    skip_invalid: bool = False,
+    reports: list | None = None,
+    name: str = "data",
+):
+    """Conversations from any source the config accepts (see ``DataConfig.train``), read only as far as ``limit``.
+
+    Args:
+        source: A path, hub id or ``bundled:FILE``.
+        format: As ``data.format``.
+        split: As ``data.split``.
+        limit: Read only the first N accepted records.
+        skip_invalid: As ``data.skip_invalid``: skip malformed records, counted per reason.
+        reports: A list the load's :class:`data_formats.LoadReport` is appended to, for :func:`write_rejects`.
+        name: How the printed report line names the data (``train data``).
+    """
+    report = data_formats.LoadReport()
+    conversations = data_formats.load_conversations(
+        resolve_source(source), format=format, split=split, limit=limit, skip_invalid=skip_invalid, report=report
+    )
+    _report(report, name, reports)
+    return conversations
 
 
-def load_preferences(source: str, format: str = "auto", split: str | None = None, limit: int | None = None):
-    """Preference pairs from any source the config accepts."""
-    pairs = data_formats.load_preferences(resolve_source(source), format=format, split=split)
-    return pairs[:limit] if limit is not None else pairs
+def load_preferences(
+    source: str,
+    format: str = "auto",
+    split: str | None = None,
+    limit: int | None = None,
+    *,
+    skip_invalid: bool = False,
+    reports: list | None = None,
+    name: str = "data",
+):
+    """Preference pairs from any source the config accepts; arguments as for :func:`load_conversations`."""
+    report = data_formats.LoadReport()
+    pairs = data_formats.load_preferences(
+        resolve_source(source), format=format, split=split, limit=limit, skip_invalid=skip_invalid, report=report
+    )
+    _report(report, name, reports)
+    return pairs
+
+
+def _report(report, name: str, reports: list | None) -> None:
+    # Only a load that changed or skipped something needs a line; the token report counts the rest.
+    if report.changes or report.skipped:
+        print(report.describe(name))
+    if reports is not None:
+        reports.append(report)
+
+
+def write_rejects(output_dir, reports: list) -> Path | None:
+    """List the records the loads behind ``reports`` skipped in ``OUTPUT_DIR/rejects.jsonl`` (``origin``,
+    ``reason``, ``error`` per line); returns the path, or ``None`` (and no file) when nothing was skipped."""
+    if not any(report.rejects for report in reports):
+        return None
+    path = Path(output_dir) / REJECTS_FILE
+    count = data_formats.write_rejects(path, reports)
+    print(f"{count} skipped records listed in {path}")
+    return path
 
 
 @dataclass

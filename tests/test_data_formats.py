@@ -482,3 +482,225 @@ def test_public_api():
         "write",
         "convert",
     }
+
+
+# ---------------------------------------------------------------- real-data conventions (issues 15 and 21)
+
+
+def test_sharegpt_leading_gpt_turn_is_dropped_and_counted(tmp_path):
+    """FastChat's ``preprocess`` drops a first turn that is not the human's; so do we, and the report counts it."""
+    opening_on_gpt = {"conversations": [{"from": "gpt", "value": "Sure!"}, *SHAREGPT["conversations"][1:3]]}
+    after_system = {"conversations": [SHAREGPT["conversations"][0], {"from": "gpt", "value": "x"},
+                                      *SHAREGPT["conversations"][1:3]]}
+    path = jsonl(tmp_path / "data.jsonl", [SHAREGPT, opening_on_gpt, after_system])
+    report = data_formats.LoadReport()
+    convs = load_conversations(path, report=report)
+    assert convs[1].messages == [user("Hi"), assistant("Hello.")]
+    assert convs[2].messages == [system("Be brief."), user("Hi"), assistant("Hello.")]
+    assert report.changes == {"dropped a leading assistant turn": 2}
+    assert (report.records, report.accepted) == (3, 3)
+    assert "dropped a leading assistant turn: 2" in report.describe("train data")
+
+
+def test_a_dropped_turn_of_a_skipped_record_is_not_counted(tmp_path):
+    only_gpt = {"conversations": [{"from": "gpt", "value": "Sure!"}]}
+    path = jsonl(tmp_path / "data.jsonl", [SHAREGPT, only_gpt])
+    report = data_formats.LoadReport()
+    assert len(load_conversations(path, skip_invalid=True, report=report)) == 1
+    assert not report.changes and report.num_skipped == 1
+
+
+def test_messages_record_level_system_becomes_the_system_message(tmp_path):
+    path = jsonl(tmp_path / "data.jsonl", [{"messages": [user("Hi"), assistant("Yo")], "system": "Be brief.", "k": 1}])
+    (conv,) = load_conversations(path)
+    assert conv.messages == [system("Be brief."), user("Hi"), assistant("Yo")]
+    assert conv.meta == {"k": 1}
+
+
+def test_preference_and_hh_record_level_system_lead_the_prompt(tmp_path):
+    pref = {"prompt": "2+2?", "chosen": "4", "rejected": "5", "system": "Be brief."}
+    implicit = {"chosen": [user("2+2?"), assistant("4")], "rejected": [user("2+2?"), assistant("5")], "system": "S"}
+    repeated = {"prompt": [user("2+2?")], "chosen": [user("2+2?"), assistant("4")], "rejected": [assistant("5")],
+                "system": "S"}
+    pairs = load_preferences(jsonl(tmp_path / "pref.jsonl", [pref, implicit, repeated]))
+    assert pairs[0].prompt == [system("Be brief."), user("2+2?")]
+    assert pairs[1].prompt == pairs[2].prompt == [system("S"), user("2+2?")]
+    assert [p.chosen for p in pairs] == [[assistant("4")]] * 3
+    (hh,) = load_preferences(jsonl(tmp_path / "hh.jsonl", [{**HH, "system": "S"}]))
+    assert hh.prompt[0] == system("S") and hh.meta == {}
+
+
+def test_hh_null_prompt_is_no_prompt(tmp_path):
+    (pair,) = load_preferences(jsonl(tmp_path / "hh.jsonl", [{**HH, "prompt": None}]))
+    assert pair.prompt[-1] == user("What is 2+2?") and pair.meta == {}
+
+
+def test_turn_weight_is_kept_as_0_or_1_and_written_back(tmp_path):
+    record = {"conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello", "weight": 0},
+        {"from": "human", "value": "Again"}, {"from": "gpt", "value": "Hello!", "weight": True},
+        {"from": "human", "value": "Once more", "weight": None}, {"from": "gpt", "value": "Hi", "weight": False},
+    ]}
+    (conv,) = load_conversations([record])
+    assert [m.get("weight") for m in conv.messages] == [None, 0, None, 1, None, 0]
+    assert all(type(m["weight"]) is int for m in conv.messages if "weight" in m)
+    for to in ("messages", "sharegpt"):
+        out = tmp_path / f"{to}.jsonl"
+        write([conv], out, to=to)
+        assert load_conversations(out)[0].messages == conv.messages
+    msgs = load_conversations([{"messages": [user("Hi"), {**assistant("Yo"), "weight": 0}]}])[0].messages
+    assert msgs[1] == {"role": "assistant", "content": "Yo", "weight": 0}
+    (pair,) = load_preferences([{"prompt": [{**user("q"), "weight": 1}], "chosen": "a", "rejected": "b"}])
+    assert pair.prompt == [{**user("q"), "weight": 1}]
+
+
+def test_skip_invalid_counts_per_reason_and_names_each_record(tmp_path):
+    bad_role = {"conversations": [{"from": "bot", "value": "x"}]}
+    empty_reply = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": " "}]}
+    empty_reply_later = {"conversations": [*SHAREGPT["conversations"][1:3], {"from": "human", "value": "Hi"},
+                                           {"from": "gpt", "value": ""}]}
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps(SHAREGPT), json.dumps(bad_role), "{oops", json.dumps(empty_reply),
+             json.dumps(empty_reply_later), json.dumps(SHAREGPT)]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFormatError, match="line 2, field 'conversations\\[0\\].from'"):
+        load_conversations(path)
+    report = data_formats.LoadReport()
+    convs = load_conversations(path, skip_invalid=True, report=report)
+    assert [c.origin for c in convs] == [f"{path}:1", f"{path}:6"]
+    assert (report.records, report.accepted, report.num_skipped) == (6, 2, 4)
+    assert report.skipped == {
+        "field 'conversations[].value': expected a non-empty assistant reply": 2,
+        "field 'conversations[].from': expected one of human, gpt, system": 1,
+        "expected one valid JSON object per line (JSON Lines)": 1,
+    }
+    assert [origin for origin, _, _ in report.rejects] == [f"{path}:{n}" for n in (2, 3, 4, 5)]
+    rejects = tmp_path / "rejects.jsonl"
+    assert data_formats.write_rejects(rejects, [report]) == 4
+    rows = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert rows[0] == {
+        "origin": f"{path}:2",
+        "reason": "field 'conversations[].from': expected one of human, gpt, system",
+        "error": f"{path}, line 2, field 'conversations[0].from': expected one of human, gpt, system; got 'bot'",
+    }
+    assert "skipped 4 invalid: 2 x field 'conversations[].value': expected a non-empty assistant reply; 1 x" in (
+        report.describe()
+    )
+
+
+def test_skip_invalid_detects_the_format_from_the_first_good_record(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "no format"}\n' + json.dumps(ALPACA) + "\n")
+    (conv,) = load_conversations(path, skip_invalid=True)
+    assert conv.origin.endswith(":2")
+
+
+def test_truncated_json_list_keeps_the_complete_records_with_skip_invalid(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text("[" + json.dumps(SHAREGPT) + ",\n " + json.dumps(SHAREGPT)[:40])
+    report = data_formats.LoadReport()
+    assert len(load_conversations(path, skip_invalid=True, report=report)) == 1
+    assert report.skipped == {"expected a complete JSON record": 1}
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 1 << 20])
+def test_streamed_json_equals_json_loads_at_every_chunk_size(tmp_path, monkeypatch, chunk):
+    """Records cut anywhere by the read size (inside strings, escapes, numbers, multi-byte characters) decode the
+    same as ``json.loads`` of the whole file."""
+    from data_formats import sources
+
+    monkeypatch.setattr(sources, "_CHUNK", chunk)
+    records = [
+        {**ALPACA, "n": 12345, "f": -1.5e-7, "t": True, "z": None},
+        {"instruction": "é ü 漢字 😀 \"quoted\" \\ back\nslash \u2028", "output": "\t\u0001", "list": [1, [2, [3]]]},
+        {"instruction": "x", "output": "y", "big": 10**30},
+    ]
+    text = "\ufeff[\n" + ",\n".join(json.dumps(r, ensure_ascii=a) for r, a in zip(records, (True, False, True))) + "\n]"
+    path = tmp_path / "data.json"
+    path.write_bytes(text.encode("utf-8"))
+    convs = load_conversations(path)
+    assert [c.meta for c in convs] == [{k: v for k, v in r.items() if k not in ("instruction", "input", "output")}
+                                       for r in records]
+    assert convs[1].messages[0]["content"] == records[1]["instruction"]
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": records}))
+    assert [c.meta for c in load_conversations(wrapped)] == [c.meta for c in convs]
+
+
+def test_limit_reads_only_what_it_takes(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text("[" + json.dumps(ALPACA) + ", {oops")
+    assert len(load_conversations(path, limit=1)) == 1
+    assert load_conversations(path, limit=0) == []
+
+
+def test_convert_streams_with_skip_invalid_and_writes_rejects_beside_the_output(tmp_path, capsys):
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps(SHAREGPT) + "\n{oops\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["convert", str(path), str(out), "--to", "messages", "--skip-invalid"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 1 messages records" in printed and "skipped 1 invalid" in printed
+    rejects = Path(f"{out}.rejects.jsonl")
+    assert json.loads(rejects.read_text())["origin"] == f"{path}:2"
+
+
+# ---------------------------------------------------------------- finetune reading through data_formats
+
+
+def test_bundled_names_resolve_only_to_shipped_files():
+    from finetune.data import bundled_files, resolve_source
+
+    assert "suite_messages_eval.jsonl" in bundled_files()
+    assert resolve_source("bundled:suite_messages_eval.jsonl") == str(SAMPLES / "suite_messages_eval.jsonl")
+    for name in ("../canonical.py", "..", "", "/etc/passwd", "samples/suite_messages_eval.jsonl"):
+        with pytest.raises(DataFormatError, match="one of the bundled files"):
+            resolve_source("bundled:" + name)
+
+
+def test_render_accepts_bundled_and_reads_only_limit_records(tmp_path, capsys):
+    from finetune.cli import main as finetune_main
+
+    assert finetune_main(["render", "bundled:suite_messages_eval.jsonl", "--template", "llama3", "--limit", "1"]) == 0
+    assert capsys.readouterr().out.count("==> ") == 1
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(MESSAGES) + "\n{not json\n")
+    assert finetune_main(["render", str(path), "--template", "llama3", "--limit", "1", "--json"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_finetune_loads_count_and_list_what_skip_invalid_skipped(tmp_path, capsys):
+    from finetune.data import load_conversations as finetune_load
+    from finetune.data import write_rejects
+
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(MESSAGES) + "\n{oops\n")
+    reports = []
+    assert len(finetune_load(str(path), skip_invalid=True, reports=reports, name="train data")) == 1
+    assert f"train data: 1 of 2 records from {path}; skipped 1 invalid" in capsys.readouterr().out
+    written = write_rejects(tmp_path / "run", reports)
+    assert written == tmp_path / "run" / "rejects.jsonl"
+    assert json.loads(written.read_text())["origin"] == f"{path}:2"
+    assert write_rejects(tmp_path / "other", [data_formats.LoadReport()]) is None
+
+
+def test_sft_run_with_skip_invalid_trains_on_the_valid_records(tmp_path, capsys):
+    """The whole path: ``--data.skip_invalid=true`` trains, prints the counts and leaves rejects.jsonl."""
+    import recipe_runs
+
+    from finetune.config import SFTConfig
+
+    good = (SAMPLES / "suite_messages_train.jsonl").read_text().splitlines()[:8]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("\n".join([*good[:4], '{"messages": []}', *good[4:], "{oops"]) + "\n")
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), f"--data.train={data}", "--data.eval=null", "--data.skip_invalid=true",
+            "--train.max_steps=1", "--train.per_device_batch_size=2", "--eval.num_samples=0"]
+    assert recipe_runs.run_recipe("sft", SFTConfig, argv) == 0
+    printed = capsys.readouterr().out
+    assert f"train data: 8 of 10 records from {data}; skipped 2 invalid" in printed
+    origins = [json.loads(line)["origin"] for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert origins == [f"{data}:5", f"{data}:10"]
+    assert recipe_runs.run_recipe("sft", SFTConfig, [*argv[:-5], "--data.skip_invalid=false", "--overwrite",
+                                                     "--train.max_steps=1"]) == 2
+    assert "mixed.jsonl, line 5, field 'messages'" in capsys.readouterr().err

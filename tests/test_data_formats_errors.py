@@ -16,6 +16,7 @@ from data_formats import (
     PreferencePair,
     load_conversations,
     load_preferences,
+    sources,
     write,
 )
 from data_formats.cli import main
@@ -341,8 +342,8 @@ RECORD_CASES = [
         "pref",
         {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"},
         PREF,
-        None,
-        ["an hh record", "got a preference record"],
+        "prompt",
+        ["no prompt field in an hh record", "got '2+2?'"],
     ),
 ]
 
@@ -443,10 +444,10 @@ def test_unreadable_file(tmp_path, monkeypatch):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps(ALPACA) + "\n")
 
-    def denied(self):
-        raise PermissionError(13, "Permission denied", str(self))
+    def denied(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(sources, "open", denied, raising=False)
     check(lambda: load_conversations(path), path, None, None, "a readable file", "permission denied")
 
 
@@ -666,3 +667,255 @@ def test_cli_bad_record_prints_one_line(tmp_path, capsys):
     assert err == f"error: {path}, line 1, field 'messages[1].role': expected 'assistant' " + (
         "(turns alternate user, assistant after an optional leading system); got 'user'\n"
     )
+
+
+# ----------------------------------------------------------------------------------- issue 21: the readers' sweep
+
+
+def finetune_cli(capsys, *argv):
+    """``finetune ARGV`` in this process: exit status and stderr."""
+    from finetune.cli import main as finetune_main
+
+    code = finetune_main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def one_line_error(err: str, *fragments):
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+
+
+def test_lone_surrogate_in_content_names_line_and_field(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(messages(user("Hi"), assistant("Yo"))) + "\n" + '{"messages": [{"role": "user", "content": "a\\ud800b"}, '
+                    '{"role": "assistant", "content": "c"}]}\n')
+    check(lambda: load_conversations(path, format="messages"), path, 2, "messages[0].content",
+          "valid Unicode text", "lone surrogate \\ud800")
+
+
+def test_lone_surrogate_is_one_line_in_convert_and_render(tmp_path, capsys):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "c"}]}\n')
+    code, err = finetune_cli(capsys, "convert", str(path), str(tmp_path / "out.jsonl"), "--to", "sharegpt")
+    assert code == 2
+    one_line_error(err, "data.jsonl, line 1, field 'messages[0].content'")
+    assert not (tmp_path / "out.jsonl").exists()
+    code, err = finetune_cli(capsys, "render", str(path), "--template", "llama3")
+    assert code == 2
+    one_line_error(err, "data.jsonl, line 1, field 'messages[0].content'", "lone surrogate")
+
+
+def test_writer_refuses_a_weight_other_than_0_or_1(tmp_path):
+    out = tmp_path / "out.jsonl"
+    record = Conversation([user("Hi"), {**assistant("Hello"), "weight": 0.5}])
+    check(lambda: write([record], out), out, 0, "messages[1].weight", "a weight of 0 or 1")
+
+
+def test_nesting_100000_deep_is_refused_not_a_recursion_error(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(ALPACA) + "\n" + '{"instruction": "x", "output": "y", "extra": ' + deep + "}\n")
+    check(lambda: load_conversations(path), path, 2, None, "nested at most 64 deep")
+    array = tmp_path / "data.json"
+    array.write_text("[" + json.dumps(ALPACA) + ', {"extra": ' + deep + "}]")
+    check(lambda: load_conversations(array), array, 1, None, "nested at most 64 deep")
+
+
+def test_nesting_just_past_the_limit_names_the_field(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"instruction": "x", "output": "y", "extra": ' + "[" * 64 + "]" * 64 + "}\n")
+    e = check(lambda: load_conversations(path), path, 1, "extra" + "[0]" * 63, "nested at most 64 deep")
+    assert "deeper nesting" in str(e)
+
+
+def test_dev_zero_named_jsonl_is_refused_without_reading_it(tmp_path):
+    path = tmp_path / "zero.jsonl"
+    path.symlink_to("/dev/zero")
+    check(lambda: load_conversations(path), path, None, None, "a regular file", "a character device")
+
+
+def test_fifo_named_jsonl_is_refused_and_does_not_hang(tmp_path):
+    import threading
+
+    path = tmp_path / "pipe.jsonl"
+    os.mkfifo(path)
+    outcome = []
+
+    def load():
+        try:
+            load_conversations(path)
+        except DataFormatError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    if thread.is_alive():  # unblock the reader so the test process can exit, then fail
+        with open(path, "w"):
+            pass
+        pytest.fail("reading a FIFO hung")
+    assert outcome and "a regular file; got a FIFO (named pipe)" in str(outcome[0])
+
+
+def test_hh_chosen_a_number_names_the_field(tmp_path):
+    hh = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
+    path = tmp_path / "hh.jsonl"
+    path.write_text(json.dumps(hh) + "\n" + json.dumps({"chosen": 3, "rejected": hh["rejected"]}) + "\n")
+    check(lambda: load_preferences(path), path, 2, "chosen", "an HH transcript string", "got a number (3)")
+
+
+def test_preference_prompt_null_names_the_field(tmp_path):
+    path = tmp_path / "pref.jsonl"
+    hh_sides = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
+    path.write_text(json.dumps(PREF) + "\n" + json.dumps({"prompt": None, **hh_sides}) + "\n")
+    check(lambda: load_preferences(path), path, 2, "prompt", "a string or a list of messages")
+
+
+def test_bad_parquet_column_is_reported_against_the_input_and_its_column(tmp_path, capsys):
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "in.parquet"
+    table = pa.table({"instruction": ["x"], "output": ["y"], "created": [datetime.datetime(2024, 1, 2)]})
+    pq.write_table(table, path)
+    check(lambda: load_conversations(path), path, 0, "created", "a JSON value", "got a datetime")
+    code, err = finetune_cli(capsys, "convert", str(path), str(tmp_path / "out.jsonl"), "--to", "messages")
+    assert code == 2
+    one_line_error(err, "in.parquet, record 0, field 'created'")
+
+
+def test_bundled_path_outside_the_samples_is_refused(capsys):
+    code, err = finetune_cli(capsys, "render", "bundled:../../../etc/passwd", "--template", "llama3")
+    assert code == 2
+    one_line_error(err, "bundled:../../../etc/passwd", "one of the bundled files", "suite_messages_eval.jsonl")
+    code, err = finetune_cli(capsys, "convert", "bundled:..", "/tmp/never-written.jsonl", "--to", "messages")
+    assert code == 2
+    one_line_error(err, "bundled:..")
+
+
+def test_limit_does_not_read_past_the_records_it_takes(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(ALPACA) + "\n" + json.dumps(ALPACA) + "\n{oops\n")
+    assert len(load_conversations(path, limit=2)) == 2
+    check(lambda: load_conversations(path), path, 3, None, "one valid JSON object per line")
+
+
+def test_convert_does_not_import_torch(tmp_path):
+    out = tmp_path / "out.jsonl"
+    code = (
+        "import sys\n"
+        "from finetune.cli import main\n"
+        f"assert main(['convert', 'bundled:suite_sharegpt_eval.jsonl', {str(out)!r}, '--to', 'messages']) == 0\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+    assert out.stat().st_size > 0
+
+
+def test_hh_transcript_ending_on_human_is_refused(tmp_path):
+    path = tmp_path / "hh.jsonl"
+    record = {
+        "chosen": "\n\nHuman: 2+2?\n\nAssistant: 4\n\nHuman: thanks",
+        "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5",
+    }
+    path.write_text(json.dumps(record) + "\n")
+    check(lambda: load_preferences(path), path, 1, "chosen", "ending on an '\\n\\nAssistant:' reply",
+          "a last turn from Human: 'thanks'")
+
+
+def test_record_level_system_beside_a_system_message_is_refused(tmp_path):
+    path = tmp_path / "data.jsonl"
+    record = messages(system("Be brief."), user("Hi"), assistant("Hello"))
+    path.write_text(json.dumps({**record, "system": "Be kind."}) + "\n")
+    check(lambda: load_conversations(path), path, 1, "system", "not both", "got both")
+
+
+def test_record_level_system_must_be_a_string(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({**messages(user("Hi"), assistant("Hello")), "system": ["x"]}) + "\n")
+    check(lambda: load_conversations(path), path, 1, "system", "a string", "a list of 1 item")
+
+
+def test_duplicate_json_key_names_the_key(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(ALPACA) + "\n" + '{"instruction": "a", "output": "b", "output": "c"}\n')
+    check(lambda: load_conversations(path), path, 2, "output", "each key once per object", "'output' more than once")
+    array = tmp_path / "data.json"
+    array.write_text('[{"conversations": [{"from": "human", "from": "gpt", "value": "x"}]}]')
+    check(lambda: load_conversations(array), array, 0, "from", "each key once per object")
+
+
+def test_duplicate_csv_column_names_the_column(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("instruction,output,output\nx,y,z\n")
+    check(lambda: load_conversations(path), path, None, "output", "each column name once", "'output' twice")
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_number_in_an_extra_field_is_refused(tmp_path, constant):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"instruction": "x", "output": "y", "meta": {"score": ' + constant + "}}\n")
+    check(lambda: load_conversations(path), path, 1, "meta.score", "a finite number")
+
+
+def test_writer_writes_only_standard_json(tmp_path):
+    record = Conversation([user("Hi"), assistant("Hello")], meta={"score": float("nan")})
+    out = tmp_path / "out.jsonl"
+    check(lambda: write([record], out), out, 0, "meta", "JSON-serialisable values", "not JSON compliant")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("weight", [2, -1, 0.5, 1.0, "0", [1]])
+def test_weight_other_than_0_1_true_false_names_the_field(tmp_path, weight):
+    path = tmp_path / "data.jsonl"
+    record = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo", "weight": weight}]}
+    path.write_text(json.dumps(record) + "\n")
+    check(lambda: load_conversations(path), path, 1, "conversations[1].weight", "a weight of 0 or 1 (or false/true)")
+
+
+def test_alpaca_writer_refuses_a_weighted_turn(tmp_path):
+    out = tmp_path / "out.jsonl"
+    record = Conversation([user("Hi"), {**assistant("Hello"), "weight": 0}])
+    check(lambda: write([record], out, to="alpaca"), out, 0, "messages[1].weight", "without a weight for alpaca")
+
+
+def test_truncated_json_list_names_the_cut_record(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text("[" + json.dumps(SHAREGPT) + ", " + json.dumps(SHAREGPT)[:30])
+    check(lambda: load_conversations(path), path, 1, None, "a complete JSON record", "the file ending inside it")
+
+
+def test_oversized_line_is_refused_and_skippable(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "MAX_RECORD_BYTES", 100)
+    path = tmp_path / "data.jsonl"
+    long = {"instruction": "x" * 200, "output": "y"}
+    path.write_text(json.dumps(long) + "\n" + json.dumps(ALPACA) + "\n")
+    check(lambda: load_conversations(path), path, 1, None, "a line of at most 100 bytes")
+    assert len(load_conversations(path, skip_invalid=True)) == 1
+
+
+def test_oversized_json_record_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "MAX_RECORD_BYTES", 1000)
+    monkeypatch.setattr(sources, "_CHUNK", 64)
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([ALPACA, {"instruction": "x" * 5000, "output": "y"}]))
+    check(lambda: load_conversations(path), path, 1, None, "records of at most 1000 bytes")
+
+
+def test_skip_invalid_leaving_nothing_is_an_error(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("{oops\n" + json.dumps({"instruction": "", "output": "y"}) + "\n")
+    check(lambda: load_conversations(path, skip_invalid=True), path, None, None, "at least one valid record",
+          "none of 2")
+
+
+def test_skip_invalid_does_not_skip_the_wrong_kind_of_data(tmp_path):
+    path = tmp_path / "pref.jsonl"
+    path.write_text(json.dumps(PREF) + "\n")
+    check(lambda: load_conversations(path, skip_invalid=True), path, 1, None, "conversation data",
+          "use load_preferences")

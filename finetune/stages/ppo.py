@@ -447,17 +447,20 @@ def resolve_init(cfg: PPOConfig) -> PPOConfig:
 
 def load_data(cfg: PPOConfig, tokenizer, template) -> StageData:
     """The prompts and (with a verifier) the eval conversations: ``(prompts, skipped, eval_convs)``."""
-    conversations = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples)
+    loads: list = []  # what each load skipped, for OUTPUT_DIR/rejects.jsonl
+    conversations = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples,
+                                       skip_invalid=cfg.data.skip_invalid, reports=loads, name="train data")
     prompts, skipped = load_prompts(conversations, template, tokenizer, cfg.data.max_prompt_length)
     if not prompts:
         raise ConfigError(f"no prompt of {cfg.data.train} fits data.max_prompt_length={cfg.data.max_prompt_length}")
     eval_convs = []
     if cfg.data.eval and cfg.eval.verifier:
-        eval_convs = load_conversations(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples)
+        eval_convs = load_conversations(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples,
+                                        skip_invalid=cfg.data.skip_invalid, reports=loads, name="eval data")
         eval_convs = eval_convs[: cfg.eval.num_samples] if cfg.eval.num_samples else eval_convs
     report = [f"prompts: {len(prompts)} from {cfg.data.train}, {len(skipped)} skipped (longer than "
               f"data.max_prompt_length)"]
-    return StageData((prompts, skipped, eval_convs), report)
+    return StageData((prompts, skipped, eval_convs), report, loads)
 
 
 def run(cfg: PPOConfig) -> dict:

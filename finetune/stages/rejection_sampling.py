@@ -254,12 +254,14 @@ def resolve(cfg: RejectionSamplingConfig):
 def load_data(cfg: RejectionSamplingConfig, tokenizer, template) -> StageData:
     """The scorer (a bad verifier or reward run fails here) and the prompts: ``(prompts, skipped, scorer)``."""
     scorer = build_scorer(cfg.score)
-    conversations = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples)
+    loads: list = []  # what each load skipped, for OUTPUT_DIR/rejects.jsonl
+    conversations = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples,
+                                       skip_invalid=cfg.data.skip_invalid, reports=loads, name="train data")
     prompts, skipped = load_prompts(conversations, template, tokenizer, cfg.data.max_length)
     if not prompts:
         raise ConfigError(f"no prompt of {cfg.data.train} fits data.max_length={cfg.data.max_length}")
     report = [f"prompts: {len(prompts)} from {cfg.data.train}, {len(skipped)} skipped (longer than data.max_length)"]
-    return StageData((prompts, skipped, scorer), report)
+    return StageData((prompts, skipped, scorer), report, loads)
 
 
 def has_progress(output_dir: Path) -> bool:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data import write_rejects
 from ..run_dir import RunDir, resolve_init, run_kind, write_run_state
 from ..runs import (
     apply_output_dir,
@@ -52,6 +53,9 @@ class StageData:
 
     data: object
     report: list[str] = field(default_factory=list)
+    loads: list = field(default_factory=list)
+    """The ``data_formats.LoadReport`` of each load, whose skipped records (``data.skip_invalid``) are listed in
+    ``OUTPUT_DIR/rejects.jsonl``."""
 
 
 @dataclass
@@ -128,6 +132,7 @@ def run_stage(cfg, stage: Stage) -> Trained:
                 print(f"adapter {', '.join(changed)} taken from --init {cfg.init} (the run continues that adapter)")
             for line in loaded.report:
                 print(line)
+            write_rejects(output.path, loaded.loads)
         set_seed(stage.seed(cfg))
         trained = stage.train(StageRun(cfg, init, tokenizer, template, loaded.data, output.path, state, cfg.resume))
         save_final(output.path, trained, tokenizer, template, state)
@@ -203,17 +208,19 @@ def load_rows(cfg, tokenizer, template, load: Callable, tokenize: Callable) -> S
     ``load_preferences``) and tokenised with ``tokenize``; no training row left is a one-line error."""
     from ..config import ConfigError
 
-    data = cfg.data
-    train_records = load(data.train, data.format, data.split, data.max_train_samples)
+    data, loads = cfg.data, []
+    train_records = load(data.train, data.format, data.split, data.max_train_samples,
+                         skip_invalid=data.skip_invalid, reports=loads, name="train data")
     train_rows, train_report = tokenize(train_records, template, tokenizer, data.max_length)
     eval_records, eval_rows, eval_report = [], [], None
     if data.eval:
-        eval_records = load(data.eval, data.format, data.eval_split, data.max_eval_samples)
+        eval_records = load(data.eval, data.format, data.eval_split, data.max_eval_samples,
+                            skip_invalid=data.skip_invalid, reports=loads, name="eval data")
         eval_rows, eval_report = tokenize(eval_records, template, tokenizer, data.max_length)
     if not train_rows:
         raise ConfigError(f"no training rows left from {data.train}: {train_report.describe('train data')}")
     report = [train_report.describe("train data")] + ([eval_report.describe("eval data")] if eval_report else [])
-    return StageData(Rows(train_rows, train_report, eval_rows, eval_report, eval_records), report)
+    return StageData(Rows(train_rows, train_report, eval_rows, eval_report, eval_records), report, loads)
 
 
 def trainer_inputs(run: StageRun) -> dict:
