@@ -165,7 +165,7 @@ class RunDir:
             saved = self.lora_config()
         except (OSError, ValueError, TypeError) as e:
             raise ConfigError(f"{self.path}/{ADAPTER_CONFIG}: cannot read it: {' '.join(str(e).split())}") from None
-        modules = saved.target_modules
+        modules = saved.target_modules or []
         return dict(r=saved.r, alpha=saved.lora_alpha, dropout=saved.lora_dropout,
                     target_modules=[modules] if isinstance(modules, str) else sorted(modules))
 

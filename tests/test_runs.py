@@ -275,7 +275,7 @@ def test_last_good_checkpoint_is_before_the_last_good_step(tmp_path):
 def test_run_dir_reads_kind_base_template_and_whether_it_finished(tmp_path):
     run = make_run(tmp_path / "run", status="running")
     (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "elsewhere"}))
-    (run / "adapter_model.safetensors").write_bytes(b"")
+    (run / "adapter_model.bin").write_bytes(b"")
     read = RunDir.read(run)
     assert read.kind == "adapter" and read.base_model == "tiny" and read.template == "llama3"
     assert read.stage == "sft" and not read.finished
