@@ -38,9 +38,9 @@ MULTI = [
     {"role": "user", "content": "Reverse the words: pen hammer nest"},
     {"role": "assistant", "content": "nest hammer pen"},
 ]
-# Alpaca's instruction and input, joined by a blank line as data_formats joins them.
+# Alpaca's instruction and input as data_formats reads them: joined by a blank line, the input kept beside.
 WITH_INPUT = [
-    {"role": "user", "content": "Translate to French.\n\nGood morning"},
+    {"role": "user", "content": "Translate to French.\n\nGood morning", "input": "Good morning"},
     {"role": "assistant", "content": "Bonjour"},
 ]
 CASES = {
@@ -439,7 +439,7 @@ def test_stop_token_ids_follow_the_tokenizers_eos(tok):
 
 def test_an_end_of_turn_the_tokenizer_would_split_is_an_error(tok):
     template = Llama2Template(bos_token="<s>", eos_token="<|not_a_token|>")
-    with pytest.raises(TemplateError, match="ends turns with '<\\|not_a_token\\|>', which this tokenizer splits"):
+    with pytest.raises(TemplateError, match="writes '<\\|not_a_token\\|>' as one token .* which this tokenizer splits"):
         stop_token_ids(template, tok)
     with pytest.raises(TemplateError, match="not_a_token"):
         render(template, SINGLE, tok)
