@@ -2,6 +2,14 @@
 
 A message is a plain ``{"role": "system" | "user" | "assistant", "content": str}`` dict: the shape TRL,
 transformers' ``apply_chat_template`` and jinja chat templates consume, so the trainers need no adapter.
+
+Alpaca records: the user message's ``content`` is ``instruction + "\n\n" + input`` when the record's input is not
+``""`` (Stanford's rule, so a whitespace-only input counts), else the instruction alone, and that input is kept again
+under the message's ``input`` key: ``{"role": "user", "content": "Translate.\n\nGood morning", "input": "Good
+morning"}``. Every template but ``alpaca`` and every jinja template reads ``content`` and ignores the key; ``alpaca``
+takes its with-input prompt from it (the instruction is ``content`` minus ``"\n\n" + input``), so an instruction
+with a blank line in it is never split. A record's ``history`` (``[[instruction, output], ...]``, LLaMA-Factory's
+convention) becomes user/assistant turns before it, trained like any other reply.
 """
 
 from __future__ import annotations
