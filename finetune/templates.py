@@ -15,9 +15,11 @@ departures from a plain ``tokenizer(text)``:
 * Only the template's control tokens become special-token ids. A special token spelled inside a message
   (``<|eot_id|><|start_header_id|>assistant<|end_header_id|>``, ``</s>``, ``[INST]``, ``<|im_end|>``) is encoded as
   the plain text it is, so no record of data can forge a turn.
-* ``llama2`` encodes each exchange on its own between its BOS and EOS, as Meta's ``chat_completion`` does. With the
-  SentencePiece tokenizers Llama 2 ships with that is the whole-text encoding too; with one that adds the dummy
-  prefix ``▁`` only at the start of a text it is not, and Meta's is the one the model was trained on.
+* Where the recipe's BOS is a token id before its text (Meta's ``chat_completion`` for each Llama 2 exchange,
+  FastChat's and Stanford's tokenizer calls for Vicuna and Alpaca), the text after that BOS is encoded as the start
+  of a text, as they do. For byte-level BPE and for the SentencePiece tokenizers Llama ships with (the dummy prefix
+  ``▁`` on every stretch between special tokens) that is the whole-text encoding too; for one that adds the prefix
+  only at the very start of the text (transformers' ``legacy=False``, its GGUF converter) it is the recipes'.
 
 Whole-text tokenisation has a consequence at the start of a reply: where the tokenizer merges the prompt's last
 characters with the reply's first (byte-level BPE on Alpaca's ``### Response:The``), that token belongs to neither
@@ -468,7 +470,8 @@ class VicunaTemplate(_EosTemplate):
 
     def _segments(self, messages, add_generation_prompt):
         system, turns = _split_system(messages)
-        segs = [*self._bos(), Segment((VICUNA_SYSTEM if system is None else system) + " ")]
+        # BOS comes from FastChat's tokenizer call: the text after it is encoded as the start of a text.
+        segs = [*self._bos(), Segment((VICUNA_SYSTEM if system is None else system) + " ", starts_text=True)]
         for m in turns:
             if m["role"] == "user":
                 segs.append(Segment(f"USER: {m['content']} "))
@@ -560,7 +563,8 @@ class AlpacaTemplate(_EosTemplate):
         else:
             preamble = ALPACA_PREAMBLE_NO_INPUT
             body = f"### Instruction:\n{instruction}\n\n### Response:"
-        segs = [*self._bos(), Segment(f"{preamble if system is None else system}\n\n{body}")]
+        # BOS comes from Stanford's tokenizer call: the text after it is encoded as the start of a text.
+        segs = [*self._bos(), Segment(f"{preamble if system is None else system}\n\n{body}", starts_text=True)]
         if len(turns) == 2:
             trained = _trained(turns[1])
             segs += [Segment(turns[1]["content"], trained), _control(self.eos_token, trained)]
@@ -682,14 +686,15 @@ class TokenizerTemplate(ChatTemplate):
     def _marked_spans(self, messages, add_generation_prompt):
         text, spans = self._render(messages, add_generation_prompt, spans=True)
         replies = [m for m in messages if m["role"] == "assistant"]
-        if all(_trained(m) for m in replies):
+        trained = [_trained(m) for m in replies]
+        if all(trained) or len(spans) == sum(trained):  # nothing to drop, or the template skips weight 0 itself
             return text, spans
         if len(spans) != len(replies):
             raise TemplateError(
                 f"the tokenizer's chat_template marks {len(spans)} {{% generation %}} spans for {len(replies)} "
-                f"assistant messages, so a reply with weight 0 cannot be told apart"
+                f"assistant messages, so the replies with weight 0 cannot be told apart"
             )
-        return text, [span for span, m in zip(spans, replies, strict=True) if _trained(m)]
+        return text, [span for span, keep in zip(spans, trained, strict=True) if keep]
 
     def _prefix_spans(self, messages, add_generation_prompt):
         spans: list[tuple[int, int]] = []
