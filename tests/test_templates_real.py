@@ -295,8 +295,15 @@ def test_alpaca_is_stanfords_train_py(tokenizer_name, conversations, request):
     tokenizer = request.getfixturevalue(tokenizer_name)
     records = alpaca_records(conversations)
     template = get_template("alpaca", tokenizer)
+    merged = 0
     for record, conv in zip(records, load_conversations(records), strict=True):
-        assert render(template, conv.messages, tokenizer) == stanfords_train_py(record, tokenizer)
+        ids, labels = render(template, conv.messages, tokenizer)
+        assert (ids, labels) == stanfords_train_py(record, tokenizer)
+        prompt = render_prompt(template, conv.messages[:1], tokenizer)
+        merged += ids[: len(prompt)] != prompt
+    # "### Response:" is followed by the reply with no space: where the tokenizer joins ':' to the reply's first
+    # characters (':The'), neither side trains that token, as in Stanford's code, and the prompt is no token prefix.
+    assert merged == {"spm": 5, "llama3": 64}[tokenizer_name]
 
 
 # ------------------------------------------------------------------------------------- Llama 2's own vocabulary (GGUF)
