@@ -984,3 +984,22 @@ def test_alpaca_input_survives_writing_alpaca_again(tmp_path):
     write(load_conversations(str(path)), tmp_path / "again.jsonl", to="alpaca")
     again = [json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()]
     assert again == [{"input": "", **r} for r in ALPACA_RECORDS]
+
+
+def test_a_control_token_that_strips_whitespace_does_so_as_in_the_whole_text():
+    """Some tokenizers mark an end-of-turn token lstrip/rstrip (it swallows the spaces around it): the stand-in copies
+    that, so the ids stay the whole text's."""
+    from tokenizers import AddedToken
+
+    tokenizer = fresh_tokenizer()
+    im_end = AddedToken("<|im_end|>", lstrip=True, rstrip=True, special=True, normalized=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": [im_end]})
+    messages = [
+        {"role": "user", "content": "Hi  "},
+        {"role": "assistant", "content": "  Hello \n"},
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "y"},
+    ]
+    ids, labels = render("chatml", messages, tokenizer)
+    assert ids == tokenizer(get_template("chatml").text(messages), add_special_tokens=False).input_ids
+    assert decode_trained(ids, labels, tokenizer) == "  Hello<|im_end|>y<|im_end|>"
