@@ -66,15 +66,16 @@ class Segment:
     """One of the template's own special tokens (BOS, EOS, a header or end-of-turn token): a single token id. Only a
     control segment yields a special token; the same text inside a message is encoded as plain text."""
     starts_text: bool = False
-    """Tokenised as the start of a new text rather than as a continuation of what precedes it (Meta's Llama 2 code
-    encodes each exchange on its own)."""
+    """Tokenised as the start of a new text rather than as a continuation of what precedes it: the text after a BOS
+    that the recipe's code puts before it as a token id (Meta's Llama 2 exchanges, FastChat's and Stanford's
+    tokenizer calls)."""
 
 
 def _control(text: str, trained: bool = False) -> Segment:
     return Segment(text, trained, control=True)
 
 
-WHERE = Where("conversation")
+_WHERE = Where("conversation")
 
 
 def _check_roles(messages: list[dict], add_generation_prompt: bool) -> None:
@@ -85,23 +86,23 @@ def _check_roles(messages: list[dict], add_generation_prompt: bool) -> None:
     assistant turn; one to generate from (``add_generation_prompt=True``) ends on a user turn. Contents must be
     encodable text (a lone surrogate is not), and ``weight``, where present, is 0 or 1 on an assistant message.
     """
-    validate_messages(messages, WHERE, ends_on="user" if add_generation_prompt else "assistant")
+    validate_messages(messages, _WHERE, ends_on="user" if add_generation_prompt else "assistant")
     for i, message in enumerate(messages):
         try:
             message["content"].encode("utf-8")
         except UnicodeEncodeError as error:
-            raise WHERE.error(
+            raise _WHERE.error(
                 f"messages[{i}].content", "text (valid Unicode)", Found(f"a lone surrogate at character {error.start}")
             ) from None
         weight = message.get("weight")
         if weight is None:
             continue
         if message["role"] != "assistant":
-            raise WHERE.error(
+            raise _WHERE.error(
                 f"messages[{i}].weight", "no weight on a non-assistant message (only replies are trained)", weight
             )
         if isinstance(weight, bool) or weight not in (0, 1):
-            raise WHERE.error(f"messages[{i}].weight", "0 or 1 (whether the reply is trained)", weight)
+            raise _WHERE.error(f"messages[{i}].weight", "0 or 1 (whether the reply is trained)", weight)
 
 
 def _trained(message: dict) -> bool:
