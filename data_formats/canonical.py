@@ -7,6 +7,14 @@ One optional key more: ``"weight"``, ``0`` or ``1`` (an ``int``; sources may wri
 per-turn ShareGPT convention. ``0`` on an assistant turn means "keep it as context, do not train on it"; ``1`` is
 what an assistant turn without the key means. It is kept only where the source gave it, on any role, and written
 back by the ``messages``, ``sharegpt`` and ``preference`` writers.
+
+Alpaca records: the user message's ``content`` is ``instruction + "\n\n" + input`` when the record's input is not
+``""`` (Stanford's rule, so a whitespace-only input counts), else the instruction alone, and that input is kept again
+under the message's ``input`` key: ``{"role": "user", "content": "Translate.\n\nGood morning", "input": "Good
+morning"}``. Every template but ``alpaca`` and every jinja template reads ``content`` and ignores the key; ``alpaca``
+takes its with-input prompt from it (the instruction is ``content`` minus ``"\n\n" + input``), so an instruction
+with a blank line in it is never split. A record's ``history`` (``[[instruction, output], ...]``, LLaMA-Factory's
+convention) becomes user/assistant turns before it, trained like any other reply.
 """
 
 from __future__ import annotations

@@ -204,9 +204,12 @@ def _record_system(record: dict, where: Where, messages: list, turns: list, cont
 
 
 def read_alpaca(record: dict, where: Where) -> Conversation:
-    """Alpaca: ``instruction``, optional ``input``, ``output``, optional ``system``.
+    """Alpaca: ``instruction``, optional ``input``, ``output``, optional ``system`` and ``history``.
 
-    The user turn is the instruction, followed by a blank line and the input when the input is non-empty.
+    The user turn's content is the instruction, followed by a blank line and the input when the input is not ``""``
+    (Stanford's rule: a whitespace-only input still counts); the input is also kept under the user message's
+    ``input`` key, so the alpaca template can pick its prompt from the record (see :mod:`data_formats.canonical`).
+    ``history`` (LLaMA-Factory's ``[[instruction, output], ...]``) becomes earlier user/assistant turns.
     """
     instruction = _required_str(record, "instruction", where, "alpaca records need instruction and output")
     extra = _optional_str(record, "input", where)
@@ -217,12 +220,39 @@ def read_alpaca(record: dict, where: Where) -> Conversation:
     if system:
         messages.append({"role": "system", "content": system})
         turns.append(Turn("system", "system", "system"))
-    messages.append({"role": "user", "content": instruction + ("\n\n" + extra if extra.strip() else "")})
+    for i, (earlier, reply) in enumerate(_alpaca_history(record, where)):
+        messages += [{"role": "user", "content": earlier}, {"role": "assistant", "content": reply}]
+        turns += [
+            Turn(f"history[{i}][0]", f"history[{i}][0]", "user"),
+            Turn(f"history[{i}][1]", f"history[{i}][1]", "assistant"),
+        ]
+    user = {"role": "user", "content": instruction}
+    if extra != "":
+        user = {"role": "user", "content": f"{instruction}\n\n{extra}", "input": extra}
+    messages.append(user)
     turns.append(Turn("instruction", "instruction", "user"))
     messages.append({"role": "assistant", "content": output})
     turns.append(Turn("output", "output", "assistant"))
     validate_messages(messages, where, container="instruction", turns=turns)
-    return Conversation(messages, where.origin, _meta(record, ("instruction", "input", "output", "system")))
+    return Conversation(messages, where.origin, _meta(record, ("instruction", "input", "output", "system", "history")))
+
+
+def _alpaca_history(record: dict, where: Where) -> list[tuple[str, str]]:
+    """An Alpaca record's ``history``: ``[[instruction, output], ...]``; missing or null means none."""
+    history = record.get("history")
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise where.error("history", "a list of [instruction, output] pairs (earlier turns)", history)
+    pairs = []
+    for i, pair in enumerate(history):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise where.error(f"history[{i}]", "a pair [instruction, output]", pair)
+        for j, value in enumerate(pair):
+            if not isinstance(value, str):
+                raise where.error(f"history[{i}][{j}]", "a string", value)
+        pairs.append((pair[0], pair[1]))
+    return pairs
 
 
 def read_sharegpt(record: dict, where: Where) -> Conversation:

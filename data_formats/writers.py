@@ -66,8 +66,13 @@ def _alpaca_row(record, where: Where) -> dict:
             Found(f"{len(roles)} messages: {', '.join(roles)}"),
             hint=f"the record came from {conv.origin}; write multi-turn data as messages or sharegpt",
         )
-    # The instruction/input split is not recoverable from one user turn: the whole turn becomes the instruction.
-    row = {"instruction": conv.messages[-2]["content"], "input": "", "output": conv.messages[-1]["content"]}
+    user = conv.messages[-2]
+    # The Alpaca reader keeps a record's input beside the joined turn; a turn without one is all instruction.
+    input_ = user.get("input") or ""
+    if input_ and not user["content"].endswith("\n\n" + input_):
+        raise where.error("messages", "a user turn whose content ends with its input", user["content"])
+    instruction = user["content"][: len(user["content"]) - len(input_) - 2] if input_ else user["content"]
+    row = {"instruction": instruction, "input": input_, "output": conv.messages[-1]["content"]}
     if roles[0] == "system":
         row["system"] = conv.messages[0]["content"]
     return row

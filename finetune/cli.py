@@ -49,7 +49,11 @@ def _render_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--template", required=True, help="llama3, llama2, vicuna_v1.1, alpaca, chatml or tokenizer")
     parser.add_argument("--model", default="tiny", help="model name, directory or hub id whose tokenizer to use")
-    parser.add_argument("--json", action="store_true", help="one JSON object per record instead of the text")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per record: text, trained_text, input_ids, tokens and trained (1 per trained token)",
+    )
     parser.add_argument("--limit", type=_count, default=None, metavar="N", help="render only the first N records")
 
 
@@ -60,17 +64,32 @@ def _count(text: str) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    """Print each conversation as the template renders it, or (``--json``) its text, trained text and counts."""
+    """Print each conversation as the template renders it, or (``--json``) its text, trained text, token ids, tokens
+    and which of them are trained."""
+    from data_formats import DataFormatError
+
     from .data import load_conversations
-    from .templates import IGNORE_INDEX, get_template, render, template_class, trained_text
+    from .templates import (
+        IGNORE_INDEX,
+        TemplateError,
+        get_template,
+        render,
+        stop_token_ids,
+        template_class,
+        trained_text,
+    )
 
     template_class(args.template)  # an unknown name fails before anything is loaded
     # With --limit only the first N records are read, so a large file's later records are not checked.
     conversations = load_conversations(args.data, limit=args.limit)
     tokenizer = _load_tokenizer(args.model)
     template = get_template(args.template, tokenizer)
+    stop_token_ids(template, tokenizer)  # a template this tokenizer cannot express fails here, not on a record
     for conv in conversations:
-        input_ids, labels = render(template, conv.messages, tokenizer)
+        try:
+            input_ids, labels = render(template, conv.messages, tokenizer)
+        except (TemplateError, DataFormatError) as error:  # a record this template cannot render: say which
+            raise UserError(f"{conv.origin}: {error}") from None
         text = template.text(conv.messages)
         trained = sum(label != IGNORE_INDEX for label in labels)
         if args.json:
@@ -80,6 +99,9 @@ def _render(args: argparse.Namespace) -> int:
                 "trained_text": trained_text(input_ids, labels, tokenizer),
                 "num_tokens": len(input_ids),
                 "num_trained_tokens": trained,
+                "input_ids": input_ids,
+                "tokens": tokenizer.convert_ids_to_tokens(input_ids),
+                "trained": [int(label != IGNORE_INDEX) for label in labels],
             }
             print(json.dumps(record, ensure_ascii=False))
         else:

@@ -121,6 +121,8 @@ class TokenReport:
     """Tokens removed by that cut."""
     skipped_records: int = 0
     """Conversations with no trained token left after the cut (the assistant reply lay beyond max_length)."""
+    untrained_records: int = 0
+    """Conversations whose every assistant reply has ``"weight": 0``: nothing to train, skipped."""
     skipped_origins: list[str] = field(default_factory=list)
     """Where the skipped conversations came from (file:line), the first 20."""
 
@@ -132,6 +134,8 @@ class TokenReport:
         if self.skipped_origins:
             text += f" (no trained token within max_length: {', '.join(self.skipped_origins[:5])}"
             text += ", ...)" if self.skipped_records > 5 else ")"
+        if self.untrained_records:
+            text += f", {self.untrained_records} skipped with every reply at weight 0"
         return text
 
     def as_dict(self) -> dict:
@@ -142,14 +146,25 @@ def tokenize_conversations(conversations, template, tokenizer, max_length: int) 
     """Render and truncate each conversation: rows of ``{"input_ids", "labels"}`` plus a :class:`TokenReport`.
 
     Truncation keeps the start (the prompt and the beginning of the reply). A conversation left with no trained
-    token cannot contribute to the loss and is skipped, but counted and named, never dropped silently.
+    token cannot contribute to the loss and is skipped, but counted and named, never dropped silently; so is one
+    whose every reply has ``"weight": 0``. A conversation the template cannot render is an error naming its origin.
     """
-    from .templates import render
+    from data_formats import DataFormatError
 
+    from .templates import TemplateError, get_template, render, stop_token_ids
+
+    template = get_template(template, tokenizer)
+    stop_token_ids(template, tokenizer)  # a template this tokenizer cannot express fails here, not on record 1
     rows: list[dict] = []
     report = TokenReport(records=len(conversations))
     for conv in conversations:
-        input_ids, labels = render(template, conv.messages, tokenizer)
+        try:
+            input_ids, labels = render(template, conv.messages, tokenizer)
+        except (TemplateError, DataFormatError) as error:
+            raise TemplateError(f"{conv.origin}: {error}") from None
+        if all(m.get("weight") == 0 for m in conv.messages if m["role"] == "assistant"):
+            report.untrained_records += 1
+            continue
         if len(input_ids) > max_length:
             report.truncated_records += 1
             report.truncated_tokens += len(input_ids) - max_length

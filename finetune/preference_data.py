@@ -68,8 +68,11 @@ def split_pair(pair, template, tokenizer) -> tuple[list[int], list[int], list[in
     replies = []
     for reply in (pair.chosen, pair.rejected):
         full_ids, _ = render(template, pair.prompt + reply, tokenizer)
-        if full_ids[: len(prompt_ids)] != prompt_ids:  # render() tokenises per segment, so this is a template bug
-            raise ValueError(f"{pair.origin}: the rendered prompt is not a prefix of prompt + reply")
+        if full_ids[: len(prompt_ids)] != prompt_ids:  # render() tokenises the whole text (finetune.templates)
+            raise ValueError(
+                f"{pair.origin}: the rendered prompt is not a token prefix of prompt + reply (this tokenizer merges "
+                f"the prompt's last characters with the reply's first)"
+            )
         replies.append(full_ids[len(prompt_ids) :])
     return prompt_ids, replies[0], replies[1]
 

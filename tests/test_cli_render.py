@@ -85,6 +85,13 @@ def test_render_json_gives_exact_text_trained_text_and_counts(messages_file, cap
         assert row["num_tokens"] == len(input_ids)
         assert row["num_trained_tokens"] == sum(label != -100 for label in labels)
         assert 0 < row["num_trained_tokens"] < row["num_tokens"]
+        assert row["input_ids"] == input_ids == tokenizer(row["text"], add_special_tokens=False).input_ids
+        assert row["tokens"] == tokenizer.convert_ids_to_tokens(input_ids)
+        assert row["trained"] == [int(label != -100) for label in labels]
+    # Which tokens are trained, readable: the reply and <|eot_id|>, not the header before it.
+    trained = [token for token, flag in zip(rows[0]["tokens"], rows[0]["trained"], strict=True) if flag]
+    assert tokenizer.convert_tokens_to_string(trained) == "Havana<|eot_id|>"
+    assert rows[0]["tokens"][-len(trained) - 1] == "ĊĊ"
 
 
 def test_render_text_of_alpaca_data_with_limit(alpaca_file, capsys):
@@ -206,3 +213,15 @@ def test_a_new_subcommand_is_one_entry(capsys):
     parser = build_parser([Command("export", "export a run", add, go)])
     args = parser.parse_args(["export", "runs/sft"])
     assert args.command.run(args) == 0 and seen == ["runs/sft"]
+
+
+def test_render_reads_bundled_samples(capsys):
+    code, out, err = run(capsys, "render", "bundled:suite_messages_train.jsonl", "--template", "llama3", "--limit", "1")
+    assert code == 0, err
+    assert out.startswith("==> ") and "<|begin_of_text|>" in out
+
+
+def test_a_record_the_template_cannot_render_is_named(messages_file, capsys):
+    code, out, err = run(capsys, "render", messages_file, "--template", "alpaca")
+    assert code == 2 and out.startswith(f"==> {messages_file}:1: ")  # the first record renders, the second cannot
+    assert one_error_line(err).startswith(f"error: {messages_file}:2: alpaca is a single-turn template")

@@ -75,7 +75,7 @@ HH = {
 
 def test_alpaca_joins_instruction_and_input_and_keeps_meta(tmp_path):
     (conv,) = load_conversations(jsonl(tmp_path / "a.jsonl", [ALPACA]))
-    assert conv.messages == [user("Add the numbers.\n\n2 and 3"), assistant("5")]
+    assert conv.messages == [{**user("Add the numbers.\n\n2 and 3"), "input": "2 and 3"}, assistant("5")]
     assert conv.meta == {"task": "add", "answer": "5"}
     assert conv.origin == f"{tmp_path / 'a.jsonl'}:1"
 
@@ -89,7 +89,8 @@ def test_alpaca_without_input_and_with_system(tmp_path):
     a, b, c = load_conversations(jsonl(tmp_path / "a.jsonl", records))
     assert a.messages == [system("You are terse."), user("Say hi."), assistant("hi")]
     assert b.messages == [user("Say bye."), assistant("bye")]
-    assert c.messages == [user("Say yo."), assistant("yo")]
+    # Stanford's rule is input != "": a whitespace-only input is an input.
+    assert c.messages == [{**user("Say yo.\n\n   "), "input": "   "}, assistant("yo")]
 
 
 def test_sharegpt_maps_speakers_including_user_assistant_aliases(tmp_path):
@@ -254,7 +255,7 @@ def test_csv_alpaca_and_json_cells(tmp_path):
         w.writerow(["instruction", "input", "output", "task"])
         w.writerow(["Add, please", "1\n2", "3", "add"])
     (conv,) = load_conversations(path)
-    assert conv.messages == [user("Add, please\n\n1\n2"), assistant("3")]
+    assert conv.messages == [{**user("Add, please\n\n1\n2"), "input": "1\n2"}, assistant("3")]
     assert conv.meta == {"task": "add"} and conv.origin == f"{path}[0]"
 
     path = tmp_path / "m.csv"
@@ -337,7 +338,9 @@ def test_alpaca_to_sharegpt_and_back(tmp_path):
         "answer": "5",
     }
     again = load_conversations(tmp_path / "s.jsonl")
-    assert [c.messages for c in again] == [c.messages for c in convs]
+    # ShareGPT has no input field: the joined turn survives, the Alpaca reader's "input" key beside it need not.
+    turns = [[{"role": m["role"], "content": m["content"]} for m in c.messages] for c in convs]
+    assert [[{"role": m["role"], "content": m["content"]} for m in c.messages] for c in again] == turns
     assert [c.meta for c in again] == [c.meta for c in convs]
 
 

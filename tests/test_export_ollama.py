@@ -297,7 +297,7 @@ def test_known_differences_are_the_documented_ones(tokenizer):
     ours = llama3.text(padded, add_generation_prompt=True).removeprefix(tokenizer.bos_token)
     assert ollama_render(ollama_template(llama3, tokenizer), padded) == ours.replace("hi", " hi \n")
     alpaca = get_template("alpaca", tokenizer)
-    with_input = [{"role": "user", "content": "Translate to French.\n\nGood morning"}]
+    with_input = [{"role": "user", "content": "Translate to French.\n\nGood morning", "input": "Good morning"}]
     ours = alpaca.text(with_input, True).removeprefix(tokenizer.bos_token)
     assert ollama_render(ollama_template(alpaca, tokenizer), with_input) != ours
     with_template = load_tokenizer("tiny")
