@@ -148,7 +148,6 @@ def test_threshold_mode_counts_prompts_that_kept_nothing(tmp_path, sft_run, gene
     assert summary["prompts_kept_nothing"] == nothing > 0
 
 
-@pytest.mark.slow
 def test_fine_tune_is_the_sft_stage_continuing_the_sft_adapter(tmp_path, sft_run):
     from safetensors.torch import load_file
 
@@ -210,7 +209,6 @@ def test_resume_reuses_complete_samples_and_redraws_incomplete_ones(tmp_path, ge
     assert "holds no rejection-sampling run to resume" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_resume_after_kill_in_the_fine_tune_matches_an_uninterrupted_run(tmp_path, sft_run):
     """Kill -9 a run once its fine-tune has written sft/checkpoint-2, resume it: the samples are reused (not drawn
     again), the fine-tune continues from the checkpoint, and the loss curve and summary equal a run never killed."""

@@ -12,7 +12,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
-@pytest.mark.slow
 def test_two_processes_sample_every_prompt_exactly_once(tmp_path):
     from test_dpo import make_sft_run
 
@@ -36,7 +35,6 @@ def test_two_processes_sample_every_prompt_exactly_once(tmp_path):
     assert sorted(k["prompt_index"] for k in kept) == sorted({r["prompt_index"] for r in rows if r["kept"]})
 
 
-@pytest.mark.slow
 def test_two_processes_fine_tune_and_resume_after_kill(tmp_path):
     """The whole recipe under cpu_ddp.yaml: sampling, then the SFT stage under DDP. A run killed once sft/checkpoint-2
     is complete and resumed (samples reused, fine-tune from the checkpoint) ends where an uninterrupted 2-process run

@@ -99,7 +99,6 @@ def _command(out, extra=()):
     return [sys.executable, RECIPE, "--output_dir", out, *args]
 
 
-@pytest.mark.slow
 def test_resume_after_kill_reproduces_the_uninterrupted_loss_curve(tmp_path):
     """Kill -9 a run once it has written checkpoint-4, resume it, and compare its loss curve with a run that was
     never interrupted: the same losses at every logged step."""
