@@ -13,12 +13,13 @@ import sys
 
 from finetune.config import DPOConfig
 from finetune.recipe import launch
-from finetune.runs import process_state
-from finetune.stages import dpo
 
 
 def main(cfg: DPOConfig) -> dict:
     """Config -> SFT run -> tokenizer and template -> pairs -> base + policy/reference adapters -> train -> save."""
+    from finetune.runs import process_state  # here, so a config error is reported before torch loads
+    from finetune.stages import dpo
+
     summary = dpo.run(cfg)
     if process_state().is_main_process:  # every process returns the summary; print it once
         for key in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "init_eval_accuracy", "eval_accuracy"):

@@ -16,11 +16,12 @@ import sys
 
 from finetune.config import PPOConfig
 from finetune.recipe import launch
-from finetune.stages import ppo
 
 
 def main(cfg: PPOConfig) -> dict:
     """Config -> base + policy/reference/value/reward adapters -> rollouts, scores, GAE, clipped updates -> save."""
+    from finetune.stages import ppo  # here, so a config error is reported before torch loads
+
     summary = ppo.run(cfg)
     print(ppo.results_table(summary))
     return summary

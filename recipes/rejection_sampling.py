@@ -17,12 +17,13 @@ import sys
 
 from finetune.config import RejectionSamplingConfig
 from finetune.recipe import launch
-from finetune.runs import process_state
-from finetune.stages import rejection_sampling
 
 
 def main(cfg: RejectionSamplingConfig) -> dict:
     """Config -> SFT run on one base -> K samples per prompt -> scores -> kept samples and pairs -> SFT stage."""
+    from finetune.runs import process_state  # here, so a config error is reported before torch loads
+    from finetune.stages import rejection_sampling
+
     summary = rejection_sampling.run(cfg)
     if not cfg.generate_only and process_state().is_main_process:  # every process returns the summary; print once
         print(rejection_sampling.results_table(summary))

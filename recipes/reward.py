@@ -12,12 +12,13 @@ import sys
 
 from finetune.config import RewardConfig
 from finetune.recipe import launch
-from finetune.runs import process_state
-from finetune.stages import reward
 
 
 def main(cfg: RewardConfig) -> dict:
     """Config -> tokenizer and template -> pairs -> backbone, head and adapter -> train -> pairwise eval -> save."""
+    from finetune.runs import process_state  # here, so a config error is reported before torch loads
+    from finetune.stages import reward
+
     summary = reward.run(cfg)
     if process_state().is_main_process:  # every process returns the summary; print it once
         for key in ("init_eval_accuracy", "eval_accuracy", "eval_margin", "eval_loss"):

@@ -11,12 +11,13 @@ import sys
 
 from finetune.config import SFTConfig
 from finetune.recipe import launch
-from finetune.runs import process_state
-from finetune.stages import sft
 
 
 def main(cfg: SFTConfig) -> dict:
     """Config -> tokenizer and template -> data -> base model and adapter -> train -> evaluate -> save."""
+    from finetune.runs import process_state  # here, so a config error is reported before torch loads
+    from finetune.stages import sft
+
     summary = sft.run(cfg)
     if process_state().is_main_process:  # every process returns the summary; print it once
         print(sft.before_after_table(summary))
