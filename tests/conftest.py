@@ -26,6 +26,8 @@ SLOW_TESTS = (
     "test_rejection_sampling.py::test_resume_after_kill_in_the_fine_tune_matches_an_uninterrupted_run",
     "test_rejection_sampling_distributed.py",
     "test_sft_recipe.py::test_resume_after_kill_reproduces_the_uninterrupted_loss_curve",
+    "test_recipe_errors.py::test_user_error_is_one_line_under_accelerate_launch",
+    "test_recipe_errors.py::test_other_failures_keep_the_launchers_report",
     "test_wheel.py",
     "test_quickstart.py",
 )

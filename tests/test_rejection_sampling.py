@@ -49,14 +49,34 @@ def test_min_score_and_threshold_can_keep_nothing_for_a_prompt():
     assert pairs == []
 
 
+def test_samples_the_verifier_failed_are_kept_only_when_asked():
+    """Prompt 0's best fails the verifier (a reward model likes it): kept only with keep_unverified."""
+    def scored(prompt_index, sample, verified, reward):
+        return {**row(prompt_index, sample, verified + reward), "scores": {"v:f": verified, "rm": reward}}
+
+    rows = [scored(0, 0, 0.0, 2.0), scored(0, 1, 0.0, 0.5), scored(1, 0, 1.0, 0.1), scored(1, 1, 0.0, 0.3)]
+    kept, pairs = rs.select(rows, RejectionParams(), verifier="v:f")
+    assert [(r["prompt_index"], r["sample"]) for r in kept] == [(1, 0)]
+    assert len(pairs) == 2  # pairs still rank by the total score
+    kept, _ = rs.select(rows, RejectionParams(keep_unverified=True), verifier="v:f")
+    assert [(r["prompt_index"], r["sample"]) for r in kept] == [(0, 0), (1, 0)]
+    kept, _ = rs.select(rows, RejectionParams(selection="threshold", threshold=0.2), verifier="v:f")
+    assert [(r["prompt_index"], r["sample"]) for r in kept] == [(1, 0)]
+
+
 def test_empty_responses_are_never_kept_or_paired():
     rows = [row(0, 0, 5.0, response="  "), row(0, 1, 1.0), row(0, 2, 0.0)]
     kept, pairs = rs.select(rows, RejectionParams())
     assert [r["sample"] for r in kept] == [1] and [(b["sample"], w["sample"]) for b, w in pairs] == [(1, 2)]
 
 
-QUICK = ["--data.max_train_samples=6", "--data.max_eval_samples=4", "--eval.num_samples=4", "--sampling.num_samples=4",
-         "--sampling.max_new_tokens=10", "--score.verifier=test_rejection_sampling:shortness"]
+# The SFT train prompts sampled at temperature 1 over all tokens (what these tests were worked out on), and shortness
+# is a graded stand-in for a verifier that scores long answers 0, i.e. failed: kept here all the same, so every
+# prompt keeps its best.
+QUICK = ["--data.train=bundled:suite_messages_train.jsonl", "--data.max_train_samples=6", "--data.max_eval_samples=4", "--eval.num_samples=4", "--sampling.num_samples=4",
+         "--sampling.max_new_tokens=10", "--sampling.temperature=1.0", "--sampling.top_k=0",
+         "--score.verifier=test_rejection_sampling:shortness",
+         "--rejection.keep_unverified=true"]
 
 
 def run_recipe(argv):
