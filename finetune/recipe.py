@@ -1,6 +1,10 @@
-"""What every recipe's ``if __name__ == "__main__"`` does: parse the config, run, and turn user mistakes into one
-line on stderr with exit status 2 instead of a stack trace. Under ``accelerate launch`` or ``torchrun`` the launcher's
-own report of the failed process is kept to that line too (``finetune.launcher_exit``)."""
+"""What every recipe runs: parse the config, check it, run the stage, print its figures, and turn user mistakes into
+one line on stderr with exit status 2 instead of a stack trace. Under ``accelerate launch`` or ``torchrun`` the
+launcher's own report of the failed process is kept to that line too (``finetune.launcher_exit``).
+
+The five stages' ``main`` functions live here, so ``recipes/NAME.py`` (in a checkout) and ``finetune NAME`` (the
+installed console script, also ``accelerate launch -m finetune.cli NAME``) run the same code: see :data:`STAGES`.
+Each imports its stage inside, so a config error is reported before torch loads."""
 
 from __future__ import annotations
 
@@ -9,7 +13,16 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ConfigError, parse_args, unmatched_target_modules
+from .config import (
+    ConfigError,
+    DPOConfig,
+    PPOConfig,
+    RejectionSamplingConfig,
+    RewardConfig,
+    SFTConfig,
+    parse_args,
+    unmatched_target_modules,
+)
 from .launcher_exit import EXIT_USER_ERROR, report_in_child
 
 # A half-configured environment should not make a recipe wait on the network for a model id.
@@ -129,3 +142,78 @@ def check_run_files(run_dir: Path, kind: str) -> None:
         if found != rank:
             raise ConfigError(f"--init {run_dir}: adapter_model.safetensors holds rank-{found} LoRA tensors ({name}) "
                               f"but adapter_config.json says r={rank}; the run is damaged or mixed up")
+
+
+def sft_main(cfg: SFTConfig) -> dict:
+    """Config -> tokenizer and template -> data -> base model and adapter -> train -> evaluate -> save."""
+    from .runs import process_state
+    from .stages import sft
+
+    summary = sft.run(cfg)
+    if process_state().is_main_process:  # every process returns the summary; print it once
+        print(sft.before_after_table(summary))
+    return summary
+
+
+def reward_main(cfg: RewardConfig) -> dict:
+    """Config -> tokenizer and template -> pairs -> backbone, head and adapter -> train -> pairwise eval -> save."""
+    from .runs import process_state
+    from .stages import reward
+
+    summary = reward.run(cfg)
+    if process_state().is_main_process:
+        for key in ("init_eval_accuracy", "eval_accuracy", "eval_margin", "eval_loss"):
+            if key in summary:
+                print(f"{key}: {summary[key]:.4f}")
+    return summary
+
+
+def rejection_sampling_main(cfg: RejectionSamplingConfig) -> dict:
+    """Config -> SFT run on one base -> K samples per prompt -> scores -> kept samples and pairs -> SFT stage."""
+    from .runs import process_state
+    from .stages import rejection_sampling
+
+    summary = rejection_sampling.run(cfg)
+    if not cfg.generate_only and process_state().is_main_process:
+        print(rejection_sampling.results_table(summary))
+    return summary
+
+
+def dpo_main(cfg: DPOConfig) -> dict:
+    """Config -> SFT run -> tokenizer and template -> pairs -> base + policy/reference adapters -> train -> save."""
+    from .runs import process_state
+    from .stages import dpo
+
+    summary = dpo.run(cfg)
+    if process_state().is_main_process:
+        for key in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "init_eval_accuracy", "eval_accuracy"):
+            if key in summary:
+                print(f"{key}: {summary[key]:.4f}")
+    return summary
+
+
+def ppo_main(cfg: PPOConfig) -> dict:
+    """Config -> base + policy/reference/value/reward adapters -> rollouts, scores, GAE, clipped updates -> save."""
+    from .stages import ppo
+
+    summary = ppo.run(cfg)
+    print(ppo.results_table(summary))
+    return summary
+
+
+# Command name (``finetune NAME``) -> (config class, main, one line for --help), in the order of the loop.
+STAGES: dict[str, tuple[type, Callable, str]] = {
+    "sft": (SFTConfig, sft_main, "supervised fine-tuning (LoRA, QLoRA or full); the tiny model by default"),
+    "reward": (RewardConfig, reward_main, "Bradley-Terry reward model on preference pairs"),
+    "rejection-sampling": (RejectionSamplingConfig, rejection_sampling_main,
+                           "K samples per prompt from an SFT run, scored; the best fine-tuned on"),
+    "dpo": (DPOConfig, dpo_main, "direct preference optimisation from an SFT run"),
+    "ppo": (PPOConfig, ppo_main, "PPO with a critic from an SFT run"),
+}
+
+
+def run_stage(name: str, argv: list[str] | None = None) -> int:
+    """``finetune NAME ARGV``: the stage's config from ``argv`` (``--config``, ``--section.key=value``, ...), run;
+    the exit status."""
+    config_cls, main, _ = STAGES[name]
+    return launch(config_cls, main, argv)

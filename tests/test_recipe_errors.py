@@ -191,3 +191,33 @@ def test_other_failures_keep_the_launchers_report(hooked_python, tmp_path):
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 1
     assert "RuntimeError: a bug" in result.stderr and "CalledProcessError" in result.stderr
+
+
+def test_a_run_directorys_saved_verifier_is_never_imported(sft_run, tmp_path, monkeypatch):
+    """A run's config.yaml is a record: reading the run for --init (checks, adapter shape) or for export never
+    imports the verifier it names (importing runs the module's code)."""
+    import shutil
+
+    import yaml
+
+    from finetune.config import DPOConfig, parse_args
+    from finetune.export import inspect_run
+    from finetune.models import resolve_init
+    from finetune.recipe import check_before_run
+
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["eval"]["verifier"] = "planted_verifier:verify"
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    marker = tmp_path / "imported"
+    (tmp_path / "planted_verifier.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n\ndef verify(prompt, response):\n    return True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    cfg = parse_args(DPOConfig, ["--init", str(run), "--output_dir", str(tmp_path / "out")])
+    check_before_run(cfg)
+    resolve_init(cfg)
+    inspect_run(run)
+    assert cfg.eval.verifier == "finetune.suite:verify"  # the passed config's (auto on the bundled suite)
+    assert not marker.exists()
