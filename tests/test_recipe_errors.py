@@ -90,6 +90,8 @@ MISUSES = [
     ("sft", ["--data.train="], "data.train must name the training data"),
     ("reward", ["--data.max_length=1"], "data.max_length must be >= 2; got 1"),
     ("reward", ["--train.per_device_batch_size=0"], "train.per_device_batch_size must be >= 1; got 0"),
+    ("reward", ["--data.max_length=3"], "no training pairs left from bundled:suite_preference_train.jsonl"),
+    ("dpo", ["--init", "{init}", "--data.max_length=3"], "no training pairs left"),
     ("dpo", ["--init", "{init}", "--dpo.beta=0"], "dpo.beta must be positive"),
     ("dpo", ["--init", "{init:config}"], "adapter_config.json is not readable JSON"),
     ("dpo", ["--init", "{init:truncated}"], "adapter_model.safetensors is not a complete safetensors file"),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..config import DPOConfig, DPOParams
+from ..config import ConfigError, DPOConfig, DPOParams
 from ..data import load_preferences
 from ..evaluate import load_callable, verifier_accuracy
 from ..models import (
@@ -192,7 +192,7 @@ def run(cfg: DPOConfig) -> dict:
         eval_pairs = load_preferences(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples)
         eval_rows, eval_report = tokenize_pairs_for_dpo(eval_pairs, template, tokenizer, cfg.data.max_length)
     if not train_rows:
-        raise ValueError(f"no training pairs left from {cfg.data.train}: {train_report.describe('train data')}")
+        raise ConfigError(f"no training pairs left from {cfg.data.train}: {train_report.describe('train data')}")
 
     output_dir = prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, main)
     state.wait_for_everyone()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..config import RewardConfig
+from ..config import ConfigError, RewardConfig
 from ..data import load_preferences
 from ..models import (
     copy_adapter_weights,
@@ -89,7 +89,7 @@ def run(cfg: RewardConfig) -> dict:
         eval_pairs = load_preferences(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples)
         eval_rows, eval_report = tokenize_pairs_for_reward(eval_pairs, template, tokenizer, cfg.data.max_length)
     if not train_rows:
-        raise ValueError(f"no training pairs left from {cfg.data.train}: {train_report.describe('train data')}")
+        raise ConfigError(f"no training pairs left from {cfg.data.train}: {train_report.describe('train data')}")
 
     output_dir = prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, main)
     state.wait_for_everyone()

@@ -106,7 +106,7 @@ def run(cfg: SFTConfig) -> dict:
         if eval_report:
             print(eval_report.describe("eval data"))
     if not train_rows:
-        raise ValueError(f"no training rows left from {cfg.data.train}: {train_report.describe('train data')}")
+        raise ConfigError(f"no training rows left from {cfg.data.train}: {train_report.describe('train data')}")
 
     model, peft_config = load_model(cfg, init_kind)
     verifier = load_callable(cfg.eval.verifier) if cfg.eval.verifier and eval_convs else None
