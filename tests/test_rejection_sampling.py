@@ -73,7 +73,8 @@ def test_empty_responses_are_never_kept_or_paired():
 # The SFT train prompts sampled at temperature 1 over all tokens (what these tests were worked out on), and shortness
 # is a graded stand-in for a verifier that scores long answers 0, i.e. failed: kept here all the same, so every
 # prompt keeps its best.
-QUICK = ["--data.train=bundled:suite_messages_train.jsonl", "--data.max_train_samples=6", "--data.max_eval_samples=4", "--eval.num_samples=4", "--sampling.num_samples=4",
+QUICK = ["--data.train=bundled:suite_messages_train.jsonl", "--data.max_train_samples=6", "--data.max_eval_samples=4",
+         "--eval.num_samples=4", "--sampling.num_samples=4",
          "--sampling.max_new_tokens=10", "--sampling.temperature=1.0", "--sampling.top_k=0",
          "--score.verifier=test_rejection_sampling:shortness",
          "--rejection.keep_unverified=true"]
