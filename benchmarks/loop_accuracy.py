@@ -37,9 +37,11 @@ SMOKE_EVAL = [f"--data.max_eval_samples={SMOKE_EVAL_PROMPTS}", f"--eval.num_samp
               "--eval.max_new_tokens=8"]
 SMOKE = {
     "sft": ["--train.max_steps=2", "--data.max_train_samples=16", *SMOKE_EVAL],
-    # A 2-step SFT answers nothing right, so the smoke run keeps every sample (threshold 0) to reach the fine-tune.
+    # A 2-step SFT answers nothing right, so the smoke run keeps every sample (threshold 0, unverified ones too) to
+    # reach the fine-tune.
     "rejection_sampling": ["--data.max_train_samples=16", "--sampling.num_samples=2",
                            "--rejection.selection=threshold", "--rejection.threshold=0.0",
+                           "--rejection.keep_unverified=true",
                            "--train.max_steps=2", *SMOKE_EVAL],
     "ppo": ["--ppo.num_iterations=2", "--ppo.rollout_batch_size=4", "--ppo.mini_batch_size=4", "--ppo.ppo_epochs=1",
             *SMOKE_EVAL],

@@ -1,12 +1,16 @@
 """The ``finetune`` console script.
 
 Every subcommand is a :class:`Command` listed in :data:`COMMANDS`: a name, a one-line help, a function that adds its
-arguments and a function that runs it and returns the exit status. Adding one (``export``, ``chat``, ``eval``,
+arguments and a function that runs it and returns the exit status. The training stages (``sft``, ``reward``,
+``rejection-sampling``, ``dpo``, ``ppo``) are commands too, running ``finetune.recipe.STAGES``: the same code as
+``recipes/NAME.py``, with the same options (``finetune sft --help``); on several processes
+``accelerate launch -m finetune.cli sft ...``. Adding one (``export``, ``chat``, ``eval``,
 ``bench``) is writing those two functions and appending a line to :data:`COMMANDS`; nothing else changes.
 
 A user error (bad data, unknown template, missing file or model) prints one ``error: ...`` line on stderr and exits
 with status 2, without a traceback.
 
+    finetune sft --train.max_steps=20 --output_dir runs/sft
     finetune render data.jsonl --template llama3 --json --limit 5
     finetune convert alpaca.jsonl messages.jsonl --to messages
 """
@@ -190,7 +194,28 @@ def _chat(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# ---------------------------------------------------------------------------------------------------------- stages
+
+
+def _stage_arguments(parser: argparse.ArgumentParser) -> None:
+    """Nothing: :func:`main` hands everything after a stage's name to the stage, which parses its own options (YAML
+    keys as ``--section.key=value``, ``--help`` included); argparse would take ``--help`` and ``--config`` itself."""
+
+
+def _stage_command(name: str) -> Command:
+    from .recipe import STAGES, run_stage
+
+    return Command(name, STAGES[name][2], _stage_arguments, lambda args: run_stage(name, []))
+
+
+def _stage_commands() -> list[Command]:
+    from .recipe import STAGES
+
+    return [_stage_command(name) for name in STAGES]
+
+
 COMMANDS: list[Command] = [
+    *_stage_commands(),
     Command(
         "render",
         "show how a chat template renders a data file, and which tokens are trained",
@@ -212,7 +237,7 @@ def build_parser(commands: list[Command] = COMMANDS, chosen: str | None = None) 
         chosen: The command the arguments name, if known: only its arguments are added, because adding some
             (``export``, ``chat``) imports torch, which ``convert`` and ``render`` should not pay for.
     """
-    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune LLaMA models: data, templates, export.")
+    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune LLaMA models: train, data, templates, export.")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for command in commands:
         sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
@@ -234,7 +259,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``finetune ARGV``; returns the exit status (0 ok, 2 user error; argparse's own status for bad usage)."""
-    argv = sys.argv[1:] if argv is None else argv
+    from .recipe import STAGES, run_stage
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in STAGES:
+        return run_stage(argv[0], argv[1:])
     names = {command.name for command in COMMANDS}
     parser = build_parser(chosen=argv[0] if argv and argv[0] in names else None)
     try:

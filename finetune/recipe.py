@@ -1,13 +1,29 @@
-"""What every recipe's ``if __name__ == "__main__"`` does: parse the config, run, and turn user mistakes into one
-line on stderr with exit status 2 instead of a stack trace."""
+"""What every recipe runs: parse the config, check it, run the stage, print its figures, and turn user mistakes into
+one line on stderr with exit status 2 instead of a stack trace. Under ``accelerate launch`` or ``torchrun`` the
+launcher's own report of the failed process is kept to that line too (``finetune.launcher_exit``).
+
+The five stages' ``main`` functions live here, so ``recipes/NAME.py`` (in a checkout) and ``finetune NAME`` (the
+installed console script, also ``accelerate launch -m finetune.cli NAME``) run the same code: see :data:`STAGES`.
+Each imports its stage inside, so a config error is reported before torch loads."""
 
 from __future__ import annotations
 
+import json
 import os
-import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from .config import ConfigError, parse_args
+from .config import (
+    ConfigError,
+    DPOConfig,
+    PPOConfig,
+    RejectionSamplingConfig,
+    RewardConfig,
+    SFTConfig,
+    parse_args,
+    unmatched_target_modules,
+)
+from .launcher_exit import EXIT_USER_ERROR, report_in_child
 
 # A half-configured environment should not make a recipe wait on the network for a model id.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,8 +43,179 @@ def launch(config_cls: type, main: Callable, argv: list[str] | None = None) -> i
     """Parse ``argv`` into ``config_cls`` and call ``main(cfg)``; returns the process exit status."""
     try:
         cfg = parse_args(config_cls, argv)
+        check_before_run(cfg)
         main(cfg)
-    except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ConfigError as e:  # before the other user errors, whose classes import torch
+        return report_user_error(e)
+    except Exception as e:
+        if isinstance(e, user_errors()):
+            return report_user_error(e)
+        raise
     return 0
+
+
+def report_user_error(error: BaseException) -> int:
+    """Report ``error`` as one ``error: ...`` line (``finetune.launcher_exit.report_in_child``); the exit status."""
+    report_in_child(f"error: {' '.join(str(error).split())}")
+    return EXIT_USER_ERROR
+
+
+def check_before_run(cfg) -> None:
+    """The checks a config needs the model or its ``init`` run for, made before the stage starts and so before it
+    writes anything: the init run's files are readable and agree with each other, the model (or the full-weights
+    init) can be found, and a new adapter's ``target_modules`` each match a module of it."""
+    from .models import init_run_kind
+
+    init = getattr(cfg, "init", None)
+    kind = init_run_kind(init) if init else None
+    if kind:
+        check_run_files(Path(init), kind)
+    source, key = (init, "--init") if kind == "full" else (cfg.model.name, "model.name")
+    names = module_names(source, key)
+    if cfg.adapter.method != "full" and kind != "adapter":  # a new adapter (an init adapter keeps its own shape)
+        unmatched = unmatched_target_modules(cfg.adapter.target_modules, names)
+        if unmatched:
+            linear = sorted({name.rsplit(".", 1)[-1] for name in linear_module_names(source)})
+            raise ConfigError(f"adapter.target_modules: {', '.join(map(repr, unmatched))} match no module of "
+                              f"{source}; its linear modules are {', '.join(linear)}")
+
+
+def _model_on_meta(source: str, key: str):
+    """The model ``source`` names, built on the meta device from its config alone (no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import resolve_model
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(source))
+    except (OSError, ValueError) as e:  # transformers raises either for a path or id it cannot load
+        raise ConfigError(f"{key}: cannot load a model config from {source!r}: {' '.join(str(e).split())[:300]}") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def module_names(source: str, key: str) -> list[str]:
+    """Every module's dotted name in the model ``source`` names."""
+    return [name for name, _ in _model_on_meta(source, key).named_modules()]
+
+
+def linear_module_names(source: str) -> list[str]:
+    """The dotted names of the model's linear layers (what LoRA usually targets)."""
+    import torch
+
+    return [name for name, module in _model_on_meta(source, "model.name").named_modules()
+            if isinstance(module, torch.nn.Linear)]
+
+
+def check_run_files(run_dir: Path, kind: str) -> None:
+    """An init run's files are readable, and an adapter's tensors have the rank its ``adapter_config.json`` says."""
+    from safetensors import safe_open
+
+    def read_json(name: str) -> dict:
+        try:
+            data = json.loads((run_dir / name).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"--init {run_dir}: {name} is not readable JSON ({e}); the run is damaged") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--init {run_dir}: {name} holds {type(data).__name__}, not a JSON object")
+        return data
+
+    def tensor_shapes(path: Path) -> dict[str, list[int]]:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+        except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+            raise ConfigError(f"--init {run_dir}: {path.name} is not a complete safetensors file "
+                              f"({' '.join(str(e).split())})") from None
+
+    if kind == "full":
+        read_json("config.json")
+        for weights in sorted(run_dir.glob("model*.safetensors")):
+            tensor_shapes(weights)
+        return
+    rank = read_json("adapter_config.json").get("r")
+    if not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"--init {run_dir}: adapter_config.json has r={rank!r}; expected a positive integer")
+    for name, shape in tensor_shapes(run_dir / "adapter_model.safetensors").items():
+        found = shape[0] if "lora_A" in name else shape[1] if "lora_B" in name and len(shape) > 1 else rank
+        if found != rank:
+            raise ConfigError(f"--init {run_dir}: adapter_model.safetensors holds rank-{found} LoRA tensors ({name}) "
+                              f"but adapter_config.json says r={rank}; the run is damaged or mixed up")
+
+
+def sft_main(cfg: SFTConfig) -> dict:
+    """Config -> tokenizer and template -> data -> base model and adapter -> train -> evaluate -> save."""
+    from .runs import process_state
+    from .stages import sft
+
+    summary = sft.run(cfg)
+    if process_state().is_main_process:  # every process returns the summary; print it once
+        print(sft.before_after_table(summary))
+    return summary
+
+
+def reward_main(cfg: RewardConfig) -> dict:
+    """Config -> tokenizer and template -> pairs -> backbone, head and adapter -> train -> pairwise eval -> save."""
+    from .runs import process_state
+    from .stages import reward
+
+    summary = reward.run(cfg)
+    if process_state().is_main_process:
+        for key in ("init_eval_accuracy", "eval_accuracy", "eval_margin", "eval_loss"):
+            if key in summary:
+                print(f"{key}: {summary[key]:.4f}")
+    return summary
+
+
+def rejection_sampling_main(cfg: RejectionSamplingConfig) -> dict:
+    """Config -> SFT run on one base -> K samples per prompt -> scores -> kept samples and pairs -> SFT stage."""
+    from .runs import process_state
+    from .stages import rejection_sampling
+
+    summary = rejection_sampling.run(cfg)
+    if not cfg.generate_only and process_state().is_main_process:
+        print(rejection_sampling.results_table(summary))
+    return summary
+
+
+def dpo_main(cfg: DPOConfig) -> dict:
+    """Config -> SFT run -> tokenizer and template -> pairs -> base + policy/reference adapters -> train -> save."""
+    from .runs import process_state
+    from .stages import dpo
+
+    summary = dpo.run(cfg)
+    if process_state().is_main_process:
+        for key in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "init_eval_accuracy", "eval_accuracy"):
+            if key in summary:
+                print(f"{key}: {summary[key]:.4f}")
+    return summary
+
+
+def ppo_main(cfg: PPOConfig) -> dict:
+    """Config -> base + policy/reference/value/reward adapters -> rollouts, scores, GAE, clipped updates -> save."""
+    from .runs import process_state
+    from .stages import ppo
+
+    summary = ppo.run(cfg)
+    if process_state().is_main_process:  # every process returns the summary; print once
+        print(ppo.results_table(summary))
+    return summary
+
+
+# Command name (``finetune NAME``) -> (config class, main, one line for --help), in the order of the loop.
+STAGES: dict[str, tuple[type, Callable, str]] = {
+    "sft": (SFTConfig, sft_main, "supervised fine-tuning (LoRA, QLoRA or full); the tiny model by default"),
+    "reward": (RewardConfig, reward_main, "Bradley-Terry reward model on preference pairs"),
+    "rejection-sampling": (RejectionSamplingConfig, rejection_sampling_main,
+                           "K samples per prompt from an SFT run, scored; the best fine-tuned on"),
+    "dpo": (DPOConfig, dpo_main, "direct preference optimisation from an SFT run"),
+    "ppo": (PPOConfig, ppo_main, "PPO with a critic from an SFT run"),
+}
+
+
+def run_stage(name: str, argv: list[str] | None = None) -> int:
+    """``finetune NAME ARGV``: the stage's config from ``argv`` (``--config``, ``--section.key=value``, ...), run;
+    the exit status."""
+    config_cls, main, _ = STAGES[name]
+    return launch(config_cls, main, argv)

@@ -2,7 +2,7 @@
 (LoRA, or QLoRA with the base in 4-bit); the reward is a verifier, a reward model, or both.
 
     accelerate launch recipes/ppo.py --init runs/sft                                   # tiny LLaMA, verifier reward
-    accelerate launch recipes/ppo.py --config recipes/configs/tiny/ppo_lora.yaml
+    accelerate launch recipes/ppo.py --config recipes/configs/tiny/ppo_lora.yaml                  # the same, as a file
     accelerate launch recipes/ppo.py --config recipes/configs/tiny/ppo_qlora.yaml --score.reward_model=runs/reward
 
 Writes OUTPUT_DIR/metrics.jsonl (per iteration: score, KL to the reference, policy and value loss, clip fraction,
@@ -16,17 +16,7 @@ import sys
 
 from finetune.config import PPOConfig
 from finetune.recipe import launch
-from finetune.runs import process_state
-from finetune.stages import ppo
-
-
-def main(cfg: PPOConfig) -> dict:
-    """Config -> base + policy/reference/value/reward adapters -> rollouts, scores, GAE, clipped updates -> save."""
-    summary = ppo.run(cfg)
-    if process_state().is_main_process:  # every process returns the summary; print once
-        print(ppo.results_table(summary))
-    return summary
-
+from finetune.recipe import ppo_main as main
 
 if __name__ == "__main__":
     sys.exit(launch(PPOConfig, main))

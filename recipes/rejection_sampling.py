@@ -2,7 +2,7 @@
 kept (and best-vs-worst preference pairs written), then the SFT adapter is fine-tuned on them with the SFT stage.
 
     accelerate launch recipes/rejection_sampling.py --init runs/sft                 # tiny LLaMA, bundled suite, CPU
-    accelerate launch recipes/rejection_sampling.py --config recipes/configs/tiny/rejection_sampling.yaml --init runs/sft
+    accelerate launch recipes/rejection_sampling.py --config recipes/configs/tiny/rejection_sampling.yaml  # the same
     accelerate launch recipes/rejection_sampling.py --init runs/sft --score.reward_model=runs/reward --generate_only
 
 Writes OUTPUT_DIR/samples.jsonl, kept.jsonl (chat messages + score), pairs.jsonl (for recipes/dpo.py) and
@@ -17,17 +17,7 @@ import sys
 
 from finetune.config import RejectionSamplingConfig
 from finetune.recipe import launch
-from finetune.runs import process_state
-from finetune.stages import rejection_sampling
-
-
-def main(cfg: RejectionSamplingConfig) -> dict:
-    """Config -> SFT run on one base -> K samples per prompt -> scores -> kept samples and pairs -> SFT stage."""
-    summary = rejection_sampling.run(cfg)
-    if not cfg.generate_only and process_state().is_main_process:  # every process returns the summary; print once
-        print(rejection_sampling.results_table(summary))
-    return summary
-
+from finetune.recipe import rejection_sampling_main as main
 
 if __name__ == "__main__":
     sys.exit(launch(RejectionSamplingConfig, main))

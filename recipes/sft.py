@@ -5,23 +5,15 @@
     accelerate launch recipes/sft.py --config recipes/configs/llama3_8b/sft_qlora.yaml --train.learning_rate=1e-4
 
 Options: --config FILE.yaml, --output_dir DIR, --resume, --overwrite, --section.key=value (see --help).
+Installed from the wheel, every recipe is also a command: ``finetune sft ...``, ``accelerate launch -m finetune.cli
+sft ...`` (and ``reward``, ``rejection-sampling``, ``dpo``, ``ppo``).
 """
 
 import sys
 
 from finetune.config import SFTConfig
 from finetune.recipe import launch
-from finetune.runs import process_state
-from finetune.stages import sft
-
-
-def main(cfg: SFTConfig) -> dict:
-    """Config -> tokenizer and template -> data -> base model and adapter -> train -> evaluate -> save."""
-    summary = sft.run(cfg)
-    if process_state().is_main_process:  # every process returns the summary; print it once
-        print(sft.before_after_table(summary))
-    return summary
-
+from finetune.recipe import sft_main as main
 
 if __name__ == "__main__":
     sys.exit(launch(SFTConfig, main))

@@ -9,8 +9,51 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 
+# The one rule for `slow` (more than a few seconds: recipe subprocesses, several processes, kills and resumes, a
+# wheel build): a test is slow exactly when it is listed here, by module or by module::test. A `@pytest.mark.slow`
+# written on a test itself is refused, so the list stays the only place. `pytest -m "not slow"` skips them.
+SLOW_TESTS = (
+    "test_data_formats.py::test_datasets_save_to_disk_directories",
+    "test_data_formats_errors.py::test_hub_dataset_offline_with_real_datasets",
+    "test_data_formats_errors.py::test_datasets_dir_missing_split",
+    "test_distributed.py::test_sft_two_processes_equal_one",
+    "test_distributed.py::test_dpo_two_processes_equal_one",
+    "test_distributed.py::test_reward_runs_under_two_processes_and_writes_once",
+    "test_dpo_recipe.py::test_resume_after_kill_reproduces_the_uninterrupted_loss_curve",
+    "test_ppo_distributed.py",
+    "test_ppo_resume.py::test_resume_after_kill_reproduces_the_uninterrupted_run",
+    "test_rejection_sampling.py::test_fine_tune_is_the_sft_stage_continuing_the_sft_adapter",
+    "test_rejection_sampling.py::test_resume_after_kill_in_the_fine_tune_matches_an_uninterrupted_run",
+    "test_rejection_sampling_distributed.py",
+    "test_sft_recipe.py::test_resume_after_kill_reproduces_the_uninterrupted_loss_curve",
+    "test_recipe_errors.py::test_user_error_is_one_line_under_accelerate_launch",
+    "test_recipe_errors.py::test_other_failures_keep_the_launchers_report",
+    "test_wheel.py",
+    "test_quickstart.py",
+)
+
+
+def is_slow(nodeid: str) -> bool:
+    """Whether the test ``nodeid`` (``tests/MODULE.py::TEST[params]``) is in :data:`SLOW_TESTS`."""
+    path, _, name = nodeid.partition("::")
+    module = path.rsplit("/", 1)[-1]
+    test = name.split("[", 1)[0]
+    return module in SLOW_TESTS or f"{module}::{test}" in SLOW_TESTS
+
+
+def mark_slow(items) -> None:
+    """Apply :data:`SLOW_TESTS` as the ``slow`` marker; refuse a ``slow`` marker written on a test or module."""
+    written = [item.nodeid for item in items if item.get_closest_marker("slow") and not is_slow(item.nodeid)]
+    if written:
+        raise pytest.UsageError(f"@pytest.mark.slow on {', '.join(written)}: list the test in SLOW_TESTS "
+                                "(tests/conftest.py) instead, the one place slow is decided")
+    for item in items:
+        if is_slow(item.nodeid):
+            item.add_marker(pytest.mark.slow)
+
 
 def pytest_collection_modifyitems(config, items):
+    mark_slow(items)
     try:
         import torch
 

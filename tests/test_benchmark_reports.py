@@ -122,6 +122,8 @@ def test_loop_accuracy_smoke_configs_parse_and_rejection_sampling_keeps_wrong_an
     configs = {name: parse_args(cls, loop.recipe_args(name, tmp_path / name, None if name == "sft" else tmp_path,
                                                       seed=None if name == "sft" else 0, smoke=True))
                for name, cls in classes.items()}
-    wrong = [{"prompt_index": 0, "sample": k, "score": 0.0, "response": f"wrong {k}"} for k in range(2)]
-    kept, _ = select(wrong, configs["rejection_sampling"].rejection)
+    rs = configs["rejection_sampling"]
+    wrong = [{"prompt_index": 0, "sample": k, "score": 0.0, "scores": {rs.score.verifier: 0.0}, "response": f"wrong {k}"}
+             for k in range(2)]
+    kept, _ = select(wrong, rs.rejection, rs.score.verifier)
     assert len(kept) == 2

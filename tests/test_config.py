@@ -78,3 +78,56 @@ def test_round_trip_through_yaml(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg)))
     assert parse_args(SFTConfig, ["--config", str(path)]) == cfg
+
+
+def test_every_field_of_every_stage_config_has_a_docstring():
+    import dataclasses
+    import typing
+
+    from finetune.config import STAGE_CONFIGS
+
+    def walk(cls):
+        hints = typing.get_type_hints(cls)
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from walk(hints[f.name])
+            elif f.name not in docs:
+                yield f"{cls.__name__}.{f.name}"
+
+    missing = sorted({name for cls in STAGE_CONFIGS.values() for name in walk(cls)})
+    assert not missing, missing
+
+
+def test_check_choice_and_ranges_name_the_key():
+    from finetune.config import check_at_least, check_choice, check_interval, check_positive
+
+    with pytest.raises(ConfigError, match=r"^a.b must be x or y; got 'z'$"):
+        check_choice("a.b", "z", ("x", "y"))
+    with pytest.raises(ConfigError, match=r"^a.b must be >= 1 or null; got 0$"):
+        check_at_least("a.b", 0, 1, optional=True)
+    check_at_least("a.b", None, 1, optional=True)
+    with pytest.raises(ConfigError, match=r"^a.b must be > 0; got nan$"):
+        check_positive("a.b", float("nan"))
+    with pytest.raises(ConfigError, match=r"^a.b must be in \[0.0, 1.0\); got 1.0$"):
+        check_interval("a.b", 1.0, 0.0, 1.0, closed_high=False)
+
+
+def test_unmatched_target_modules_follow_peft_suffix_rule():
+    from finetune.config import unmatched_target_modules
+
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "lm_head"]
+    assert unmatched_target_modules(["q_proj", "mlp.up_proj", "lm_head", "all-linear"], names) == []
+    assert unmatched_target_modules(["proj", "q_prj", "layers.0.self_attn.q_proj"], names) == ["proj", "q_prj"]
+
+
+def test_verifier_auto_follows_the_data():
+    from finetune.config import PPOConfig, RejectionSamplingConfig
+
+    assert parse_args(SFTConfig, []).eval.verifier == "finetune.suite:verify"
+    assert parse_args(SFTConfig, ["--data.eval=mine.jsonl"]).eval.verifier is None
+    cfg = parse_args(PPOConfig, ["--init", "runs/sft", "--data.eval=null", "--score.reward_model=runs/reward",
+                                 "--data.train=mine.jsonl"])
+    assert cfg.score.verifier is None and cfg.eval.verifier is None
+    explicit = parse_args(RejectionSamplingConfig, ["--init", "runs/sft", "--score.verifier=my.mod:check"])
+    assert explicit.score.verifier == "my.mod:check"

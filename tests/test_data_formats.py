@@ -297,7 +297,6 @@ def test_hub_id_goes_through_load_dataset(monkeypatch):
     assert calls[-1] == ("someone/chats", "test")
 
 
-@pytest.mark.slow
 def test_datasets_save_to_disk_directories(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list([MESSAGES]).save_to_disk(str(tmp_path / "single"))

@@ -579,7 +579,6 @@ def test_hub_dataset_that_cannot_be_fetched(monkeypatch):
     assert isinstance(e.__cause__, ConnectionError)
 
 
-@pytest.mark.slow
 def test_hub_dataset_offline_with_real_datasets(tmp_path):
     pytest.importorskip("datasets")
     code = (
@@ -595,7 +594,6 @@ def test_hub_dataset_offline_with_real_datasets(tmp_path):
     assert "could not be fetched" in result.stdout and "work offline" in result.stdout
 
 
-@pytest.mark.slow
 def test_datasets_dir_missing_split(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.DatasetDict(test=datasets.Dataset.from_list([ALPACA])).save_to_disk(str(tmp_path / "dd"))

@@ -68,7 +68,6 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
-@pytest.mark.slow
 def test_sft_two_processes_equal_one(tmp_path):
     """Global batch 4 both ways: 1 process x batch 2 x accumulation 2, and 2 processes x batch 2. Same packed rows,
     the token-mean loss over the global batch (token counts gathered across processes), so the same loss at every
@@ -105,7 +104,6 @@ def assert_same_adapter(one: Path, two: Path) -> None:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
-@pytest.mark.slow
 def test_dpo_two_processes_equal_one(tmp_path, sft_init):
     """DPO from the same SFT adapter, global batch 4 both ways (1 process x batch 2 x accumulation 2, 2 processes x
     batch 2). DPO's loss is a mean over the pairs of a micro-batch; accumulation averages the micro-batches and DDP
@@ -136,7 +134,6 @@ def test_dpo_two_processes_equal_one(tmp_path, sft_init):
     assert s1["eval_accuracy"] == s2["eval_accuracy"]
 
 
-@pytest.mark.slow
 def test_reward_runs_under_two_processes_and_writes_once(tmp_path, sft_init):
     """recipes/reward.py under cpu_ddp.yaml: it finishes, each logged step is in metrics.jsonl once (only the main
     process writes), and the summary is written and printed once."""

@@ -222,10 +222,10 @@ def test_trl_loss_equals_ours_on_the_same_batch(name, sft_run, tokenizer, tmp_pa
 
 def test_trl_loss_mapping():
     """cDPO is TRL's sigmoid and robust losses combined: 2(1-e) A - (1-2e) R = (1-e) A + e B (see dpo.trl_loss)."""
-    assert dpo.trl_loss(DPOParams(loss="ipo")) == dict(loss_type=["ipo"], loss_weights=[1.0], label_smoothing=0.0)
+    assert dpo.trl_loss(DPOParams(loss="ipo", nll_weight=0.0)) == dict(loss_type=["ipo"], loss_weights=[1.0], label_smoothing=0.0)
     with_nll = dpo.trl_loss(DPOParams(nll_weight=0.2))
     assert with_nll["loss_type"] == ["sigmoid", "sft"] and with_nll["loss_weights"] == [1.0, 0.2]
-    mapped = dpo.trl_loss(DPOParams(loss="label_smoothed", label_smoothing=0.25))
+    mapped = dpo.trl_loss(DPOParams(loss="label_smoothed", label_smoothing=0.25, nll_weight=0.0))
     assert mapped == dict(loss_type=["sigmoid", "robust"], loss_weights=[1.5, -0.5], label_smoothing=0.25)
 
 

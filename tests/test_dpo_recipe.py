@@ -103,7 +103,6 @@ def _command(out, sft_run, extra=()):
     return [sys.executable, RECIPES / "dpo.py", "--init", sft_run, "--output_dir", out, *args]
 
 
-@pytest.mark.slow
 def test_resume_after_kill_reproduces_the_uninterrupted_loss_curve(sft_run, tmp_path):
     """Kill -9 a DPO run once it has written checkpoint-4, resume it: the policy adapter comes back from the
     checkpoint, the reference again from --init, and the loss at every logged step equals a run never interrupted."""

@@ -62,8 +62,9 @@ def reward_run(tmp_path_factory):
     return make_reward_run(tmp_path_factory.mktemp("reward"))
 
 
+# Sampling over the whole distribution (the tuned default is the top 3), so the stand-in verifiers see varied answers.
 QUICK = ["--data.max_train_samples=16", "--data.max_eval_samples=8", "--eval.num_samples=8",
-         "--sampling.num_samples=2", "--sampling.max_new_tokens=12", "--ppo.rollout_batch_size=4",
+         "--sampling.num_samples=2", "--sampling.max_new_tokens=12", "--sampling.top_k=0", "--ppo.rollout_batch_size=4",
          "--ppo.mini_batch_size=4", "--ppo.ppo_epochs=2", "--ppo.learning_rate=5e-3"]
 
 

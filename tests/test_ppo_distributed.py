@@ -13,7 +13,6 @@ import torch
 from test_distributed import launch_recipe
 
 
-@pytest.mark.slow
 def test_two_processes_roll_out_every_prompt_exactly_once(tmp_path):
     from test_dpo import make_sft_run
 
@@ -67,7 +66,6 @@ def whiten_on_this_process(out: Path) -> None:
                out / f"process{accelerator.process_index}.pt")
 
 
-@pytest.mark.slow
 def test_whitening_over_two_processes_equals_one_process_over_the_whole_batch(tmp_path):
     from torch.testing import assert_close
 

@@ -24,7 +24,6 @@ def command(sft, out, *extra):
     return [sys.executable, RECIPE, "--init", sft, "--output_dir", out, *ARGS, *extra]
 
 
-@pytest.mark.slow
 def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
     from safetensors.torch import load_file
     from test_dpo import make_sft_run

@@ -12,7 +12,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
-@pytest.mark.slow
 def test_two_processes_sample_every_prompt_exactly_once(tmp_path):
     from test_dpo import make_sft_run
 
@@ -24,6 +23,7 @@ def test_two_processes_sample_every_prompt_exactly_once(tmp_path):
     launch_recipe("rejection_sampling.py", 2, [
         "--init", str(sft), "--output_dir", str(out), "--generate_only", "--data.max_train_samples=7",
         "--sampling.num_samples=3", "--sampling.max_new_tokens=8", "--score.verifier=test_rejection_sampling:shortness",
+        "--data.train=bundled:suite_messages_train.jsonl", "--rejection.keep_unverified=true",
     ])
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [(r["prompt_index"], r["sample"]) for r in rows] == [(p, k) for p in range(7) for k in range(3)]
@@ -36,7 +36,6 @@ def test_two_processes_sample_every_prompt_exactly_once(tmp_path):
     assert sorted(k["prompt_index"] for k in kept) == sorted({r["prompt_index"] for r in rows if r["kept"]})
 
 
-@pytest.mark.slow
 def test_two_processes_fine_tune_and_resume_after_kill(tmp_path):
     """The whole recipe under cpu_ddp.yaml: sampling, then the SFT stage under DDP. A run killed once sft/checkpoint-2
     is complete and resumed (samples reused, fine-tune from the checkpoint) ends where an uninterrupted 2-process run
@@ -52,7 +51,8 @@ def test_two_processes_fine_tune_and_resume_after_kill(tmp_path):
                 "--main_process_port", str(free_port()), ROOT / "recipes" / "rejection_sampling.py",
                 "--init", sft, "--output_dir", out, "--data.max_train_samples=7", "--data.max_eval_samples=4",
                 "--eval.num_samples=4", "--sampling.num_samples=3", "--sampling.max_new_tokens=8",
-                "--score.verifier=test_rejection_sampling:shortness", "--train.max_steps=4",
+                "--score.verifier=test_rejection_sampling:shortness", "--rejection.keep_unverified=true",
+                "--data.train=bundled:suite_messages_train.jsonl", "--train.max_steps=4",
                 "--train.per_device_batch_size=2", "--train.logging_steps=1", "--train.save_steps=2",
                 "--train.save_total_limit=10", "--train.warmup_ratio=0", *extra]
 

@@ -97,12 +97,15 @@ def test_reward_model_scorer_scores_the_conversation_and_names_a_failing_sample(
 def test_build_scorer_from_config():
     scorer = build_scorer(ScoreConfig(verifier="finetune.suite:verify", verifier_weight=0.5))
     assert scorer(SAMPLES) == [0.5, 0.0, 0.5]
-    both = build_scorer(ScoreConfig(reward_model="runs/reward", reward_model_weight=2.0), reward_model=FakeRewardModel())
+    both = build_scorer(ScoreConfig(verifier="finetune.suite:verify", reward_model="runs/reward", reward_model_weight=2.0),
+                        reward_model=FakeRewardModel())
     assert both(SAMPLES) == [1.0 + 2.0, 0.0 + 2.0, 1.0 + 6.0]
     with pytest.raises(ConfigError, match="score.verifier: cannot import module 'no_such_module'"):
         build_scorer(ScoreConfig(verifier="no_such_module:f"))
     with pytest.raises(ConfigError, match="score needs a verifier, a reward_model or both"):
-        ScoreConfig(verifier=None)
+        ScoreConfig(verifier=None).resolve("bundled:suite_messages_rl.jsonl")
+    with pytest.raises(ConfigError, match="score needs a verifier"):  # auto finds no verifier for other prompts
+        ScoreConfig().resolve("my_prompts.jsonl")
 
 
 def test_reward_model_scorer_on_a_reward_run_equals_its_score_api(tmp_path):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import config_class_for, load_yaml, stage_of
+from finetune.config import STAGE_CONFIGS, config_class_for, load_yaml, parse_args, stage_of, to_dict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 SHIPPED = sorted(CONFIG_DIR.rglob("*.yaml"))
@@ -21,3 +21,32 @@ def test_shipped_config_loads(path):
     stage = stage_of(path)
     assert f"recipes/{stage}.py --config recipes/configs/{path.relative_to(CONFIG_DIR)}" in header
     assert cfg.model.name
+
+
+# Each stage's bare command (README) and the tiny YAML whose results it must give: the defaults are those values.
+BARE_AND_TINY = [
+    ("sft", [], "tiny/sft_lora.yaml"),
+    ("reward", ["--init", "runs/sft"], "tiny/reward_lora.yaml"),
+    ("rejection_sampling", ["--init", "runs/sft"], "tiny/rejection_sampling.yaml"),
+    ("dpo", ["--init", "runs/sft"], "tiny/dpo_lora.yaml"),
+    ("ppo", ["--init", "runs/sft"], "tiny/ppo_lora.yaml"),
+]
+
+
+@pytest.mark.parametrize("stage, argv, tiny", BARE_AND_TINY, ids=[stage for stage, _, _ in BARE_AND_TINY])
+def test_bare_config_is_the_shipped_tiny_config(stage, argv, tiny):
+    bare = to_dict(parse_args(STAGE_CONFIGS[stage], argv))
+    shipped = to_dict(load_yaml(STAGE_CONFIGS[stage], CONFIG_DIR / tiny))
+    differences = {key: (bare[key], shipped[key]) for key in bare if bare[key] != shipped[key]}
+    assert not differences, f"bare recipes/{stage}.py {' '.join(argv)} differs from {tiny}: {differences}"
+
+
+def test_real_configs_name_no_verifier():
+    """Only the bundled suite has a verifier; `auto` (the default) finds none for other data, so a real config says
+    nothing about verifiers."""
+    for path in SHIPPED:
+        if path.parent.name != "tiny":
+            cfg = load_yaml(config_class_for(path), path)
+            assert getattr(getattr(cfg, "eval", None), "verifier", None) is None, path
+            assert getattr(getattr(cfg, "score", None), "verifier", None) is None, path
+            assert "verifier" not in path.read_text(), path

@@ -88,12 +88,15 @@ def sample_and_score(model, tokenizer, prompts: list[Prompt], stop_ids, sampling
     return sorted(rows, key=lambda r: (r["prompt_index"], r["sample"]))
 
 
-def select(rows: list[dict], params: RejectionParams) -> tuple[list[dict], list[tuple[dict, dict]]]:
+def select(rows: list[dict], params: RejectionParams, verifier: str | None = None
+           ) -> tuple[list[dict], list[tuple[dict, dict]]]:
     """Which samples to keep, and the (best, worst) pairs, from scored rows of one or more prompts.
 
     ``best``: per prompt the highest score (the first sample on ties), kept if it is at least ``min_score`` (when
-    set); ``threshold``: every sample scoring at least ``threshold``. A pair is a prompt's best and worst sample when
-    best - worst > ``min_margin`` and their texts differ. Empty responses are never kept or paired.
+    set); ``threshold``: every sample scoring at least ``threshold``. With a ``verifier`` (the name of its part in
+    each row's ``scores``), a sample it failed (scored 0 or less) is never kept unless ``keep_unverified``. A pair is
+    a prompt's best and worst sample when best - worst > ``min_margin`` and their texts differ. Empty responses are
+    never kept or paired.
     """
     by_prompt: dict[int, list[dict]] = {}
     for row in rows:
@@ -106,10 +109,12 @@ def select(rows: list[dict], params: RejectionParams) -> tuple[list[dict], list[
         best = max(candidates, key=lambda r: r["score"])  # max keeps the first of equal scores
         worst = min(candidates, key=lambda r: r["score"])
         if params.selection == "best":
-            if params.min_score is None or best["score"] >= params.min_score:
-                kept.append(best)
+            chosen = [best] if params.min_score is None or best["score"] >= params.min_score else []
         else:
-            kept.extend(r for r in candidates if r["score"] >= params.threshold)
+            chosen = [r for r in candidates if r["score"] >= params.threshold]
+        if verifier and not params.keep_unverified:
+            chosen = [r for r in chosen if r["scores"][verifier] > 0]
+        kept.extend(chosen)
         if best["score"] - worst["score"] > params.min_margin and best["response"] != worst["response"]:
             pairs.append((best, worst))
     return kept, pairs
@@ -295,7 +300,7 @@ def train(run: StageRun) -> Trained:
         del model
         gc.collect()
 
-        kept, pairs = select(rows, cfg.rejection)
+        kept, pairs = select(rows, cfg.rejection, cfg.score.verifier)
         summary = {"init": cfg.init, "scorer": scorer.name, "num_processes": state.num_processes,
                    "skipped_prompts": len(skipped), "sampling_seconds": sampling_seconds,
                    **sample_figures(rows, kept, pairs, len(prompts))}
