@@ -30,6 +30,17 @@ SLOW_TESTS = (
     "test_recipe_errors.py::test_other_failures_keep_the_launchers_report",
     "test_wheel.py",
     "test_quickstart.py",
+    "test_data_formats_fuzz.py",
+    "test_data_real.py",
+    "test_sft_recipe.py::test_resume_after_kill_in_the_rotation_window_reproduces_the_uninterrupted_loss_curve",
+    "test_sft_recipe.py::test_a_kill_during_the_first_checkpoint_leaves_a_directory_resume_and_a_rerun_accept",
+    "test_templates_real.py::test_llama3_is_metas_chat_format_and_the_whole_text",
+    "test_templates_real.py::test_llama3_generation_prompts_are_prefixes_of_the_training_ids",
+    "test_templates_real.py::test_llama2_is_metas_chat_completion_on_sentencepiece_itself",
+    "test_templates_real.py::test_vicuna_is_fastchats_preprocess",
+    "test_templates_real.py::test_alpaca_is_stanfords_train_py",
+    "test_templates_real.py::test_llama2_family_on_llama2s_own_vocabulary",
+    "test_templates_real.py::test_chatml_and_the_tokenizers_own_template_on_smollm2",
 )
 
 

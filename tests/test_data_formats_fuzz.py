@@ -5,14 +5,11 @@ import json
 import tempfile
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data_formats import DataFormatError, load_conversations, load_preferences, write
 from data_formats.readers import guess_format
-
-pytestmark = pytest.mark.slow  # a few seconds per property
 
 SETTINGS = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 

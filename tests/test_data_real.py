@@ -15,7 +15,6 @@ from data_formats import DataFormatError, LoadReport, load_conversations
 ROOT = Path(__file__).resolve().parent.parent
 SHAREGPT = "sharegpt/ShareGPT_V3_unfiltered_cleaned_split.json"
 
-pytestmark = pytest.mark.slow  # a few seconds each: 125 MB of JSON
 
 
 @pytest.fixture(scope="module")

@@ -195,7 +195,6 @@ def _gone_after_complete(checkpoint: Path):
     return predicate
 
 
-@pytest.mark.slow
 def test_resume_after_kill_in_the_rotation_window_reproduces_the_uninterrupted_loss_curve(tmp_path):
     """save_total_limit=1: kill -9 the moment checkpoint-2 has been rotated away (after checkpoint-4 was written).
     checkpoint-4 is already complete (its marker goes in before any old checkpoint is removed), --resume continues
@@ -217,7 +216,6 @@ def test_resume_after_kill_in_the_rotation_window_reproduces_the_uninterrupted_l
     assert summaries[1]["train_loss"] == pytest.approx(summaries[0]["train_loss"], rel=1e-4)
 
 
-@pytest.mark.slow
 def test_a_kill_during_the_first_checkpoint_leaves_a_directory_resume_and_a_rerun_accept(tmp_path):
     """Kill -9 once checkpoint-2 has appeared; if its marker made it in before the kill, take it out (and cut a
     file short), which is what a kill a moment earlier leaves. Both --resume and a plain rerun then finish."""

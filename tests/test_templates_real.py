@@ -173,7 +173,6 @@ def metas_chat_format(messages, encoding):
     return ids, labels
 
 
-@pytest.mark.slow
 def test_llama3_is_metas_chat_format_and_the_whole_text(conversations, llama3, meta_llama3):
     template = get_template("llama3", llama3)
     for messages in conversations:
@@ -184,7 +183,6 @@ def test_llama3_is_metas_chat_format_and_the_whole_text(conversations, llama3, m
         assert render(template, forged(messages), llama3) == metas_chat_format(forged(messages), meta_llama3)
 
 
-@pytest.mark.slow
 def test_llama3_generation_prompts_are_prefixes_of_the_training_ids(conversations, llama3):
     """What generation continues from is token for token what training saw (measured: every prompt of 300)."""
     for messages in conversations[:100]:
@@ -210,7 +208,6 @@ def metas_chat_completion(messages, sp, weights=False):
     return ids, labels
 
 
-@pytest.mark.slow
 def test_llama2_is_metas_chat_completion_on_sentencepiece_itself(conversations, spm, sentencepiece_model):
     template = get_template("llama2", spm)
     for messages in conversations:
@@ -251,7 +248,6 @@ def fastchats_preprocess(messages, tokenizer):
     return input_ids, target, cur_len == len(input_ids)
 
 
-@pytest.mark.slow
 def test_vicuna_is_fastchats_preprocess(conversations, spm):
     template = get_template("vicuna_v1.1", spm)
     for messages in conversations:
@@ -287,7 +283,6 @@ def stanfords_train_py(record, tokenizer):
     return ids, [IGNORE_INDEX] * masked + ids[masked:]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("tokenizer_name", ["spm", "llama3"])
 def test_alpaca_is_stanfords_train_py(tokenizer_name, conversations, request):
     from data_formats import load_conversations
@@ -309,7 +304,6 @@ def test_alpaca_is_stanfords_train_py(tokenizer_name, conversations, request):
 # ------------------------------------------------------------------------------------- Llama 2's own vocabulary (GGUF)
 
 
-@pytest.mark.slow
 def test_llama2_family_on_llama2s_own_vocabulary(conversations, llama2_vocabulary):
     """transformers' GGUF converter adds SentencePiece's dummy prefix only at the start of a text, so here the
     recipes' ids (Meta's per-exchange encode; BOS then the text for FastChat and Stanford) are not the whole text's."""
@@ -353,7 +347,6 @@ def decode_trained(ids, labels, tokenizer):
     return "".join(tokenizer.decode(run, skip_special_tokens=False) for run in runs)
 
 
-@pytest.mark.slow
 def test_chatml_and_the_tokenizers_own_template_on_smollm2(conversations, smollm2):
     """SmolLM2's own chat_template (ChatML, a default system prompt, no generation markers): the tokenizer template
     gives apply_chat_template's ids and trains exactly each reply and its <|im_end|>, as the chatml template does."""
