@@ -68,7 +68,9 @@ class Vocab:
     """``gguf.TokenType`` per id: NORMAL, CONTROL (special tokens), USER_DEFINED (added, not special), UNUSED, and for
     SentencePiece also UNKNOWN and BYTE (the ``<0xNN>`` fallback pieces)."""
     merges: list[str]
-    """BPE merges as ``"left right"``, highest priority first (``gpt2`` only; llama.cpp's SentencePiece uses scores)."""
+    """BPE merges as ``"left right"``, highest priority first. llama.cpp's SentencePiece tokenizer ignores them (it
+    merges by score); they are written for it too, as ``convert_hf_to_gguf.py`` does for a Hugging Face Llama
+    tokenizer, so that readers such as transformers need not rebuild them from the scores (a minute for 32,000)."""
     model: str = "gpt2"
     """``tokenizer.ggml.model``: ``gpt2`` (byte-level BPE) or ``llama`` (SentencePiece)."""
     pre: str = LLAMA3_PRE_TOKENIZER
@@ -310,7 +312,7 @@ def tokenizer_vocab(tokenizer, vocab_size: int, sentencepiece_model: str | Path 
     """The GGUF vocabulary of a transformers fast tokenizer (see :func:`gguf_tokenizer_kind` for which).
 
     Byte-level BPE (``gpt2``): tokens as spelled in the byte alphabet, the merges, no scores. SentencePiece BPE
-    (``llama``): the pieces, a score per piece and ``<0xNN>`` pieces as BYTE; llama.cpp's SentencePiece tokenizer
+    (``llama``): the pieces, the merges, a score per piece and ``<0xNN>`` pieces as BYTE; llama.cpp's SentencePiece tokenizer
     merges the adjacent pair whose joined piece scores highest, so the scores must rank pieces as the merges do.
     They come from ``sentencepiece_model`` (the model's ``tokenizer.model``) when its pieces are this tokenizer's,
     exactly as ``convert_hf_to_gguf.py`` writes them; else from the merges: a piece scores minus the rank of the
@@ -363,7 +365,8 @@ def tokenizer_vocab(tokenizer, vocab_size: int, sentencepiece_model: str | Path 
         else:
             score = -float(ranks.get(token, len(merges) + index))
         scores.append(score)
-    return Vocab(tokens, types, [], model=model_name, pre=pre, scores=scores, add_space_prefix=_adds_space_prefix(backend))
+    return Vocab(tokens, types, merges, model=model_name, pre=pre, scores=scores,
+                 add_space_prefix=_adds_space_prefix(backend))
 
 
 def gguf_chat_template(jinja: str) -> str:
