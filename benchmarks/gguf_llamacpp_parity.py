@@ -163,12 +163,14 @@ def smollm2_model_dir(real: Path, work: Path) -> Path:
     return directory
 
 
-def logits_parity(hf_model, tokenizer, gguf_path: Path, prompts: list[str]) -> dict:
-    """llama.cpp's logits of every position against transformers' on the same ids."""
+def logits_parity(hf_model, tokenizer, gguf_path: Path, prompts: list[str], f32_kv_cache: bool = False) -> dict:
+    """llama.cpp's logits of every position against transformers' on the same ids. llama.cpp keeps its KV cache in
+    float16 unless told otherwise (``type_k=type_v=0``: float32), which alone adds ~1e-3 relative error."""
     import numpy as np
     import torch
 
-    llm = llama_cpp_model(gguf_path, n_ctx=256, logits_all=True, n_threads=2)
+    kv = {"type_k": 0, "type_v": 0} if f32_kv_cache else {}
+    llm = llama_cpp_model(gguf_path, n_ctx=256, logits_all=True, n_threads=2, **kv)
     diffs, scales, agree, total = [], [], 0, 0
     try:
         for prompt in prompts:
@@ -188,12 +190,12 @@ def logits_parity(hf_model, tokenizer, gguf_path: Path, prompts: list[str]) -> d
             "top1_agreement": agree / total, "positions": total}
 
 
-def stop_parity(hf_model, tokenizer, gguf_path: Path, template, stops: list[int], max_new_tokens: int = 96) -> list:
+def stop_parity(hf_model, tokenizer, gguf_path: Path, template, stops: list[int], max_new_tokens: int = 64) -> list:
     """Greedy generation in llama.cpp and in transformers from the same chat prompts: where each stops, and whether
     the tokens agree."""
     import torch
 
-    llm = llama_cpp_model(gguf_path, n_ctx=512, n_threads=2)
+    llm = llama_cpp_model(gguf_path, n_ctx=512, n_threads=2, type_k=0, type_v=0)
     rows = []
     try:
         for messages in CHATS:
@@ -242,6 +244,9 @@ def smollm2_parity(real: Path, work: Path) -> dict:
         result["logits"][dtype] = {"export_seconds": round(seconds, 1),
                                    "gguf_bytes": (out / GGUF_FILE).stat().st_size,
                                    **logits_parity(hf_model, tokenizer, out / GGUF_FILE, PROMPTS)}
+        print(dtype, result["logits"][dtype], flush=True)
+    result["logits_f32_kv_cache"] = logits_parity(hf_model, tokenizer, work / "smollm2-f32" / GGUF_FILE, PROMPTS,
+                                                  f32_kv_cache=True)
     result["stop"] = stop_parity(hf_model, tokenizer, work / "smollm2-f32" / GGUF_FILE, template, stops)
     return result
 
@@ -260,10 +265,13 @@ def table(results: dict) -> str:
         lines += ["", "SmolLM2-135M-Instruct exported with `finetune export --to gguf`, llama.cpp logits against "
                       "transformers' on the same ids:", "",
                   "| dtype | max abs diff | / largest logit | top-1 agreement | GGUF size |", "|---|---|---|---|---|"]
-        for dtype, row in results["smollm2"]["logits"].items():
-            lines.append(f"| {dtype} | {row['max_abs_diff']:.2e} | {row['relative']:.2e} | "
-                         f"{row['top1_agreement']:.1%} ({row['positions']} positions) | "
-                         f"{row['gguf_bytes'] / 2**20:.0f} MiB |")
+        rows = [(f"{dtype} (f16 KV cache, llama.cpp's default)", row, f"{row['gguf_bytes'] / 2**20:.0f} MiB")
+                for dtype, row in results["smollm2"]["logits"].items()]
+        if "logits_f32_kv_cache" in results["smollm2"]:
+            rows.insert(0, ("f32 (f32 KV cache: `type_k=type_v=0`)", results["smollm2"]["logits_f32_kv_cache"], ""))
+        for label, row, size in rows:
+            lines.append(f"| {label} | {row['max_abs_diff']:.2e} | {row['relative']:.2e} | "
+                         f"{row['top1_agreement']:.1%} ({row['positions']} positions) | {size} |")
         lines += ["", "Greedy chat generation (chatml, f32 GGUF): where llama.cpp stops, against transformers:", "",
                   "| prompt | llama.cpp finish / tokens | transformers stop / tokens | same ids |", "|---|---|---|---|"]
         for row in results["smollm2"]["stop"]:
