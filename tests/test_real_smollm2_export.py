@@ -19,7 +19,7 @@ from finetune.export import GGUF_FILE, METADATA_FILE, export
 from finetune.models import load_tokenizer
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-CONVERSATIONS = 8
+CONVERSATIONS = 4
 PROMPTS = ["The capital of France is", "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"]
 
 
@@ -80,14 +80,14 @@ def test_lora_sft_on_sharegpt_then_adapter_merged_and_gguf(real_artifacts, tmp_p
     run = tmp_path / "sft"
     status = recipe_runs.run_recipe("sft", SFTConfig, [
         "--output_dir", str(run), f"--model.name={base}", f"--data.train={data}", "--data.eval=null",
-        "--data.template=chatml", "--data.max_length=256", "--train.max_steps=3", "--train.per_device_batch_size=2",
+        "--data.template=chatml", "--data.max_length=256", "--train.max_steps=2", "--train.per_device_batch_size=2",
         "--train.learning_rate=1e-3", "--train.warmup_ratio=0", "--train.logging_steps=1", "--train.save_steps=100",
         "--eval.verifier=null", "--eval.before_training=false", "--adapter.r=8", "--adapter.alpha=16",
     ])
     assert status == 0
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
-    assert len(losses) >= 3 and all(loss == loss and loss > 0 for loss in losses)
+    assert len(losses) >= 2 and all(loss == loss and loss > 0 for loss in losses)
 
     tokenizer = load_tokenizer(str(base))
     adapter = export(run, "adapter", tmp_path / "adapter")
@@ -101,7 +101,7 @@ def test_lora_sft_on_sharegpt_then_adapter_merged_and_gguf(real_artifacts, tmp_p
     merged_model = AutoModelForCausalLM.from_pretrained(merged).eval()
     merged_logits = logits(merged_model, tokenizer)
     trained = max((a - b).abs().max().item() for a, b in zip(adapter_logits, base_logits, strict=True))
-    assert trained > 1e-3, "three LoRA steps must move the logits for the comparison below to mean much"
+    assert trained > 1e-3, "two LoRA steps must move the logits for the comparison below to mean much"
     scale = max(x.abs().max().item() for x in merged_logits)
     assert max((a - b).abs().max().item() for a, b in zip(merged_logits, adapter_logits, strict=True)) / scale < 1e-5
 
