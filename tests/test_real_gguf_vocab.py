@@ -55,10 +55,11 @@ def read_back(directory):
     return AutoTokenizer.from_pretrained(directory, gguf_file=NAME)
 
 
-def assert_tokenises_like_llama_cpp(tokenizer, real_artifacts, name):
+def assert_tokenises_like_llama_cpp(tokenizer, real_artifacts, name, known=()):
+    """The read-back gives ``.out``'s ids for every reference text except the ``known`` ones."""
     cases = reference_cases(real_artifacts, name)
     got = [tokenizer.encode(text, add_special_tokens=False) for text, _ in cases]
-    assert [text for (text, ids), mine in zip(cases, got, strict=True) if mine != ids] == []
+    assert [text for (text, ids), mine in zip(cases, got, strict=True) if mine != ids] == list(known)
 
 
 def test_sentencepiece_scores_come_from_the_tokenizer_model(real_artifacts, tmp_path):
@@ -97,7 +98,10 @@ def test_llama3_byte_level_vocabulary(real_artifacts, tmp_path):
     reference = fields(real_artifacts / "llama.cpp" / "ggml-vocab-llama-bpe.gguf")
     for key in ("model", "pre", "tokens", "token_type", "merges"):
         assert ours[f"tokenizer.ggml.{key}"] == reference[f"tokenizer.ggml.{key}"], key
-    assert_tokenises_like_llama_cpp(read_back(tmp_path / "ours"), real_artifacts, "llama-bpe")
+    # transformers' GGUF reader builds BPE without Llama 3's ignore_merges (whole words looked up first), which
+    # llama.cpp applies for llama-bpe: one reference text then splits differently in transformers; llama.cpp
+    # itself gives all 46 (benchmarks/gguf_llamacpp_parity.py)
+    assert_tokenises_like_llama_cpp(read_back(tmp_path / "ours"), real_artifacts, "llama-bpe", known=["Cửa Việt"])
 
 
 @pytest.mark.slow  # 50,000 merges written and read back: ~10 s
