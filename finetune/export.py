@@ -42,6 +42,7 @@ MERGED_DTYPES = ("float32", "float16", "bfloat16")
 GGUF_FILE = "model.gguf"
 MODELFILE = "Modelfile"
 METADATA_FILE = "export_metadata.json"
+SENTENCEPIECE_FILE = "tokenizer.model"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -146,6 +147,7 @@ def _torch_dtype(name: str | None):
 
 def load_tokenizer_and_template(source: RunSource):
     """``(tokenizer, template, stop_ids)`` from the run directory (its tokenizer carries the chat template)."""
+    from .config import ConfigError
     from .models import load_tokenizer
     from .templates import TemplateError, get_template, stop_token_ids
 
@@ -153,7 +155,7 @@ def load_tokenizer_and_template(source: RunSource):
         tokenizer = load_tokenizer(str(source.path))
         template = get_template(source.template, tokenizer)
         stops = stop_token_ids(template, tokenizer)
-    except (OSError, TemplateError) as e:
+    except (OSError, TemplateError, ConfigError) as e:
         raise ExportError(f"{source.path}: {' '.join(str(e).split())}") from None
     return tokenizer, template, stops
 
@@ -202,7 +204,25 @@ def _write_generation_config(source: RunSource, out: Path, tokenizer, stops: lis
     config.eos_token_id = list(stops)
     config.bos_token_id = tokenizer.bos_token_id
     config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    config.use_cache = True  # training switches the KV cache off at run time; whoever runs the export wants it
     config.save_pretrained(out)
+
+
+def sentencepiece_model(source: RunSource) -> Path | None:
+    """The SentencePiece ``tokenizer.model`` of the run or of its base model directory, if either has one.
+
+    A GGUF of a SentencePiece vocabulary takes its piece scores from it (see :func:`gguf_writer.tokenizer_vocab`);
+    transformers' ``save_pretrained`` writes only ``tokenizer.json``, so a run directory rarely holds it itself.
+    """
+    from .models import resolve_model
+
+    candidates = [source.path]
+    if source.base_model:
+        candidates.append(Path(resolve_model(source.base_model)))
+    for directory in candidates:
+        if (directory / SENTENCEPIECE_FILE).is_file():
+            return directory / SENTENCEPIECE_FILE
+    return None
 
 
 def _save_tokenizer(source: RunSource, out: Path, tokenizer, template, stops: list[int], model=None) -> None:
@@ -210,6 +230,9 @@ def _save_tokenizer(source: RunSource, out: Path, tokenizer, template, stops: li
 
     save_with_template(tokenizer, template, out)
     _write_generation_config(source, out, tokenizer, stops, model)
+    spm = sentencepiece_model(source)
+    if spm is not None:  # so a GGUF exported later from this export still gets the file's scores
+        shutil.copy2(spm, out / SENTENCEPIECE_FILE)
 
 
 def _sha256(path: Path) -> str:
@@ -381,6 +404,27 @@ def _check_dtype(to: str, dtype: str | None) -> str | None:
     return dtype
 
 
+def check_gguf_source(source: RunSource, tokenizer) -> None:
+    """Refuse, before any weight is loaded, a tokenizer or model architecture the GGUF writer cannot express.
+
+    Reads only the tokenizer (already loaded) and the model's ``config.json``, so a refusal takes a second, not the
+    load and merge of the whole model.
+    """
+    from transformers import AutoConfig
+
+    from .gguf_writer import GGUFExportError, check_llama, gguf_tokenizer_kind
+    from .models import resolve_model
+
+    where = source.path if not source.has_adapter else resolve_model(source.base_model)
+    try:
+        gguf_tokenizer_kind(tokenizer)
+        check_llama(AutoConfig.from_pretrained(where))
+    except GGUFExportError as e:
+        raise ExportError(f"{source.path}: {e}") from None
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read the model config of {where}: {' '.join(str(e).split())}") from None
+
+
 def _write_gguf(source, out: Path, tokenizer, template, stops, dtype: str) -> Path:
     from .gguf_writer import GGUFExportError, write_llama_gguf
 
@@ -396,6 +440,7 @@ def _write_gguf(source, out: Path, tokenizer, template, stops, dtype: str) -> Pa
             stop_token_ids=stops,
             add_bos_token=starts_with_bos(template, tokenizer),
             name=f"{name}-{source.path.name}",
+            sentencepiece_model=sentencepiece_model(source),
         )
     except GGUFExportError as e:
         raise ExportError(str(e)) from None
@@ -405,6 +450,8 @@ def _build(source: RunSource, to: str, out: Path, dtype: str | None, system: str
     """Write the export into ``out`` (an empty directory); returns the weight files written."""
     if to == "ollama":
         ollama_template(template, tokenizer)  # a template with no Ollama form fails before the model is loaded
+    if to in ("gguf", "ollama"):
+        check_gguf_source(source, tokenizer)
     if to == "adapter":
         if not source.has_adapter:
             raise ExportError(f"{source.path} is a full fine-tune with no adapter; use --to merged")
@@ -418,6 +465,7 @@ def _build(source: RunSource, to: str, out: Path, dtype: str | None, system: str
         return weights
     if to == "merged":
         model = load_model(source, dtype)
+        model.config.use_cache = True  # a full fine-tune saved its config with the cache off, as it trained
         model.save_pretrained(out)
         _save_tokenizer(source, out, tokenizer, template, stops, model)
         return sorted(out.glob("*.safetensors"))

@@ -1,13 +1,14 @@
-"""Write a LLaMA causal LM and its byte-level BPE tokenizer as a GGUF file for llama.cpp, in Python.
+"""Write a LLaMA causal LM and its tokenizer as a GGUF file for llama.cpp, in Python.
 
 No llama.cpp build and no external binary: the ``gguf`` package (llama.cpp's own ``gguf-py``) writes the file, and
 this module decides what goes in it, following what llama.cpp's ``convert_hf_to_gguf.py`` writes for ``LlamaModel``:
 
 - hyperparameters under ``llama.*``: context length, embedding length, block count, feed-forward length, head count,
   head count KV, RoPE base, dimension count and scaling, RMS-norm epsilon, vocabulary size;
-- the tokenizer as ``tokenizer.ggml.model = "gpt2"`` (byte-level BPE): every token in the byte alphabet, its type
-  (normal, control for special tokens, unused for padding rows), the merges, BOS/EOS/pad ids, the pre-tokenizer
-  ``llama-bpe`` (Llama 3's split regex), the chat template, and the stop token as EOS and EOT;
+- the tokenizer, either as ``tokenizer.ggml.model = "gpt2"`` (byte-level BPE: every token in the byte alphabet, its
+  type, the merges and the pre-tokenizer llama.cpp splits text with, ``llama-bpe``, ``gpt-2`` or ``smollm``) or as
+  ``"llama"`` (SentencePiece BPE, Llama 1/2 and Mistral: pieces, scores, types with ``<0xNN>`` byte-fallback pieces
+  as BYTE); then BOS/EOS/pad/unknown ids, add-BOS/EOS, the chat template, and the stop token as EOS and EOT;
 - tensors named as llama.cpp names them (``token_embd``, ``blk.N.attn_q`` ...), with the rows of Q and K permuted
   from Hugging Face's rotate-half order back to the interleaved pairs llama.cpp's RoPE rotates (:func:`unpermute_qk`).
 
@@ -61,11 +62,23 @@ class Vocab:
     """The tokenizer as GGUF stores it."""
 
     tokens: list[str]
-    """Every id's token, byte-level spelled (``Ġthe``); special tokens as their text; ``[PAD{id}]`` for unused rows."""
+    """Every id's token: byte-level spelled (``Ġthe``) for ``gpt2``, SentencePiece pieces (``▁the``, ``<0x0A>``) for
+    ``llama``; special tokens as their text; ``[PAD{id}]`` for unused rows."""
     token_types: list[int]
-    """``gguf.TokenType`` per id: NORMAL, CONTROL (special tokens), USER_DEFINED (added, not special), UNUSED."""
+    """``gguf.TokenType`` per id: NORMAL, CONTROL (special tokens), USER_DEFINED (added, not special), UNUSED, and for
+    SentencePiece also UNKNOWN and BYTE (the ``<0xNN>`` fallback pieces)."""
     merges: list[str]
-    """BPE merges as ``"left right"``, highest priority first."""
+    """BPE merges as ``"left right"``, highest priority first. llama.cpp's SentencePiece tokenizer ignores them (it
+    merges by score); they are written for it too, as ``convert_hf_to_gguf.py`` does for a Hugging Face Llama
+    tokenizer, so that readers such as transformers need not rebuild them from the scores (a minute for 32,000)."""
+    model: str = "gpt2"
+    """``tokenizer.ggml.model``: ``gpt2`` (byte-level BPE) or ``llama`` (SentencePiece)."""
+    pre: str = LLAMA3_PRE_TOKENIZER
+    """``tokenizer.ggml.pre``: llama.cpp's name for the split before BPE (``default`` for SentencePiece)."""
+    scores: list[float] | None = None
+    """SentencePiece only: a score per id; llama.cpp merges the adjacent pair whose joined piece scores highest."""
+    add_space_prefix: bool = True
+    """SentencePiece only: whether a text gets a ``▁`` in front (SentencePiece's ``add_dummy_prefix``)."""
 
 
 def unpermute_qk(weight, n_head: int):
@@ -167,43 +180,153 @@ def llama_tensors(state_dict: dict, config) -> Iterator[tuple[str, object]]:
         yield f"{_GLOBAL_TENSORS[module]}.{kind}", tensor
 
 
-def _pre_tokenizer_name(backend: dict) -> str:
-    """``llama-bpe`` when the tokenizer splits text with Llama 3's regex then maps bytes; otherwise an error.
+def _steps(component: dict | None) -> list[dict]:
+    """A tokenizer.json normaliser or pre-tokenizer as its list of steps (a ``Sequence`` unrolled, None empty)."""
+    if not component:
+        return []
+    if component.get("type") == "Sequence":
+        return list(component.get("pretokenizers") or component.get("normalizers") or [])
+    return [component]
 
-    llama.cpp picks its pre-tokenizer by this name; a wrong one tokenises differently without any error.
+
+def _byte_level_pre_tokenizer(backend: dict) -> str | None:
+    """llama.cpp's name for a byte-level BPE tokenizer's split, or None when llama.cpp knows no such split.
+
+    llama.cpp picks its pre-tokenizer by this name (``llama-vocab.cpp``); a wrong one tokenises differently without
+    any error. Recognised from the tokenizer's own steps rather than from a hash of one vocabulary's ids (as
+    ``convert_hf_to_gguf.py`` does), so a vocabulary we trained ourselves with a known split is recognised too:
+
+    - ``llama-bpe``: Llama 3's regex, then bytes (Llama 3, the tiny model);
+    - ``gpt-2``: GPT-2's regex inside ``ByteLevel`` (GPT-2, SmolLM2 as transformers rebuilds it from a GGUF);
+    - ``smollm``: single digits split off first, then GPT-2's regex (SmolLM/SmolLM2's ``tokenizer.json``).
     """
     from .tiny import LLAMA3_SPLIT_PATTERN
 
-    pre = backend.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    patterns = [s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"]
-    byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
-    if patterns == [LLAMA3_SPLIT_PATTERN] and len(byte_level) == 1 and not byte_level[0].get("use_regex", True):
-        return LLAMA3_PRE_TOKENIZER
+    if _steps(backend.get("normalizer")):
+        return None  # llama.cpp applies no normaliser to a byte-level vocabulary
+    steps = _steps(backend.get("pre_tokenizer"))
+    kinds = [step.get("type") for step in steps]
+    if not kinds or kinds[-1] != "ByteLevel" or steps[-1].get("add_prefix_space", False):
+        return None
+    gpt2_regex = steps[-1].get("use_regex", True)
+    if kinds == ["Split", "ByteLevel"] and not gpt2_regex:
+        split = steps[0]
+        if split.get("pattern", {}).get("Regex") == LLAMA3_SPLIT_PATTERN and not split.get("invert", False):
+            return LLAMA3_PRE_TOKENIZER
+    if kinds == ["ByteLevel"] and gpt2_regex:
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and gpt2_regex and steps[0].get("individual_digits"):
+        return "smollm"
+    return None
+
+
+def _is_sentencepiece_bpe(backend: dict) -> bool:
+    """Whether this is a LLaMA-style SentencePiece BPE vocabulary as transformers holds it (Llama 1/2, Mistral v0.1,
+    Vicuna): BPE over ``▁``-for-space pieces with ``<0xNN>`` byte fallback, spaces marked by ``Metaspace`` or by a
+    normaliser that replaces them (the older ``tokenizer.json`` form)."""
+    model = backend.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return False
+    metaspace = any(step.get("type") == "Metaspace" for step in _steps(backend.get("pre_tokenizer")))
+    replaces_spaces = any(
+        step.get("type") == "Replace" and step.get("pattern", {}).get("String") == " " and step.get("content") == "▁"
+        for step in _steps(backend.get("normalizer"))
+    )
+    return metaspace or replaces_spaces
+
+
+def _adds_space_prefix(backend: dict) -> bool:
+    """SentencePiece's ``add_dummy_prefix``: whether a text gets a ``▁`` in front (llama.cpp's ``add_space_prefix``)."""
+    for step in _steps(backend.get("pre_tokenizer")):
+        if step.get("type") == "Metaspace":
+            return step.get("prepend_scheme", "always") != "never" and step.get("add_prefix_space", True)
+    return any(step.get("type") == "Prepend" and step.get("prepend") == "▁" for step in _steps(backend.get("normalizer")))
+
+
+def gguf_tokenizer_kind(tokenizer) -> tuple[str, str]:
+    """``(tokenizer.ggml.model, tokenizer.ggml.pre)`` for a transformers fast tokenizer, checked before any weight is
+    loaded: ``("llama", "default")`` for SentencePiece BPE, ``("gpt2", name)`` for byte-level BPE with a split
+    llama.cpp knows. Anything else raises :class:`GGUFExportError` in one line saying what is supported."""
+    backend_tokenizer = getattr(tokenizer, "backend_tokenizer", None)
+    if backend_tokenizer is None:
+        raise GGUFExportError(f"GGUF export needs a fast (tokenizers) tokenizer; this one is {type(tokenizer).__name__}")
+    backend = json.loads(backend_tokenizer.to_str())
+    if _is_sentencepiece_bpe(backend):
+        return "llama", "default"
+    model_type = (backend.get("model") or {}).get("type")
+    if model_type == "BPE":
+        pre = _byte_level_pre_tokenizer(backend)
+        if pre is not None:
+            return "gpt2", pre
+        raise GGUFExportError(
+            "GGUF export writes byte-level BPE vocabularies whose split llama.cpp knows (Llama 3's llama-bpe, "
+            "GPT-2's gpt-2, SmolLM's smollm) and SentencePiece BPE (Llama 1/2, Mistral); this tokenizer's "
+            "normaliser or pre-tokenizer is none of them, and llama.cpp would split text differently"
+        )
     raise GGUFExportError(
-        "GGUF export supports byte-level BPE tokenizers with Llama 3's pre-tokenizer (Llama 3 models, the tiny "
-        "model); this tokenizer's pre-tokenizer is different, and llama.cpp would split text differently"
+        f"GGUF export writes BPE vocabularies (byte-level like Llama 3, or SentencePiece BPE like Llama 2); this "
+        f"tokenizer's model is {model_type!r}"
     )
 
 
-def tokenizer_vocab(tokenizer, vocab_size: int) -> tuple[Vocab, str]:
-    """The GGUF vocabulary of a byte-level BPE ``PreTrainedTokenizerFast`` and llama.cpp's pre-tokenizer name.
+def _merge_ranks(merges: list) -> dict[str, int]:
+    """Each token a merge makes, with the rank of the first (highest-priority) merge that makes it."""
+    ranks: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        ranks.setdefault(left + right, rank)
+    return ranks
 
-    Rows of the embedding beyond the tokenizer (models pad their vocabulary) become ``[PAD{id}]``, type UNUSED, as
-    ``convert_hf_to_gguf.py`` writes them.
+
+def _sentencepiece_pieces(path: Path, tokens: list[str]) -> list[tuple[float, int]] | None:
+    """``(score, gguf token type)`` per piece of a SentencePiece ``tokenizer.model``, or None if its pieces are not
+    the tokenizer's (another model's file) or sentencepiece cannot read it (Llama 3's tiktoken file)."""
+    import gguf
+
+    try:
+        from sentencepiece import SentencePieceProcessor
+
+        processor = SentencePieceProcessor(model_file=str(path))
+    except (ImportError, OSError, RuntimeError):
+        return None
+    size = processor.vocab_size()
+    if size > len(tokens) or any(processor.IdToPiece(i) != tokens[i] for i in range(size)):
+        return None
+    pieces = []
+    for i in range(size):  # the types convert_hf_to_gguf.py gives (user-defined pieces stay NORMAL there too)
+        if processor.IsUnknown(i):
+            kind = gguf.TokenType.UNKNOWN
+        elif processor.IsControl(i):
+            kind = gguf.TokenType.CONTROL
+        elif processor.IsUnused(i):
+            kind = gguf.TokenType.UNUSED
+        elif processor.IsByte(i):
+            kind = gguf.TokenType.BYTE
+        else:
+            kind = gguf.TokenType.NORMAL
+        pieces.append((float(processor.GetScore(i)), int(kind)))
+    return pieces
+
+
+def tokenizer_vocab(tokenizer, vocab_size: int, sentencepiece_model: str | Path | None = None) -> Vocab:
+    """The GGUF vocabulary of a transformers fast tokenizer (see :func:`gguf_tokenizer_kind` for which).
+
+    Byte-level BPE (``gpt2``): tokens as spelled in the byte alphabet, the merges, no scores. SentencePiece BPE
+    (``llama``): the pieces, the merges, a score per piece and ``<0xNN>`` pieces as BYTE; llama.cpp's SentencePiece tokenizer
+    merges the adjacent pair whose joined piece scores highest, so the scores must rank pieces as the merges do.
+    They come from ``sentencepiece_model`` (the model's ``tokenizer.model``) when its pieces are this tokenizer's,
+    exactly as ``convert_hf_to_gguf.py`` writes them; else from the merges: a piece scores minus the rank of the
+    first merge that makes it (which gives the same tokens), pieces no merge makes score below all of them.
+    Special added tokens are CONTROL, other added tokens USER_DEFINED (score -1000, as llama.cpp writes them); rows
+    of the embedding beyond the tokenizer (models pad their vocabulary) become ``[PAD{id}]``, type UNUSED.
     """
     import gguf
 
+    model_name, pre = gguf_tokenizer_kind(tokenizer)
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = backend.get("model") or {}
-    if model.get("type") != "BPE":
-        raise GGUFExportError(
-            f"GGUF export supports byte-level BPE tokenizers; this one is {model.get('type')!r} "
-            f"(SentencePiece vocabularies such as Llama 2's are not supported yet)"
-        )
-    pre = _pre_tokenizer_name(backend)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in (backend.get("model") or {}).get("merges", [])]
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
-    if len(by_id) > vocab_size:
+    if len(by_id) > vocab_size or max(by_id, default=-1) >= vocab_size:
         raise GGUFExportError(f"the tokenizer has {len(by_id)} tokens but the model's vocabulary only {vocab_size}")
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
@@ -217,8 +340,33 @@ def tokenizer_vocab(tokenizer, vocab_size: int) -> tuple[Vocab, str]:
         else:
             tokens.append(by_id[index])
             types.append(gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return Vocab(tokens, [int(t) for t in types], merges), pre
+    types = [int(t) for t in types]
+    if model_name == "gpt2":
+        return Vocab(tokens, types, merges, model=model_name, pre=pre)
+
+    byte_piece = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+    unknown = tokenizer.unk_token_id
+    from_file = _sentencepiece_pieces(Path(sentencepiece_model), tokens) if sentencepiece_model else None
+    ranks = _merge_ranks(merges)
+    scores = []
+    for index, (token, kind) in enumerate(zip(tokens, types)):
+        if from_file is not None and index < len(from_file) and kind != gguf.TokenType.USER_DEFINED:
+            score, types[index] = from_file[index]
+        elif kind == gguf.TokenType.UNUSED:
+            score = -10000.0
+        elif kind == gguf.TokenType.USER_DEFINED:
+            score = -1000.0
+        elif index == unknown:
+            score, types[index] = 0.0, int(gguf.TokenType.UNKNOWN)
+        elif kind == gguf.TokenType.CONTROL:
+            score = 0.0
+        elif byte_piece.fullmatch(token):
+            score, types[index] = 0.0, int(gguf.TokenType.BYTE)
+        else:
+            score = -float(ranks.get(token, len(merges) + index))
+        scores.append(score)
+    return Vocab(tokens, types, merges, model=model_name, pre=pre, scores=scores,
+                 add_space_prefix=_adds_space_prefix(backend))
 
 
 def gguf_chat_template(jinja: str) -> str:
@@ -248,6 +396,7 @@ def write_llama_gguf(
     stop_token_ids: list[int] | None = None,
     add_bos_token: bool = True,
     name: str | None = None,
+    sentencepiece_model: str | Path | None = None,
 ) -> Path:
     """Write ``model`` (a ``LlamaForCausalLM``, adapters already merged) and ``tokenizer`` to a GGUF file.
 
@@ -258,6 +407,8 @@ def write_llama_gguf(
             EOS and EOT, so llama.cpp stops there (Llama 3 Instruct's GGUFs do the same with ``<|eot_id|>``).
         add_bos_token: whether llama.cpp prepends BOS to a prompt (true when the template starts with BOS: llama.cpp
             then drops the template's own copy, and Ollama's templates leave it out).
+        sentencepiece_model: a SentencePiece ``tokenizer.model`` to take the piece scores from (see
+            :func:`tokenizer_vocab`).
     """
     import gguf
     import torch
@@ -266,7 +417,7 @@ def write_llama_gguf(
         raise GGUFExportError(f"GGUF dtype must be one of {', '.join(GGUF_DTYPES)}; got {dtype!r}")
     config = model.config
     check_llama(config)
-    vocab, pre = tokenizer_vocab(tokenizer, config.vocab_size)
+    vocab = tokenizer_vocab(tokenizer, config.vocab_size, sentencepiece_model)
     file_type = {
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -296,11 +447,18 @@ def write_llama_gguf(
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
-    writer.add_token_merges(vocab.merges)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    if vocab.merges:
+        writer.add_token_merges(vocab.merges)
+    if vocab.model == "llama" and not vocab.add_space_prefix:
+        writer.add_add_space_prefix(False)
+    if tokenizer.unk_token_id is not None and vocab.model == "llama":
+        writer.add_unk_token_id(tokenizer.unk_token_id)
     if tokenizer.bos_token_id is not None:
         writer.add_bos_token_id(tokenizer.bos_token_id)
     stops = list(stop_token_ids or [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .run_dir import ADAPTER_WEIGHTS
@@ -16,11 +17,85 @@ def resolve_model(name_or_path: str) -> str:
     return str(Path(name_or_path)) if Path(name_or_path).exists() else name_or_path
 
 
+TOKENIZER_MODEL = "tokenizer.model"
+
+LLAMA3_BASE_VOCAB = 128_000
+"""How many BPE ranks Meta's Llama 3 tiktoken ``tokenizer.model`` holds; its 256 special tokens follow them."""
+
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(2, 246)]
+"""Llama 3's special tokens, ids 128000-128255, as Meta's ``llama_models/llama3/tokenizer.py`` names them (the
+tiktoken file has only the ranks; Meta's code adds these)."""
+
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+")
+
+
+def _bare_tokenizer_model(path: Path) -> str | None:
+    """``"tiktoken"`` or ``"sentencepiece"`` when ``path`` is a directory whose only tokenizer file is a
+    ``tokenizer.model`` (Meta's downloads for Llama 1/2 and 3), else None (a ``tokenizer.json`` says it all)."""
+    if not path.is_dir() or not (path / TOKENIZER_MODEL).is_file():
+        return None
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        return None
+    with open(path / TOKENIZER_MODEL, "rb") as f:
+        first_line = f.readline().strip()
+    return "tiktoken" if _TIKTOKEN_LINE.fullmatch(first_line) else "sentencepiece"
+
+
+def _bare_tokenizer_kwargs(path: Path, kind: str) -> dict:
+    """What ``AutoTokenizer.from_pretrained`` needs besides the file for a bare ``tokenizer.model``.
+
+    Raises:
+        ConfigError: the library that reads such a file is not installed (one line naming it).
+    """
+    import importlib.util
+
+    from .config import ConfigError
+
+    needs = {"tiktoken": ["tiktoken"], "sentencepiece": ["sentencepiece", "google.protobuf"]}[kind]
+    missing = [module for module in needs if importlib.util.find_spec(module.split(".")[0]) is None]
+    if missing:
+        packages = " ".join("protobuf" if m == "google.protobuf" else m for m in missing)
+        raise ConfigError(f"{path / TOKENIZER_MODEL} is a {kind} tokenizer; reading it needs: pip install {packages}")
+    if kind == "sentencepiece":
+        return {}
+    with open(path / TOKENIZER_MODEL, "rb") as f:
+        ranks = sum(1 for line in f if line.strip())
+    if ranks != LLAMA3_BASE_VOCAB:
+        return {}
+    return {
+        "extra_special_tokens": LLAMA3_SPECIAL_TOKENS,
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|end_of_text|>",
+    }
+
+
 def load_tokenizer(name_or_path: str):
-    """The tokenizer of a model name, directory or hub id, with a pad token guaranteed."""
+    """The tokenizer of a model name, directory or hub id, with a pad token guaranteed.
+
+    A directory holding only a ``tokenizer.model`` (as Meta ships Llama 1/2 and 3) loads too: SentencePiece through
+    ``sentencepiece`` + ``protobuf``, Meta's Llama 3 tiktoken file through ``tiktoken``, with Llama 3's 256 special
+    tokens added as Meta's own tokenizer adds them. Without the library a :class:`~finetune.config.ConfigError`
+    names the package to install.
+    """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    resolved = resolve_model(name_or_path)
+    kind = _bare_tokenizer_model(Path(resolved))
+    kwargs = _bare_tokenizer_kwargs(Path(resolved), kind) if kind else {}
+    tokenizer = AutoTokenizer.from_pretrained(resolved, **kwargs)
     if tokenizer.pad_token is None:
         # Llama 2/3 ship without one; reuse EOS for padding (padded positions are masked out of every loss).
         tokenizer.pad_token = tokenizer.eos_token

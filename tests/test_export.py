@@ -159,6 +159,33 @@ def test_merged_equals_base_plus_adapter_and_loads_alone(run_dir, tmp_path, toke
     assert (again["template"], again["base_model"], again["stop_tokens"]) == ("llama3", "tiny", metadata["stop_tokens"])
 
 
+def test_merged_export_generates_with_the_kv_cache(tmp_path, tokenizer):
+    """Training switches the cache off (``use_cache: false`` in the run's configs); the export switches it back on,
+    so plain ``generate()`` feeds one new token per step instead of the whole prefix again."""
+    from transformers import AutoModelForCausalLM
+
+    run = make_run_dir(tmp_path / "full", method="full", seed=4)
+    for name in ("config.json", "generation_config.json"):  # as a run saved with the cache off
+        config = json.loads((run / name).read_text()) if (run / name).is_file() else {}
+        (run / name).write_text(json.dumps({**config, "use_cache": False}))
+    out = export(run, "merged", tmp_path / "merged")
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True
+    assert json.loads((out / "generation_config.json").read_text())["use_cache"] is True
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    fed = []
+    model.model.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs["input_ids"].shape[1]),
+                                          with_kwargs=True)
+    prompt = torch.tensor([tokenizer.encode(PROMPTS[0], add_special_tokens=False)])
+    model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert fed == [prompt.shape[1], 1, 1, 1]
+
+
+def test_adapter_export_generation_config_has_the_cache_on(run_dir, tmp_path):
+    out = export(run_dir, "adapter", tmp_path / "adapter")
+    assert json.loads((out / "generation_config.json").read_text())["use_cache"] is True
+
+
 @pytest.mark.parametrize("dtype, torch_dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
 def test_merged_half_precision(run_dir, tmp_path, tokenizer, reference_logits, dtype, torch_dtype):
     """Half precision: weights stored in the dtype; logits within the rounding of 16-bit weights (stated bounds)."""

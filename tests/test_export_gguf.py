@@ -29,6 +29,7 @@ from finetune.export import GGUF_FILE, METADATA_FILE, export  # noqa: E402
 from finetune.gguf_writer import (  # noqa: E402
     GGUFExportError,
     gguf_chat_template,
+    gguf_tokenizer_kind,
     llama3_rope_factors,
     tokenizer_vocab,
     unpermute_qk,
@@ -202,19 +203,42 @@ def test_vocab_is_safe_under_llama_cpp_ignore_merges(tokenizer):
 
 
 def test_padded_vocabulary_rows_are_unused(tokenizer):
-    vocab, pre = tokenizer_vocab(tokenizer, 1030)
-    assert pre == "llama-bpe"
+    vocab = tokenizer_vocab(tokenizer, 1030)
+    assert (vocab.model, vocab.pre, vocab.scores) == ("gpt2", "llama-bpe", None)
     assert vocab.tokens[1024:] == [f"[PAD{i}]" for i in range(1024, 1030)]
     assert set(vocab.token_types[1024:]) == {gguf.TokenType.UNUSED}
 
 
-def test_unsupported_tokenizer_and_model_are_refused(tokenizer, merged, tmp_path):
-    from tokenizers import pre_tokenizers
-
+def _with_pre_tokenizer(pre_tokenizer, normalizer=None):
     other = load_tokenizer("tiny")
-    other.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    with pytest.raises(GGUFExportError, match="pre-tokenizer"):
-        tokenizer_vocab(other, 1024)
+    other.backend_tokenizer.pre_tokenizer = pre_tokenizer
+    other.backend_tokenizer.normalizer = normalizer
+    return other
+
+
+def test_byte_level_splits_llama_cpp_knows_are_named():
+    """llama.cpp picks its split by ``tokenizer.ggml.pre``; each name here is one llama-vocab.cpp implements."""
+    from tokenizers import pre_tokenizers as pre
+
+    gpt2 = pre.ByteLevel(add_prefix_space=False, use_regex=True)
+    smollm = pre.Sequence([pre.Digits(individual_digits=True), pre.ByteLevel(add_prefix_space=False)])
+    assert gguf_tokenizer_kind(load_tokenizer("tiny")) == ("gpt2", "llama-bpe")
+    assert gguf_tokenizer_kind(_with_pre_tokenizer(gpt2)) == ("gpt2", "gpt-2")
+    assert gguf_tokenizer_kind(_with_pre_tokenizer(smollm)) == ("gpt2", "smollm")
+
+
+def test_unsupported_tokenizer_and_model_are_refused(tokenizer, merged, tmp_path):
+    from tokenizers import normalizers
+    from tokenizers import pre_tokenizers as pre
+
+    refused = [
+        _with_pre_tokenizer(pre.ByteLevel(add_prefix_space=True, use_regex=True)),  # a space llama.cpp never adds
+        _with_pre_tokenizer(pre.Sequence([pre.Digits(individual_digits=False), pre.ByteLevel()])),
+        _with_pre_tokenizer(pre.ByteLevel(add_prefix_space=False), normalizer=normalizers.NFKC()),
+    ]
+    for other in refused:
+        with pytest.raises(GGUFExportError, match="pre-tokenizer"):
+            tokenizer_vocab(other, 1024)
     merged.config.model_type = "mistral"
     try:
         with pytest.raises(GGUFExportError, match="LLaMA"):
@@ -248,3 +272,27 @@ def test_gguf_export_metadata_and_stop_tokens(exports, tokenizer):
     assert metadata["format"] == "gguf" and metadata["dtype"] == "q8_0"
     assert [w["file"] for w in metadata["weights"]] == [GGUF_FILE]
     assert metadata["stop_token_ids"] == stop_token_ids("llama3", tokenizer)
+
+
+def test_unsupported_tokenizer_is_refused_before_the_model_loads(run_dir, tmp_path, monkeypatch):
+    """The check reads the tokenizer and config.json only: loading and merging a real model first took 22 s on 135M."""
+    import shutil
+
+    import finetune.export as export_module
+    from finetune.export import ExportError
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    tokenizer_json = json.loads((run / "tokenizer.json").read_text())
+    tokenizer_json["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                                       "use_regex": True}
+    (run / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the tokenizer was checked")
+
+    monkeypatch.setattr(export_module, "load_model", no_model)
+    for to in ("gguf", "ollama"):
+        with pytest.raises(ExportError, match="pre-tokenizer") as error:
+            export(run, to, tmp_path / to)
+        assert "\n" not in str(error.value) and not (tmp_path / to).exists()
