@@ -41,6 +41,8 @@ SLOW_TESTS = (
     "test_templates_real.py::test_alpaca_is_stanfords_train_py",
     "test_templates_real.py::test_llama2_family_on_llama2s_own_vocabulary",
     "test_templates_real.py::test_chatml_and_the_tokenizers_own_template_on_smollm2",
+    "test_real_llamacpp.py::test_tiny_run_in_llama_cpp_logits_and_stop_token",
+    "test_real_smollm2_export.py::test_lora_sft_on_sharegpt_then_adapter_merged_and_gguf",
 )
 
 

@@ -41,7 +41,6 @@ def test_llama_cpp_tokenises_every_vocabulary_like_the_reference(parity, real_ar
     assert [(row["vocabulary"], row["llama_cpp_equal"]) for row in rows] == [(row["vocabulary"], 46) for row in rows]
 
 
-@pytest.mark.slow
 def test_tiny_run_in_llama_cpp_logits_and_stop_token(parity, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM

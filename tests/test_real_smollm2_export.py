@@ -11,7 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from finetune.config import SFTConfig
@@ -62,7 +61,6 @@ def logits(model, tokenizer, prompts=PROMPTS) -> list[torch.Tensor]:
         return [model(torch.tensor([tokenizer.encode(p, add_special_tokens=False)])).logits[0].float() for p in prompts]
 
 
-@pytest.mark.slow
 def test_lora_sft_on_sharegpt_then_adapter_merged_and_gguf(real_artifacts, tmp_path):
     import recipe_runs
     from peft import PeftModel
