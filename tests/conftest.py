@@ -43,6 +43,10 @@ SLOW_TESTS = (
     "test_templates_real.py::test_chatml_and_the_tokenizers_own_template_on_smollm2",
     "test_real_llamacpp.py::test_tiny_run_in_llama_cpp_logits_and_stop_token",
     "test_real_smollm2_export.py::test_lora_sft_on_sharegpt_then_adapter_merged_and_gguf",
+    "test_real_gguf_vocab.py::test_llama3_byte_level_vocabulary",
+    "test_real_gguf_vocab.py::test_gpt2_byte_level_vocabulary",
+    "test_real_llamacpp.py::test_llama_cpp_tokenises_every_vocabulary_like_the_reference",
+    "test_real_tokenizers.py::test_llama3_tiktoken_model_alone_loads_with_metas_special_tokens",
 )
 
 

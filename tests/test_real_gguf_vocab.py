@@ -91,7 +91,6 @@ def test_sentencepiece_scores_come_from_the_tokenizer_model(real_artifacts, tmp_
     assert [t for t in texts if loaded.encode(t, add_special_tokens=False) != processor.encode(t)] == []
 
 
-@pytest.mark.slow  # 128,256 tokens and 280,147 merges written and read back: ~20 s
 def test_llama3_byte_level_vocabulary(real_artifacts, tmp_path):
     source = load_tokenizer(str(real_artifacts / "llama3"))  # Llama 3's tokenizer.json
     ours = fields(write_vocab(tmp_path / "ours", source))
@@ -104,7 +103,6 @@ def test_llama3_byte_level_vocabulary(real_artifacts, tmp_path):
     assert_tokenises_like_llama_cpp(read_back(tmp_path / "ours"), real_artifacts, "llama-bpe", known=["Cửa Việt"])
 
 
-@pytest.mark.slow  # 50,000 merges written and read back: ~10 s
 def test_gpt2_byte_level_vocabulary(real_artifacts, tmp_path):
     source = reference_tokenizer(real_artifacts, "gpt-2")
     ours = fields(write_vocab(tmp_path / "ours", source))

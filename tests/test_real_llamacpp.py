@@ -35,7 +35,6 @@ def parity():
     return module
 
 
-@pytest.mark.slow  # builds six tokenizers, Llama 2's from llama.cpp's file (a minute)
 def test_llama_cpp_tokenises_every_vocabulary_like_the_reference(parity, real_artifacts, tmp_path):
     rows = [parity.token_parity(case, tmp_path) for case in parity.tokenizer_cases(real_artifacts, tmp_path)]
     assert [(row["vocabulary"], row["llama_cpp_equal"]) for row in rows] == [(row["vocabulary"], 46) for row in rows]

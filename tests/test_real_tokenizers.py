@@ -45,7 +45,6 @@ def test_sentencepiece_tokenizer_model_alone_loads_and_matches_sentencepiece(rea
     assert mismatched == []
 
 
-@pytest.mark.slow  # transformers rebuilds 280,000 merges from the ranks: about 20 s
 def test_llama3_tiktoken_model_alone_loads_with_metas_special_tokens(real_artifacts, tmp_path):
     from transformers import AutoTokenizer
 
