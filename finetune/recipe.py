@@ -8,10 +8,8 @@ Each imports its stage inside, so a config error is reported before torch loads.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 from .config import (
     ConfigError,
@@ -64,12 +62,10 @@ def check_before_run(cfg) -> None:
     """The checks a config needs the model or its ``init`` run for, made before the stage starts and so before it
     writes anything: the init run's files are readable and agree with each other, the model (or the full-weights
     init) can be found, and a new adapter's ``target_modules`` each match a module of it."""
-    from .models import init_run_kind
+    from .run_dir import open_run
 
     init = getattr(cfg, "init", None)
-    kind = init_run_kind(init) if init else None
-    if kind:
-        check_run_files(Path(init), kind)
+    kind = open_run(init).kind if init else None  # a missing, unfinished or damaged run is one line here
     source, key = (init, "--init") if kind == "full" else (cfg.model.name, "model.name")
     names = module_names(source, key)
     if cfg.adapter.method != "full" and kind != "adapter":  # a new adapter (an init adapter keeps its own shape)
@@ -106,42 +102,6 @@ def linear_module_names(source: str) -> list[str]:
 
     return [name for name, module in _model_on_meta(source, "model.name").named_modules()
             if isinstance(module, torch.nn.Linear)]
-
-
-def check_run_files(run_dir: Path, kind: str) -> None:
-    """An init run's files are readable, and an adapter's tensors have the rank its ``adapter_config.json`` says."""
-    from safetensors import safe_open
-
-    def read_json(name: str) -> dict:
-        try:
-            data = json.loads((run_dir / name).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"--init {run_dir}: {name} is not readable JSON ({e}); the run is damaged") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"--init {run_dir}: {name} holds {type(data).__name__}, not a JSON object")
-        return data
-
-    def tensor_shapes(path: Path) -> dict[str, list[int]]:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
-        except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
-            raise ConfigError(f"--init {run_dir}: {path.name} is not a complete safetensors file "
-                              f"({' '.join(str(e).split())})") from None
-
-    if kind == "full":
-        read_json("config.json")
-        for weights in sorted(run_dir.glob("model*.safetensors")):
-            tensor_shapes(weights)
-        return
-    rank = read_json("adapter_config.json").get("r")
-    if not isinstance(rank, int) or rank < 1:
-        raise ConfigError(f"--init {run_dir}: adapter_config.json has r={rank!r}; expected a positive integer")
-    for name, shape in tensor_shapes(run_dir / "adapter_model.safetensors").items():
-        found = shape[0] if "lora_A" in name else shape[1] if "lora_B" in name and len(shape) > 1 else rank
-        if found != rank:
-            raise ConfigError(f"--init {run_dir}: adapter_model.safetensors holds rank-{found} LoRA tensors ({name}) "
-                              f"but adapter_config.json says r={rank}; the run is damaged or mixed up")
 
 
 def sft_main(cfg: SFTConfig) -> dict:

@@ -90,14 +90,14 @@ MISUSES = [
     ("sft", ["--data.train="], "data.train must name the training data"),
     ("reward", ["--data.max_length=1"], "data.max_length must be >= 2; got 1"),
     ("reward", ["--train.per_device_batch_size=0"], "train.per_device_batch_size must be >= 1; got 0"),
-    ("reward", ["--data.max_length=3"], "no training pairs left from bundled:suite_preference_train.jsonl"),
-    ("dpo", ["--init", "{init}", "--data.max_length=3"], "no training pairs left"),
+    ("reward", ["--data.max_length=3"], "no training rows left from bundled:suite_preference_train.jsonl"),
+    ("dpo", ["--init", "{init}", "--data.max_length=3"], "no training rows left"),
     ("dpo", ["--init", "{init}", "--dpo.beta=0"], "dpo.beta must be positive"),
-    ("dpo", ["--init", "{init:config}"], "adapter_config.json is not readable JSON"),
-    ("dpo", ["--init", "{init:truncated}"], "adapter_model.safetensors is not a complete safetensors file"),
-    ("dpo", ["--init", "{init:rank}"], "holds rank-8 LoRA tensors"),
+    ("dpo", ["--init", "{init:config}"], "adapter_config.json: cannot read it"),
+    ("dpo", ["--init", "{init:truncated}"], "cannot read adapter_model.safetensors"),
+    ("dpo", ["--init", "{init:rank}"], "has rank 8 but adapter_config.json says r=4"),
     ("dpo", ["--init", "{missing}"], "no such directory"),
-    ("reward", ["--init", "{init:config}"], "adapter_config.json is not readable JSON"),
+    ("reward", ["--init", "{init:config}"], "adapter_config.json: cannot read it"),
     ("rejection_sampling", ["--init", "{init}", "--sampling.num_samples=0"], "sampling.num_samples must be at least 1"),
     ("rejection_sampling", ["--init", "{init}", "--sampling.top_k=-1"], "sampling.top_k (0 keeps all) must be >= 0"),
     ("rejection_sampling", ["--init", "{init}", "--rejection.min_margin=-1"], "rejection.min_margin must be >= 0"),
@@ -105,7 +105,7 @@ MISUSES = [
     ("ppo", ["--init", "{init}", "--ppo.gamma=1.5"], "ppo.gamma must be in [0.0, 1.0]; got 1.5"),
     ("ppo", ["--init", "{init}", "--ppo.lam=-0.1"], "ppo.lam must be in [0.0, 1.0]; got -0.1"),
     ("ppo", ["--init", "{init}", "--ppo.mini_batch_size=0"], "ppo.num_iterations, rollout_batch_size, mini_batch_size"),
-    ("ppo", ["--init", "{init:rank}"], "holds rank-8 LoRA tensors"),
+    ("ppo", ["--init", "{init:rank}"], "has rank 8 but adapter_config.json says r=4"),
 ]
 
 
@@ -204,8 +204,8 @@ def test_a_run_directorys_saved_verifier_is_never_imported(sft_run, tmp_path, mo
 
     from finetune.config import DPOConfig, parse_args
     from finetune.export import inspect_run
-    from finetune.models import resolve_init
     from finetune.recipe import check_before_run
+    from finetune.run_dir import resolve_init
 
     run = tmp_path / "run"
     shutil.copytree(sft_run, run)
