@@ -97,9 +97,11 @@ def _check_roles(messages: list[dict], add_generation_prompt: bool) -> None:
         weight = message.get("weight")
         if weight is None:
             continue
-        if message["role"] != "assistant":
+        # axolotl-style data puts weight 0 on every prompt turn: that is what we do anyway. Weight 1 there asks for
+        # training a prompt turn, which no template here does, so it is refused rather than ignored.
+        if message["role"] != "assistant" and weight != 0:
             raise _WHERE.error(
-                f"messages[{i}].weight", "no weight on a non-assistant message (only replies are trained)", weight
+                f"messages[{i}].weight", "0 or no weight on a non-assistant message (only replies are trained)", weight
             )
         if isinstance(weight, bool) or weight not in (0, 1):
             raise _WHERE.error(f"messages[{i}].weight", "0 or 1 (whether the reply is trained)", weight)

@@ -697,7 +697,7 @@ def test_sft_run_with_skip_invalid_trains_on_the_valid_records(tmp_path, capsys)
     data.write_text("\n".join([*good[:4], '{"messages": []}', *good[4:], "{oops"]) + "\n")
     out = tmp_path / "run"
     argv = ["--output_dir", str(out), f"--data.train={data}", "--data.eval=null", "--data.skip_invalid=true",
-            "--train.max_steps=1", "--train.per_device_batch_size=2", "--eval.num_samples=0"]
+            "--train.max_steps=1", "--train.per_device_batch_size=2", "--eval.num_samples=1"]
     assert recipe_runs.run_recipe("sft", SFTConfig, argv) == 0
     printed = capsys.readouterr().out
     assert f"train data: 8 of 10 records from {data}; skipped 2 invalid" in printed

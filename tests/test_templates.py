@@ -841,9 +841,12 @@ def test_a_bad_weight_is_a_located_error(message, match, tok):
         render("llama3", [SINGLE[0], message], tok)
 
 
-def test_weight_on_a_user_turn_is_refused(tok):
+def test_weight_1_on_a_user_turn_is_refused_and_weight_0_is_what_it_means_anyway(tok):
+    """axolotl-style data marks prompt turns weight 0: accepted, and the same ids and labels as no weight. Weight 1
+    would ask to train a prompt turn, which no template does: refused, not ignored."""
     with pytest.raises(ValueError, match=r"messages\[0\]\.weight.*only replies are trained"):
-        render("llama3", [{**SINGLE[0], "weight": 0}, SINGLE[1]], tok)
+        render("llama3", [{**SINGLE[0], "weight": 1}, SINGLE[1]], tok)
+    assert render("llama3", [{**SINGLE[0], "weight": 0}, SINGLE[1]], tok) == render("llama3", SINGLE, tok)
 
 
 def test_tokenize_conversations_counts_conversations_with_nothing_to_train(tok):
