@@ -47,6 +47,10 @@ def test_make_demo_is_the_first_command_and_writes_where_the_others_read():
     assert "recipes/sft.py" in demo and "--output_dir" not in demo, demo  # the default output: runs/sft
     for command in QUICKSTART[1:]:
         assert command.endswith("--init runs/sft")
+    readme = (ROOT / "README.md").read_text()
+    positions = [readme.find(command + " ") for command in QUICKSTART]
+    assert -1 not in positions, "every quickstart command is in the README, verbatim"
+    assert positions == sorted(positions), "and in this order"
     for command in QUICKSTART:  # each recipe's own docstring shows its quickstart command
         stage = stage_of(command)
         assert command in (ROOT / "recipes" / f"{stage}.py").read_text(), stage
