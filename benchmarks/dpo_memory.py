@@ -95,24 +95,24 @@ def write_conversations(chosen: Path, both: Path, count: int) -> None:
 
 
 def arm_sft(runs: dict, out: Path, pairs: int, steps: int, checkpointing: str) -> None:
-    from finetune.config import SFTConfig, parse_args
+    from finetune.config import SFTRunConfig, parse_args
     from finetune.stages import sft
 
-    sft.run(parse_args(SFTConfig, sft_args(runs, out, pairs, steps, checkpointing)))
+    sft.run(parse_args(SFTRunConfig, sft_args(runs, out, pairs, steps, checkpointing)))
 
 
 def arm_sft_both(runs: dict, out: Path, pairs: int, steps: int, checkpointing: str) -> None:
-    from finetune.config import SFTConfig, parse_args
+    from finetune.config import SFTRunConfig, parse_args
     from finetune.stages import sft
 
-    sft.run(parse_args(SFTConfig, sft_args(runs, out, pairs, steps, checkpointing, both=True)))
+    sft.run(parse_args(SFTRunConfig, sft_args(runs, out, pairs, steps, checkpointing, both=True)))
 
 
 def arm_dpo_shared(runs: dict, out: Path, pairs: int, steps: int, checkpointing: str) -> None:
-    from finetune.config import DPOConfig, parse_args
+    from finetune.config import DPORunConfig, parse_args
     from finetune.stages import dpo
 
-    dpo.run(parse_args(DPOConfig, dpo_args(runs, out, pairs, steps, checkpointing)))
+    dpo.run(parse_args(DPORunConfig, dpo_args(runs, out, pairs, steps, checkpointing)))
 
 
 def arm_dpo_full_reference(runs: dict, out: Path, pairs: int, steps: int, checkpointing: str) -> None:
@@ -120,7 +120,7 @@ def arm_dpo_full_reference(runs: dict, out: Path, pairs: int, steps: int, checkp
     adapter."""
     from transformers import set_seed
 
-    from finetune.config import DPOConfig, parse_args
+    from finetune.config import DPORunConfig, parse_args
     from finetune.data import load_preferences
     from finetune.models import load_adapter, load_base_model, load_tokenizer
     from finetune.preference_data import tokenize_pairs_for_dpo
@@ -128,7 +128,7 @@ def arm_dpo_full_reference(runs: dict, out: Path, pairs: int, steps: int, checkp
     from finetune.stages import dpo
     from finetune.templates import get_template
 
-    cfg, init, _ = resolve_init(parse_args(DPOConfig, dpo_args(runs, out, pairs, steps, checkpointing)))
+    cfg, init, _ = resolve_init(parse_args(DPORunConfig, dpo_args(runs, out, pairs, steps, checkpointing)))
     init_kind = init.kind
     tokenizer = load_tokenizer(cfg.model.name)
     template = get_template(cfg.data.template, tokenizer)

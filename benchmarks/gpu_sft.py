@@ -163,7 +163,7 @@ def run_arm(arm: str, model_dir: str, rows_path: str, opts: dict) -> dict:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from finetune.config import SFTConfig, parse_args
+    from finetune.config import SFTRunConfig, parse_args
     from finetune.kernels import choose_liger
     from finetune.models import load_base_model, load_tokenizer, lora_config, quantization_config
     from finetune.stages.sft import trl_arguments
@@ -180,7 +180,7 @@ def run_arm(arm: str, model_dir: str, rows_path: str, opts: dict) -> dict:
     batch = 1 if shape_name == "llama3-8b" else opts["ours_batch"]
     dtype = "float32" if smoke else "bfloat16"
     cfg = parse_args(
-        SFTConfig,
+        SFTRunConfig,
         [
             f"--model.name={model_dir}",
             f"--model.dtype={dtype}",

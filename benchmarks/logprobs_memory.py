@@ -9,7 +9,7 @@ the final hidden states ``[B, T, H]`` and ``lm_head.weight`` ``[V, H]``:
   does with ``model(...).logits``);
 - ``rowwise``: the full logits, then ``finetune.logprobs.token_logprobs`` (gather minus logsumexp one batch row at
   a time, no ``log_softmax`` copy);
-- ``chunked``: ``finetune.logprobs.chunked_token_logprobs`` (what ``finetune.kernels.policy_token_logprobs`` runs):
+- ``chunked``: ``finetune.logprobs.chunked_token_logprobs`` (what ``finetune.logprobs.policy_token_logprobs`` runs):
   ``chunk`` positions at a time (by default as many as fit 64 MiB of float32 logits: 130 for this vocabulary) under
   activation checkpointing, never the full logits.
 
@@ -195,7 +195,7 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=128256, help="Llama 3's vocabulary by default")
     parser.add_argument("--chunk", type=int, default=None,
-                        help="positions per chunk of the chunked variant (default: finetune.kernels.auto_chunk_size, "
+                        help="positions per chunk of the chunked variant (default: finetune.logprobs.auto_chunk_size, "
                              "64 MiB of float32 logits)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each measured process")
     parser.add_argument("--seed", type=int, default=0)
@@ -204,7 +204,7 @@ def main() -> int:
     parser.add_argument("--worker_out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.chunk is None:
-        from finetune.kernels import auto_chunk_size
+        from finetune.logprobs import auto_chunk_size
 
         args.chunk = auto_chunk_size(args.vocab)
     shape = dict(batch=args.batch, seq=args.seq, hidden=args.hidden, vocab=args.vocab, chunk=args.chunk)

@@ -93,7 +93,7 @@ def build_base_and_sft(directory: Path, shape: dict = SHAPE) -> dict:
     from peft import get_peft_model
     from transformers import LlamaForCausalLM
 
-    from finetune.config import AdapterConfig, ModelConfig, SFTConfig
+    from finetune.config import AdapterConfig, ModelConfig, SFTRunConfig
     from finetune.models import lora_config
     from finetune.runs import write_config
 
@@ -107,7 +107,7 @@ def build_base_and_sft(directory: Path, shape: dict = SHAPE) -> dict:
             if "lora_B" in name:
                 param.normal_(0.0, 0.01)
     sft.save_pretrained(sft_dir)
-    write_config(sft_dir, SFTConfig(output_dir=str(sft_dir), model=ModelConfig(name=str(base_dir)), adapter=adapter))
+    write_config(sft_dir, SFTRunConfig(output_dir=str(sft_dir), model=ModelConfig(name=str(base_dir)), adapter=adapter))
     return {"base": str(base_dir), "sft": str(sft_dir), "base_parameters": n_params}
 
 

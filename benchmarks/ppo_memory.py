@@ -48,7 +48,7 @@ def build_runs(directory: Path) -> dict:
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from finetune.config import AdapterConfig, ModelConfig, RewardConfig
+    from finetune.config import AdapterConfig, ModelConfig, RewardRunConfig
     from finetune.models import load_tokenizer
     from finetune.runs import write_config
     from finetune.stages.reward import reward_lora_config
@@ -63,7 +63,7 @@ def build_runs(directory: Path) -> dict:
     reward = get_peft_model(classifier, reward_lora_config(adapter))
     reward.save_pretrained(reward_dir)
     save_with_template(tokenizer, "llama3", reward_dir)
-    write_config(reward_dir, RewardConfig(output_dir=str(reward_dir), model=ModelConfig(name=str(base_dir)),
+    write_config(reward_dir, RewardRunConfig(output_dir=str(reward_dir), model=ModelConfig(name=str(base_dir)),
                                           adapter=adapter))
     return {**runs, "reward": str(reward_dir)}
 
@@ -77,10 +77,10 @@ def ppo_args(runs: dict, out: Path) -> list[str]:
 
 
 def arm_shared(runs: dict, out: Path, device: str) -> None:
-    from finetune.config import PPOConfig, parse_args
+    from finetune.config import PPORunConfig, parse_args
     from finetune.stages import ppo
 
-    ppo.train(parse_args(PPOConfig, ppo_args(runs, out)))
+    ppo.train(parse_args(PPORunConfig, ppo_args(runs, out)))
 
 
 def arm_separate(runs: dict, out: Path, device: str) -> None:
@@ -89,9 +89,9 @@ def arm_separate(runs: dict, out: Path, device: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finetune.config import PPOConfig, parse_args
+    from finetune.config import PPORunConfig, parse_args
     from finetune.data import load_conversations
-    from finetune.generation import SamplingConfig, generate
+    from finetune.generation import Decoding, generate
     from finetune.logprobs import masked_whiten, token_logprobs
     from finetune.losses import gae, per_token_rewards, ppo_policy_loss, ppo_value_loss
     from finetune.models import load_sequence_classifier, load_tokenizer
@@ -99,7 +99,7 @@ def arm_separate(runs: dict, out: Path, device: str) -> None:
     from finetune.rollout import build_rollout
     from finetune.templates import get_template, render, stop_token_ids
 
-    cfg = parse_args(PPOConfig, ppo_args(runs, out))
+    cfg = parse_args(PPORunConfig, ppo_args(runs, out))
     tokenizer = load_tokenizer(runs["base"])
     template = get_template("llama3", tokenizer)
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(runs["base"]), runs["sft"], is_trainable=True)
@@ -115,7 +115,7 @@ def arm_separate(runs: dict, out: Path, device: str) -> None:
     prompts, _ = load_prompts(convs, template, tokenizer, 192)
     prompt_ids = [p.ids for p in prompts for _ in range(SAMPLES)]
     completions = generate(policy, tokenizer, prompt_ids, stop_token_ids(template, tokenizer),
-                           SamplingConfig(NEW_TOKENS, 1.0, seed=0), 64)
+                           Decoding(NEW_TOKENS, 1.0, seed=0), 64)
     with torch.no_grad():
         convs_scored = [[*p.messages, {"role": "assistant", "content": c.text}]
                         for i, p in enumerate(prompts) for c in completions[i * SAMPLES : (i + 1) * SAMPLES]]
@@ -157,7 +157,7 @@ def child(arm: str, runs_json: str, out: str, device: str) -> None:
     import transformers  # noqa: F401
     import trl  # noqa: F401
 
-    import finetune.scoring  # noqa: F401
+    import finetune.reward_model  # noqa: F401
     import finetune.stages.ppo  # noqa: F401
     import finetune.stages.reward  # noqa: F401
 

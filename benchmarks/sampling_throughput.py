@@ -26,7 +26,7 @@ def measure(num_prompts: int, max_new_tokens: int, batch_size: int, device: str)
 
     from finetune.config import ModelConfig
     from finetune.data import load_conversations, prompt_and_reference
-    from finetune.generation import SamplingConfig, generate
+    from finetune.generation import Decoding, generate
     from finetune.models import load_base_model, load_tokenizer
     from finetune.templates import get_template, render_prompt, stop_token_ids
 
@@ -36,7 +36,7 @@ def measure(num_prompts: int, max_new_tokens: int, batch_size: int, device: str)
     convs = load_conversations("bundled:suite_messages_eval.jsonl", limit=num_prompts)
     prompts = [render_prompt(template, prompt_and_reference(c)[0], tokenizer) for c in convs]
     stops = stop_token_ids(template, tokenizer)
-    greedy = SamplingConfig(max_new_tokens=max_new_tokens)
+    greedy = Decoding(max_new_tokens=max_new_tokens)
     generate(model, tokenizer, prompts[:2], stops, greedy, batch_size=2)  # warm-up
 
     arms = {}

@@ -80,7 +80,7 @@ def worker(arm: str, dataset: str, model: str, samples: int, epochs: float, lear
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from finetune.config import SFTConfig, parse_args
+    from finetune.config import SFTRunConfig, parse_args
     from finetune.data import load_conversations, tokenize_conversations
     from finetune.models import load_base_model, load_tokenizer, lora_config
     from finetune.stages.sft import trl_arguments
@@ -88,7 +88,7 @@ def worker(arm: str, dataset: str, model: str, samples: int, epochs: float, lear
 
     torch.manual_seed(seed)
     cfg = parse_args(
-        SFTConfig,
+        SFTRunConfig,
         [
             f"--train.learning_rate={learning_rate}",
             f"--train.num_epochs={epochs}",

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .generation import Completion, SamplingConfig, cut_at_stop
+from .generation import Completion, Decoding, cut_at_stop
 
 
 @dataclass
@@ -99,7 +99,7 @@ class _ReplyStreamer:
 
 
 def stream_reply(
-    chat: ChatModel, prompt_ids: list[int], sampling: SamplingConfig, on_text: Callable[[str], None]
+    chat: ChatModel, prompt_ids: list[int], sampling: Decoding, on_text: Callable[[str], None]
 ) -> Completion:
     """Generate one reply to ``prompt_ids`` with a KV cache, streaming its text; stops at the template's stop ids."""
     import torch
@@ -129,7 +129,7 @@ class ChatSession:
 
     chat: ChatModel
     system: str | None = None
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: Decoding = field(default_factory=Decoding)
     messages: list[dict[str, str]] = field(default_factory=list)
     """The turns so far (user and assistant alternating; the system message is added when rendering)."""
 
@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     except (ExportError, TemplateError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    sampling = SamplingConfig(
+    sampling = Decoding(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
     session = ChatSession(chat, system=args.system, sampling=sampling)

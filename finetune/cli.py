@@ -2,7 +2,7 @@
 
 Every subcommand is a :class:`Command` listed in :data:`COMMANDS`: a name, a one-line help, a function that adds its
 arguments and a function that runs it and returns the exit status. The training stages (``sft``, ``reward``,
-``rejection-sampling``, ``dpo``, ``ppo``) are commands too, running ``finetune.recipe.STAGES``: the same code as
+``rejection-sampling``, ``dpo``, ``ppo``) are commands too, running ``finetune.launch.STAGES``: the same code as
 ``recipes/NAME.py``, with the same options (``finetune sft --help``); on several processes
 ``accelerate launch -m finetune.cli sft ...``. Adding one (``export``, ``chat``, ``eval``,
 ``bench``) is writing those two functions and appending a line to :data:`COMMANDS`; nothing else changes.
@@ -203,13 +203,13 @@ def _stage_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _stage_command(name: str) -> Command:
-    from .recipe import STAGES, run_stage
+    from .launch import STAGES, run_stage
 
     return Command(name, STAGES[name][2], _stage_arguments, lambda args: run_stage(name, []))
 
 
 def _stage_commands() -> list[Command]:
-    from .recipe import STAGES
+    from .launch import STAGES
 
     return [_stage_command(name) for name in STAGES]
 
@@ -259,7 +259,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``finetune ARGV``; returns the exit status (0 ok, 2 user error; argparse's own status for bad usage)."""
-    from .recipe import STAGES, run_stage
+    from .launch import STAGES, run_stage
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in STAGES:

@@ -328,7 +328,7 @@ class RunConfig:
 
 
 @dataclass
-class SFTConfig(RunConfig):
+class SFTRunConfig(RunConfig):
     """Supervised fine-tuning (``recipes/sft.py``)."""
 
     init: str | None = None
@@ -415,7 +415,7 @@ class DPOTrainConfig(TrainConfig):
 
 
 @dataclass
-class RewardConfig(RunConfig):
+class RewardRunConfig(RunConfig):
     """Bradley-Terry reward model: backbone + LoRA adapter + scalar head on preference pairs (``recipes/reward.py``)."""
 
     output_dir: str = "runs/reward"
@@ -470,7 +470,7 @@ class DPOParams:
 
 
 @dataclass
-class DPOConfig(RunConfig):
+class DPORunConfig(RunConfig):
     """Direct preference optimisation from an SFT run, the SFT policy frozen as the reference (``recipes/dpo.py``)."""
 
     output_dir: str = "runs/dpo"
@@ -624,7 +624,7 @@ class RejectionSamplingTrainConfig(TrainConfig):
 
 
 @dataclass
-class RejectionSamplingConfig(RunConfig):
+class RejectionSamplingRunConfig(RunConfig):
     """Rejection sampling from an SFT run: K samples per prompt, scored; the best kept and fine-tuned on with the SFT
     stage (``recipes/rejection_sampling.py``)."""
 
@@ -776,7 +776,7 @@ class PPOParams:
 
 
 @dataclass
-class PPOConfig(RunConfig):
+class PPORunConfig(RunConfig):
     """PPO from an SFT run with a critic: policy, reference, value and reward as adapters on one base
     (``recipes/ppo.py``)."""
 
@@ -1028,11 +1028,11 @@ def load_yaml(cls: type, path: str | Path) -> Any:
 # Stage name -> its config class; a shipped YAML's file name starts with its stage (``sft_qlora.yaml``,
 # ``rejection_sampling.yaml``).
 STAGE_CONFIGS: dict[str, type] = {
-    "sft": SFTConfig,
-    "reward": RewardConfig,
-    "dpo": DPOConfig,
-    "rejection_sampling": RejectionSamplingConfig,
-    "ppo": PPOConfig,
+    "sft": SFTRunConfig,
+    "reward": RewardRunConfig,
+    "dpo": DPORunConfig,
+    "rejection_sampling": RejectionSamplingRunConfig,
+    "ppo": PPORunConfig,
 }
 
 

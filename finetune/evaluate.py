@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import prompt_and_reference
-from .generation import SamplingConfig, generate
+from .generation import Decoding, generate
 
 
 def load_callable(spec: str) -> Callable:
@@ -42,8 +42,7 @@ def eval_loss(model, rows: list[dict], pad_token_id: int, batch_size: int = 16) 
     from accelerate.utils import gather_object
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from .kernels import has_plain_lm_head, policy_token_logprobs
-    from .logprobs import shift_for_causal_lm, token_logprobs
+    from .logprobs import has_plain_lm_head, policy_token_logprobs, shift_for_causal_lm, token_logprobs
     from .runs import process_state
 
     state = process_state()
@@ -111,7 +110,7 @@ def verifier_accuracy(
             tokenizer,
             prompts,
             stop_token_ids(template, tokenizer),
-            SamplingConfig(max_new_tokens=max_new_tokens),
+            Decoding(max_new_tokens=max_new_tokens),
             batch_size=batch_size,
         ) if prompts else []
         local = [

@@ -13,7 +13,7 @@ import torch
 
 
 @dataclass
-class SamplingConfig:
+class Decoding:
     max_new_tokens: int = 64
     """Longest completion in tokens."""
     temperature: float = 0.0
@@ -56,7 +56,7 @@ def generate(
     tokenizer,
     prompt_ids: list[list[int]],
     stop_ids: list[int],
-    sampling: SamplingConfig,
+    sampling: Decoding,
     batch_size: int = 32,
 ) -> list[Completion]:
     """Complete each prompt (already rendered to ids); returns completions in prompt order."""

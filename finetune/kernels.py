@@ -1,6 +1,7 @@
-"""Which kernels a model runs on: the attention backend, Liger's fused LLaMA kernels, and memory-lean log-probs.
+"""Which kernels a model runs on: the attention backend and Liger's fused LLaMA kernels.
 
-Three things live here, each usable on its own:
+Two things live here, each usable on its own (the memory-lean log-probs of a model, computed from its hidden
+states, are :func:`finetune.logprobs.policy_token_logprobs`):
 
 - :func:`resolve_attn_implementation` turns ``model.attn_implementation: auto`` into a concrete backend:
   FlashAttention 3 (Hopper) or 2 (Ampere and newer) on a CUDA GPU where the package, or transformers' ``kernels``
@@ -10,10 +11,7 @@ Three things live here, each usable on its own:
 - :func:`apply_liger` puts Liger's fused RMSNorm, RoPE and SwiGLU on a LLaMA through transformers' own Liger hook
   (the one ``TrainingArguments(use_liger_kernel=True)`` calls). Liger's fused linear cross-entropy stays off: TRL's
   trainers already score through a fused, chunked LM head (``trl.trainer.utils.add_fused_lm_head``) and reject it,
-  and our own loops use :func:`policy_token_logprobs`.
-- :func:`policy_token_logprobs`: the log-prob of each label token computed from the final hidden states and
-  ``lm_head`` chunk by chunk (:func:`finetune.logprobs.chunked_token_logprobs`, chunks of 64 MiB of logits by
-  default), so the ``[batch, seq, vocab]`` float32 logits never exist, in the forward or the backward.
+  and our own loops use :func:`finetune.logprobs.policy_token_logprobs`.
 
 Every choice is printed once per process (on the main process only), e.g.
 ``attention: flash_attention_2 (auto: CUDA sm80, flash-attn installed)`` or ``liger kernels: off (no CUDA GPU)``.
@@ -32,12 +30,9 @@ __all__ = [
     "LigerChoice",
     "announce",
     "apply_liger",
-    "auto_chunk_size",
     "available_attention_backends",
     "choose_attention",
     "choose_liger",
-    "has_plain_lm_head",
-    "policy_token_logprobs",
     "resolve_attn_implementation",
 ]
 
@@ -269,93 +264,3 @@ def apply_liger(model, requested: bool = True) -> bool:
         apply_liger_kernel(model, dict(LIGER_LLAMA_KERNELS))
     announce(f"liger kernels: {choice.reason}")
     return choice.on
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Memory-lean log-probs
-
-
-def _causal_lm(model):
-    """The ``*ForCausalLM`` under a ``PeftModel`` (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def has_plain_lm_head(model) -> bool:
-    """Whether the causal LM's head is a plain bias-free ``nn.Linear``, the only head :func:`policy_token_logprobs`
-    can score from its weight (a LoRA-wrapped or biased head would be scored wrongly by the weight alone)."""
-    import torch
-
-    head = _causal_lm(model).get_output_embeddings()
-    return type(head) is torch.nn.Linear and head.bias is None
-
-
-def _plain_lm_head_weight(causal_lm):
-    """``lm_head.weight``, or a clear error when :func:`has_plain_lm_head` is false."""
-    head = causal_lm.get_output_embeddings()
-    if not has_plain_lm_head(causal_lm):
-        raise ValueError(
-            f"policy_token_logprobs needs a plain bias-free nn.Linear lm_head; got {type(head).__name__}"
-            " (leave lm_head out of adapter.target_modules)"
-        )
-    return head.weight
-
-
-# Float32 logits one chunk may hold: 64 MiB is 130 positions of Llama 3's 128,256-token vocabulary.
-CHUNK_LOGITS_BYTES = 64 * 2**20
-
-
-def auto_chunk_size(vocab_size: int, budget_bytes: int = CHUNK_LOGITS_BYTES) -> int:
-    """Positions per chunk so that one chunk's ``[chunk, vocab]`` float32 logits fit in ``budget_bytes`` (the
-    log-softmax temporaries are about as large again)."""
-    return max(1, budget_bytes // (4 * vocab_size))
-
-
-def policy_token_logprobs(
-    model,
-    input_ids,
-    attention_mask=None,
-    labels=None,
-    *,
-    position_ids=None,
-    chunk_size: int | None = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-):
-    """Per-token log-probs of a causal LM's labels, never building the ``[B, T, V]`` logits.
-
-    Runs the model body (with whatever adapter is active) to the final hidden states, then scores them against
-    ``lm_head`` in chunks of ``chunk_size`` positions under activation checkpointing
-    (:func:`finetune.logprobs.chunked_token_logprobs`): peak memory is one chunk of logits, in the forward and in the
-    backward. Equal to ``token_logprobs(*shift_for_causal_lm(model(...).logits / temperature, labels))``.
-
-    Args:
-        model: a ``*ForCausalLM`` or a ``PeftModel`` around one, with a plain ``lm_head``.
-        input_ids: ``[B, T]`` token ids.
-        attention_mask: ``[B, T]`` 0/1 mask, or None (packed rows: pass ``position_ids`` restarting per document).
-        labels: ``[B, T]`` unshifted labels (the HF convention: input ids with prompt and padding set to
-            ``ignore_index``); None scores every token where ``attention_mask`` is 1.
-        position_ids: ``[B, T]`` positions, for packed rows.
-        chunk_size: token positions per chunk; None sizes chunks to 64 MiB of float32 logits
-            (:func:`auto_chunk_size`).
-        temperature: logits are divided by it (sampling temperature, as PPO's rollouts use).
-        ignore_index: label value of positions that do not count.
-
-    Returns:
-        ``[B, T - 1]`` float32 log-probs: entry ``t`` scores ``labels[:, t + 1]``; 0 at ignored positions.
-    """
-    if labels is None:
-        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
-    causal_lm = _causal_lm(model)
-    weight = _plain_lm_head_weight(causal_lm)
-    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    hidden = hidden[:, :-1].to(weight.device)
-    if temperature != 1.0:
-        hidden = hidden / temperature  # (h / t) @ W.T == (h @ W.T) / t
-    from .logprobs import chunked_token_logprobs
-
-    chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
-    return chunked_token_logprobs(hidden, weight, labels[:, 1:].to(weight.device), chunk_size, ignore_index)

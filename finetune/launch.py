@@ -13,11 +13,11 @@ from collections.abc import Callable
 
 from .config import (
     ConfigError,
-    DPOConfig,
-    PPOConfig,
-    RejectionSamplingConfig,
-    RewardConfig,
-    SFTConfig,
+    DPORunConfig,
+    PPORunConfig,
+    RejectionSamplingRunConfig,
+    RewardRunConfig,
+    SFTRunConfig,
     parse_args,
     unmatched_target_modules,
 )
@@ -104,7 +104,7 @@ def linear_module_names(source: str) -> list[str]:
             if isinstance(module, torch.nn.Linear)]
 
 
-def sft_main(cfg: SFTConfig) -> dict:
+def sft_main(cfg: SFTRunConfig) -> dict:
     """Config -> tokenizer and template -> data -> base model and adapter -> train -> evaluate -> save."""
     from .runs import process_state
     from .stages import sft
@@ -115,7 +115,7 @@ def sft_main(cfg: SFTConfig) -> dict:
     return summary
 
 
-def reward_main(cfg: RewardConfig) -> dict:
+def reward_main(cfg: RewardRunConfig) -> dict:
     """Config -> tokenizer and template -> pairs -> backbone, head and adapter -> train -> pairwise eval -> save."""
     from .runs import process_state
     from .stages import reward
@@ -128,7 +128,7 @@ def reward_main(cfg: RewardConfig) -> dict:
     return summary
 
 
-def rejection_sampling_main(cfg: RejectionSamplingConfig) -> dict:
+def rejection_sampling_main(cfg: RejectionSamplingRunConfig) -> dict:
     """Config -> SFT run on one base -> K samples per prompt -> scores -> kept samples and pairs -> SFT stage."""
     from .runs import process_state
     from .stages import rejection_sampling
@@ -139,7 +139,7 @@ def rejection_sampling_main(cfg: RejectionSamplingConfig) -> dict:
     return summary
 
 
-def dpo_main(cfg: DPOConfig) -> dict:
+def dpo_main(cfg: DPORunConfig) -> dict:
     """Config -> SFT run -> tokenizer and template -> pairs -> base + policy/reference adapters -> train -> save."""
     from .runs import process_state
     from .stages import dpo
@@ -152,7 +152,7 @@ def dpo_main(cfg: DPOConfig) -> dict:
     return summary
 
 
-def ppo_main(cfg: PPOConfig) -> dict:
+def ppo_main(cfg: PPORunConfig) -> dict:
     """Config -> base + policy/reference/value/reward adapters -> rollouts, scores, GAE, clipped updates -> save."""
     from .runs import process_state
     from .stages import ppo
@@ -165,12 +165,12 @@ def ppo_main(cfg: PPOConfig) -> dict:
 
 # Command name (``finetune NAME``) -> (config class, main, one line for --help), in the order of the loop.
 STAGES: dict[str, tuple[type, Callable, str]] = {
-    "sft": (SFTConfig, sft_main, "supervised fine-tuning (LoRA, QLoRA or full); the tiny model by default"),
-    "reward": (RewardConfig, reward_main, "Bradley-Terry reward model on preference pairs"),
-    "rejection-sampling": (RejectionSamplingConfig, rejection_sampling_main,
+    "sft": (SFTRunConfig, sft_main, "supervised fine-tuning (LoRA, QLoRA or full); the tiny model by default"),
+    "reward": (RewardRunConfig, reward_main, "Bradley-Terry reward model on preference pairs"),
+    "rejection-sampling": (RejectionSamplingRunConfig, rejection_sampling_main,
                            "K samples per prompt from an SFT run, scored; the best fine-tuned on"),
-    "dpo": (DPOConfig, dpo_main, "direct preference optimisation from an SFT run"),
-    "ppo": (PPOConfig, ppo_main, "PPO with a critic from an SFT run"),
+    "dpo": (DPORunConfig, dpo_main, "direct preference optimisation from an SFT run"),
+    "ppo": (PPORunConfig, ppo_main, "PPO with a critic from an SFT run"),
 }
 
 

@@ -1,7 +1,7 @@
 """A user error stays one line under ``accelerate launch`` and ``torchrun``: exit status 2, no traceback.
 
 A recipe reports a user's mistake as one ``error: ...`` line and exits with status 2 (:data:`EXIT_USER_ERROR`,
-``finetune.recipe.launch``). Under a launcher the recipe is a child process, and the launcher in the parent turns
+``finetune.launch.launch``). Under a launcher the recipe is a child process, and the launcher in the parent turns
 any failed child into a traceback and exit status 1: ``subprocess.CalledProcessError`` from accelerate's
 one-process launcher, ``ChildFailedError`` from torch.distributed's elastic agent (``--multi_gpu``, FSDP, ``torchrun``),
 after two log lines of its own. No option of either launcher changes that (accelerate's ``--quiet`` still exits 1),

@@ -1,7 +1,7 @@
 """The losses the toolkit computes itself, as pure functions over scores, log-probs and values.
 
 No model, trainer or config object goes in. Each has a runtime caller: ``bradley_terry_loss`` gives the reward
-model's held-out loss and accuracy (``finetune.scoring``), and the PPO functions (``gae``, ``ppo_policy_loss``,
+model's held-out loss and accuracy (``finetune.reward_model``), and the PPO functions (``gae``, ``ppo_policy_loss``,
 ``ppo_value_loss``, ``per_token_rewards``, the KL controllers) are the PPO stage's update. The SFT, DPO and reward
 training losses are TRL's (``SFTTrainer``, ``DPOTrainer``, ``RewardTrainer``); the paper formulas that check TRL
 computes them are test oracles in ``tests/loss_oracles.py``, not library code.
@@ -43,7 +43,7 @@ def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor) -> tuple[
     Ouyang et al. 2022, "Training language models to follow instructions with human feedback",
     https://arxiv.org/abs/2203.02155 (Eq. 1). TRL's ``RewardTrainer`` computes the same loss in training (tested in
     ``tests/test_reward.py``); this function gives the held-out loss and accuracy over every eval pair
-    (``finetune.scoring``), which the trainer's batched eval does not report exactly.
+    (``finetune.reward_model``), which the trainer's batched eval does not report exactly.
 
     Args:
         chosen_scores: ``[B]`` scalar rewards of the chosen responses.

@@ -136,7 +136,7 @@ def load_base_model(model_cfg, method: str = "lora", for_training: bool = True):
 
     ``method="qlora"`` loads the weights in 4-bit NF4; anything else in ``model_cfg.dtype``. The attention backend
     (``auto`` resolved here), Liger's kernels and, for training, activation checkpointing come from ``model_cfg``
-    (``finetune.kernels``, ``finetune.checkpointing``).
+    (``finetune.kernels``, ``finetune.activation_checkpointing``).
     """
     from transformers import AutoModelForCausalLM
 
@@ -153,7 +153,7 @@ def load_base_model(model_cfg, method: str = "lora", for_training: bool = True):
 def _prepare(model, model_cfg, for_training: bool):
     """Liger's kernels when asked and possible; for training, no KV cache and the configured activation
     checkpointing."""
-    from .checkpointing import checkpointing_mode, enable_activation_checkpointing
+    from .activation_checkpointing import checkpointing_mode, enable_activation_checkpointing
     from .kernels import apply_liger
 
     apply_liger(model, getattr(model_cfg, "use_liger", False))

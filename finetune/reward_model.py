@@ -5,7 +5,7 @@ template and ``config.yaml``. :func:`load_reward_model` puts them back on the ba
 :meth:`RewardModel.score` turns texts or conversations into one float each, rendering conversations with the run's
 template exactly as training did::
 
-    from finetune.scoring import load_reward_model
+    from finetune.reward_model import load_reward_model
 
     rm = load_reward_model("runs/reward")
     rm.score([[{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]])

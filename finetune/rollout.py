@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from .generation import Completion, SamplingConfig, generate
+from .generation import Completion, Decoding, generate
 from .prompts import Prompt
 from .scorers import Sample, WeightedSum
 
@@ -33,7 +33,7 @@ class ScoredSample:
         return self.prompt.messages[-1]["content"]
 
 
-def sample_groups(model, tokenizer, prompts: list[Prompt], group_size: int, stop_ids, sampling: SamplingConfig,
+def sample_groups(model, tokenizer, prompts: list[Prompt], group_size: int, stop_ids, sampling: Decoding,
                   batch_size: int, scorer: WeightedSum) -> list[ScoredSample]:
     """``group_size`` scored samples of each prompt, ordered by (prompt, sample).
 

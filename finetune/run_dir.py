@@ -1,7 +1,7 @@
 """A run directory as its readers see it: what a finished run holds, and the one ``--init`` resolution.
 
 Every stage writes its output directory through :mod:`finetune.stages.scaffold`; every reader (a stage's ``--init``,
-PPO's ``--score.reward_model``, ``finetune.scoring.load_reward_model``, ``finetune export`` and ``finetune chat``)
+PPO's ``--score.reward_model``, ``finetune.reward_model.load_reward_model``, ``finetune export`` and ``finetune chat``)
 reads it through :class:`RunDir`:
 
 - ``kind``: ``"adapter"`` (a PEFT adapter: ``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``),

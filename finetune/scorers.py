@@ -6,8 +6,8 @@ Rejection sampling ranks a prompt's K samples with it; PPO uses it as the reward
 - :class:`VerifierScorer`: a Python function ``(prompt, response) -> bool | number``, named in a config as
   ``module:function`` (``finetune.suite:verify`` checks answers to the bundled suite); ``True`` scores 1.
 - :class:`RewardModelScorer`: a reward model's scalar score of the whole conversation, from anything with
-  ``finetune.scoring.RewardModel``'s ``score(conversations)`` (a reward run loaded with
-  ``finetune.scoring.load_reward_model``, or PPO's reward adapter on the shared base).
+  ``finetune.reward_model.RewardModel``'s ``score(conversations)`` (a reward run loaded with
+  ``finetune.reward_model.load_reward_model``, or PPO's reward adapter on the shared base).
 - :class:`WeightedSum`: ``sum_i w_i * scorer_i``, also giving each part's scores for logging.
 
 A scorer that fails on a sample, or returns something that is not a finite number, raises :class:`ScoringError`
@@ -95,7 +95,7 @@ class RewardModelScorer:
     """Scores each sample's conversation (prompt + response) with a reward model's scalar head.
 
     ``reward_model`` is anything with ``score(conversations, batch_size) -> list[float]``, such as
-    ``finetune.scoring.load_reward_model(run_dir)``; it renders each conversation with the template it trained with.
+    ``finetune.reward_model.load_reward_model(run_dir)``; it renders each conversation with the template it trained with.
     """
 
     def __init__(self, reward_model, name: str = "reward_model", batch_size: int = 16):
@@ -106,7 +106,7 @@ class RewardModelScorer:
     @classmethod
     def from_run(cls, run_dir: str, batch_size: int = 16) -> RewardModelScorer:
         """A finished reward run (``recipes/reward.py``'s output directory) as a scorer."""
-        from .scoring import load_reward_model
+        from .reward_model import load_reward_model
 
         return cls(load_reward_model(run_dir), f"reward_model:{run_dir}", batch_size)
 

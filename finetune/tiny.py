@@ -201,7 +201,7 @@ def plain_qa_accuracy(model, tokenizer) -> tuple[float, dict[str, float]]:
     pretraining epochs leaves the training unchanged."""
     from collections import defaultdict
 
-    from .generation import SamplingConfig, generate
+    from .generation import Decoding, generate
     from .suite import generate as suite_records
     from .suite import verify
 
@@ -210,7 +210,7 @@ def plain_qa_accuracy(model, tokenizer) -> tuple[float, dict[str, float]]:
     newline = tokenizer.convert_tokens_to_ids("\u010a")  # byte-level BPE's "\n"
     was_training = model.training
     model.eval()
-    replies = generate(model, tokenizer, prompts, [tokenizer.eos_token_id, newline], SamplingConfig(max_new_tokens=24))
+    replies = generate(model, tokenizer, prompts, [tokenizer.eos_token_id, newline], Decoding(max_new_tokens=24))
     model.train(was_training)
     per_family = defaultdict(list)
     for record, reply in zip(records, replies):

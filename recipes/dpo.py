@@ -12,9 +12,9 @@ Options: --config FILE.yaml, --init DIR (required), --output_dir DIR, --resume, 
 
 import sys
 
-from finetune.config import DPOConfig
-from finetune.recipe import dpo_main as main
-from finetune.recipe import launch
+from finetune.config import DPORunConfig
+from finetune.launch import dpo_main as main
+from finetune.launch import launch
 
 if __name__ == "__main__":
-    sys.exit(launch(DPOConfig, main))
+    sys.exit(launch(DPORunConfig, main))

@@ -14,9 +14,9 @@ Options: --config FILE.yaml, --init DIR, --output_dir DIR, --resume, --overwrite
 
 import sys
 
-from finetune.config import PPOConfig
-from finetune.recipe import launch
-from finetune.recipe import ppo_main as main
+from finetune.config import PPORunConfig
+from finetune.launch import launch
+from finetune.launch import ppo_main as main
 
 if __name__ == "__main__":
-    sys.exit(launch(PPOConfig, main))
+    sys.exit(launch(PPORunConfig, main))

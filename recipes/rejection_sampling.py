@@ -15,9 +15,9 @@ Options: --config FILE.yaml, --init DIR, --output_dir DIR, --resume, --overwrite
 
 import sys
 
-from finetune.config import RejectionSamplingConfig
-from finetune.recipe import launch
-from finetune.recipe import rejection_sampling_main as main
+from finetune.config import RejectionSamplingRunConfig
+from finetune.launch import launch
+from finetune.launch import rejection_sampling_main as main
 
 if __name__ == "__main__":
-    sys.exit(launch(RejectionSamplingConfig, main))
+    sys.exit(launch(RejectionSamplingRunConfig, main))

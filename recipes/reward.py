@@ -5,14 +5,14 @@
     accelerate launch recipes/reward.py --config recipes/configs/llama3_8b/reward_qlora.yaml
 
 Options: --config FILE.yaml, --init DIR, --output_dir DIR, --resume, --overwrite, --section.key=value (see --help).
-Score with it: ``finetune.scoring.load_reward_model(output_dir).score(conversations)``.
+Score with it: ``finetune.reward_model.load_reward_model(output_dir).score(conversations)``.
 """
 
 import sys
 
-from finetune.config import RewardConfig
-from finetune.recipe import launch
-from finetune.recipe import reward_main as main
+from finetune.config import RewardRunConfig
+from finetune.launch import launch
+from finetune.launch import reward_main as main
 
 if __name__ == "__main__":
-    sys.exit(launch(RewardConfig, main))
+    sys.exit(launch(RewardRunConfig, main))

@@ -11,9 +11,9 @@ sft ...`` (and ``reward``, ``rejection-sampling``, ``dpo``, ``ppo``).
 
 import sys
 
-from finetune.config import SFTConfig
-from finetune.recipe import launch
-from finetune.recipe import sft_main as main
+from finetune.config import SFTRunConfig
+from finetune.launch import launch
+from finetune.launch import sft_main as main
 
 if __name__ == "__main__":
-    sys.exit(launch(SFTConfig, main))
+    sys.exit(launch(SFTRunConfig, main))

@@ -1,4 +1,4 @@
-"""Running a recipe in the test's own process (``recipes/NAME.py``'s ``main`` through ``finetune.recipe.launch``,
+"""Running a recipe in the test's own process (``recipes/NAME.py``'s ``main`` through ``finetune.launch.launch``,
 exit status and one-line errors included), and what every stage's run directory must hold."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from finetune.recipe import launch
+from finetune.launch import launch
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 # The run directory contract shared by SFT, reward and DPO (README, "What a run leaves in its output directory").

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from finetune.checkpointing import checkpointing_mode, enable_activation_checkpointing, selective_context_fn
-from finetune.config import ConfigError, ModelConfig, SFTConfig, parse_args
+from finetune.activation_checkpointing import checkpointing_mode, enable_activation_checkpointing, selective_context_fn
+from finetune.config import ConfigError, ModelConfig, SFTRunConfig, parse_args
 from finetune.models import load_base_model, lora_config
 
 
@@ -14,7 +14,7 @@ def test_config_modes():
     stages hand to the trainer; left out, the flag decides."""
     assert checkpointing_mode(ModelConfig()) == "none"
     assert checkpointing_mode(ModelConfig(gradient_checkpointing=True)) == "full"
-    selective = parse_args(SFTConfig, ["--model.activation_checkpointing=selective"]).model
+    selective = parse_args(SFTRunConfig, ["--model.activation_checkpointing=selective"]).model
     assert checkpointing_mode(selective) == "selective" and selective.gradient_checkpointing
     none = ModelConfig(gradient_checkpointing=True, activation_checkpointing="none")
     assert checkpointing_mode(none) == "none" and not none.gradient_checkpointing

@@ -114,11 +114,11 @@ def test_sft_throughput_padding_efficiency_and_table(monkeypatch):
 def test_loop_accuracy_smoke_configs_parse_and_rejection_sampling_keeps_wrong_answers(monkeypatch, tmp_path):
     # The smoke SFT answers nothing right; its rejection sampling must still keep samples to reach the fine-tune
     # (the shipped config keeps only verified ones, and once made the smoke run stop there).
-    from finetune.config import DPOConfig, PPOConfig, RejectionSamplingConfig, SFTConfig, parse_args
+    from finetune.config import DPORunConfig, PPORunConfig, RejectionSamplingRunConfig, SFTRunConfig, parse_args
     from finetune.stages.rejection_sampling import select
 
     loop = load("loop_accuracy", monkeypatch)
-    classes = {"sft": SFTConfig, "rejection_sampling": RejectionSamplingConfig, "ppo": PPOConfig, "dpo": DPOConfig}
+    classes = {"sft": SFTRunConfig, "rejection_sampling": RejectionSamplingRunConfig, "ppo": PPORunConfig, "dpo": DPORunConfig}
     configs = {name: parse_args(cls, loop.recipe_args(name, tmp_path / name, None if name == "sft" else tmp_path,
                                                       seed=None if name == "sft" else 0, smoke=True))
                for name, cls in classes.items()}

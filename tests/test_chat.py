@@ -13,7 +13,7 @@ from test_export import CONVERSATION, make_run_dir, one_thread  # noqa: E402, F4
 
 from finetune import cli  # noqa: E402
 from finetune.chat import ChatSession, load_chat_model  # noqa: E402
-from finetune.generation import SamplingConfig  # noqa: E402
+from finetune.generation import Decoding  # noqa: E402
 from finetune.templates import render_prompt  # noqa: E402
 
 SYSTEM = CONVERSATION[0]["content"]
@@ -59,7 +59,7 @@ def test_prompt_mode_answers_once_and_stops_at_the_stop_token(run_dir, capsys):
 
 
 def test_reply_ends_at_the_runs_stop_token(chat_model, recorder):
-    session = ChatSession(chat_model, system=SYSTEM, sampling=SamplingConfig(max_new_tokens=20, temperature=0.0))
+    session = ChatSession(chat_model, system=SYSTEM, sampling=Decoding(max_new_tokens=20, temperature=0.0))
     streamed = []
     completion = session.reply(FIRST, streamed.append)
     ((prompt, generated),) = recorder.calls
@@ -75,7 +75,7 @@ def test_reply_ends_at_the_runs_stop_token(chat_model, recorder):
 def test_interactive_loop_keeps_history_resets_and_exits(chat_model, recorder, monkeypatch, capsys):
     import finetune.chat as chat
 
-    session = ChatSession(chat_model, system=SYSTEM, sampling=SamplingConfig(max_new_tokens=20, temperature=0.0))
+    session = ChatSession(chat_model, system=SYSTEM, sampling=Decoding(max_new_tokens=20, temperature=0.0))
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{FIRST}\n\n{SECOND}\n/reset\n/help\n{FIRST}\n/exit\nnever read\n"))
     chat.interactive(session)
     out = capsys.readouterr().out

@@ -2,11 +2,11 @@
 
 import pytest
 
-from finetune.config import ConfigError, SFTConfig, field_docs, parse_args, to_dict
+from finetune.config import ConfigError, SFTRunConfig, field_docs, parse_args, to_dict
 
 
 def test_defaults_are_the_embedded_model():
-    cfg = parse_args(SFTConfig, [])
+    cfg = parse_args(SFTRunConfig, [])
     assert cfg.model.name == "tiny"
     assert cfg.adapter.method == "lora"
     assert cfg.adapter.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -15,7 +15,7 @@ def test_defaults_are_the_embedded_model():
 def test_yaml_then_overrides_in_order(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  learning_rate: 2.0e-5\n  num_epochs: 3\nadapter:\n  method: qlora\n")
-    cfg = parse_args(SFTConfig, ["--config", str(path), "--train.learning_rate=1e-4", "--output_dir", "x", "--resume"])
+    cfg = parse_args(SFTRunConfig, ["--config", str(path), "--train.learning_rate=1e-4", "--output_dir", "x", "--resume"])
     assert cfg.train.learning_rate == pytest.approx(1e-4)  # YAML reads "1e-4" as a string; the field type converts
     assert cfg.train.num_epochs == 3.0 and isinstance(cfg.train.num_epochs, float)
     assert cfg.adapter.method == "qlora"
@@ -24,11 +24,11 @@ def test_yaml_then_overrides_in_order(tmp_path):
 
 def test_unknown_key_names_the_nearest_valid_one(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'train.learning_rat'; did you mean 'learning_rate'"):
-        parse_args(SFTConfig, ["--train.learning_rat=1"])
+        parse_args(SFTRunConfig, ["--train.learning_rat=1"])
     path = tmp_path / "c.yaml"
     path.write_text("modle:\n  name: tiny\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'modle'; did you mean 'model'"):
-        parse_args(SFTConfig, ["--config", str(path)])
+        parse_args(SFTRunConfig, ["--config", str(path)])
 
 
 @pytest.mark.parametrize(
@@ -43,28 +43,28 @@ def test_unknown_key_names_the_nearest_valid_one(tmp_path):
 )
 def test_bad_values_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
-        parse_args(SFTConfig, [override])
+        parse_args(SFTRunConfig, [override])
 
 
 def test_null_and_lists_from_the_command_line():
-    cfg = parse_args(SFTConfig, ["--data.eval=null", "--adapter.target_modules=q_proj,v_proj"])
+    cfg = parse_args(SFTRunConfig, ["--data.eval=null", "--adapter.target_modules=q_proj,v_proj"])
     assert cfg.data.eval is None
     assert cfg.adapter.target_modules == ["q_proj", "v_proj"]
 
 
 def test_missing_config_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
-        parse_args(SFTConfig, ["--config", str(tmp_path / "nope.yaml")])
+        parse_args(SFTRunConfig, ["--config", str(tmp_path / "nope.yaml")])
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        parse_args(SFTConfig, ["--config", str(bad)])
+        parse_args(SFTRunConfig, ["--config", str(bad)])
 
 
 def test_every_field_has_a_docstring():
     from finetune.config import AdapterConfig, DataConfig, EvalConfig, ModelConfig, TrainConfig
 
-    for cls in (ModelConfig, AdapterConfig, DataConfig, TrainConfig, EvalConfig, SFTConfig):
+    for cls in (ModelConfig, AdapterConfig, DataConfig, TrainConfig, EvalConfig, SFTRunConfig):
         docs = field_docs(cls)
         nested = {"model", "adapter", "data", "train", "eval"}
         missing = [f for f in cls.__dataclass_fields__ if f not in docs and f not in nested]
@@ -74,10 +74,10 @@ def test_every_field_has_a_docstring():
 def test_round_trip_through_yaml(tmp_path):
     import yaml
 
-    cfg = parse_args(SFTConfig, ["--train.learning_rate=3e-4"])
+    cfg = parse_args(SFTRunConfig, ["--train.learning_rate=3e-4"])
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg)))
-    assert parse_args(SFTConfig, ["--config", str(path)]) == cfg
+    assert parse_args(SFTRunConfig, ["--config", str(path)]) == cfg
 
 
 def test_every_field_of_every_stage_config_has_a_docstring():
@@ -122,12 +122,12 @@ def test_unmatched_target_modules_follow_peft_suffix_rule():
 
 
 def test_verifier_auto_follows_the_data():
-    from finetune.config import PPOConfig, RejectionSamplingConfig
+    from finetune.config import PPORunConfig, RejectionSamplingRunConfig
 
-    assert parse_args(SFTConfig, []).eval.verifier == "finetune.suite:verify"
-    assert parse_args(SFTConfig, ["--data.eval=mine.jsonl"]).eval.verifier is None
-    cfg = parse_args(PPOConfig, ["--init", "runs/sft", "--data.eval=null", "--score.reward_model=runs/reward",
+    assert parse_args(SFTRunConfig, []).eval.verifier == "finetune.suite:verify"
+    assert parse_args(SFTRunConfig, ["--data.eval=mine.jsonl"]).eval.verifier is None
+    cfg = parse_args(PPORunConfig, ["--init", "runs/sft", "--data.eval=null", "--score.reward_model=runs/reward",
                                  "--data.train=mine.jsonl"])
     assert cfg.score.verifier is None and cfg.eval.verifier is None
-    explicit = parse_args(RejectionSamplingConfig, ["--init", "runs/sft", "--score.verifier=my.mod:check"])
+    explicit = parse_args(RejectionSamplingRunConfig, ["--init", "runs/sft", "--score.verifier=my.mod:check"])
     assert explicit.score.verifier == "my.mod:check"

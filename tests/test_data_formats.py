@@ -690,7 +690,7 @@ def test_sft_run_with_skip_invalid_trains_on_the_valid_records(tmp_path, capsys)
     """The whole path: ``--data.skip_invalid=true`` trains, prints the counts and leaves rejects.jsonl."""
     import recipe_runs
 
-    from finetune.config import SFTConfig
+    from finetune.config import SFTRunConfig
 
     good = (SAMPLES / "suite_messages_train.jsonl").read_text().splitlines()[:8]
     data = tmp_path / "mixed.jsonl"
@@ -698,11 +698,11 @@ def test_sft_run_with_skip_invalid_trains_on_the_valid_records(tmp_path, capsys)
     out = tmp_path / "run"
     argv = ["--output_dir", str(out), f"--data.train={data}", "--data.eval=null", "--data.skip_invalid=true",
             "--train.max_steps=1", "--train.per_device_batch_size=2", "--eval.num_samples=1"]
-    assert recipe_runs.run_recipe("sft", SFTConfig, argv) == 0
+    assert recipe_runs.run_recipe("sft", SFTRunConfig, argv) == 0
     printed = capsys.readouterr().out
     assert f"train data: 8 of 10 records from {data}; skipped 2 invalid" in printed
     origins = [json.loads(line)["origin"] for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert origins == [f"{data}:5", f"{data}:10"]
-    assert recipe_runs.run_recipe("sft", SFTConfig, [*argv[:-5], "--data.skip_invalid=false", "--overwrite",
+    assert recipe_runs.run_recipe("sft", SFTRunConfig, [*argv[:-5], "--data.skip_invalid=false", "--overwrite",
                                                      "--train.max_steps=1"]) == 2
     assert "mixed.jsonl, line 5, field 'messages'" in capsys.readouterr().err

@@ -10,12 +10,12 @@ import torch
 from loss_oracles import dpo_hinge_loss, dpo_label_smoothed_loss, dpo_sigmoid_loss, ipo_loss, sft_loss
 from torch.testing import assert_close
 
-from finetune.config import AdapterConfig, ConfigError, DPOConfig, DPOParams, SFTConfig, parse_args
+from finetune.config import AdapterConfig, ConfigError, DPOParams, DPORunConfig, SFTRunConfig, parse_args
 from finetune.data import load_preferences
+from finetune.launch import launch
 from finetune.logprobs import sequence_logprobs
 from finetune.models import lora_config, resolve_model
 from finetune.preference_data import split_pair, tokenize_pairs_for_dpo
-from finetune.recipe import launch
 from finetune.run_dir import resolve_init
 from finetune.runs import write_config
 from finetune.stages import dpo
@@ -38,7 +38,7 @@ def make_sft_run(directory, seed=0, scale=0.05):
             if "lora_B" in name:
                 param.normal_(0.0, scale)
     model.save_pretrained(directory)
-    write_config(directory, SFTConfig(output_dir=str(directory)))
+    write_config(directory, SFTRunConfig(output_dir=str(directory)))
     return directory
 
 
@@ -56,7 +56,7 @@ def make_full_sft_run(directory, noise: float):
             param.add_(torch.randn_like(param) * noise)
     model.save_pretrained(directory)
     load_tokenizer("tiny").save_pretrained(directory)
-    write_config(directory, SFTConfig(output_dir=str(directory)))
+    write_config(directory, SFTRunConfig(output_dir=str(directory)))
     return directory
 
 
@@ -66,7 +66,7 @@ def sft_run(tmp_path_factory):
 
 
 def dpo_config(sft_run, tmp_path, **dpo_params):
-    cfg = parse_args(DPOConfig, ["--init", str(sft_run), "--output_dir", str(tmp_path / "dpo"),
+    cfg = parse_args(DPORunConfig, ["--init", str(sft_run), "--output_dir", str(tmp_path / "dpo"),
                                  "--train.per_device_batch_size=2", "--train.max_steps=2", "--train.logging_steps=1",
                                  "--train.save_steps=100", "--eval.verifier=null"])
     return dataclasses.replace(cfg, dpo=DPOParams(**dpo_params)) if dpo_params else cfg
@@ -289,7 +289,7 @@ def test_tokenize_pairs_counts_cuts_and_skips(tokenizer):
 
 
 def run_recipe(argv):
-    from finetune.config import DPOConfig as Cfg
+    from finetune.config import DPORunConfig as Cfg
 
     return launch(Cfg, dpo.run, argv)
 
@@ -353,4 +353,4 @@ def test_dpo_config_checks():
     with pytest.raises(ConfigError, match="dpo.loss must be one of"):
         DPOParams(loss="kto")
     with pytest.raises(ConfigError, match="adapter.method to lora or qlora"):
-        parse_args(DPOConfig, ["--init", "x", "--adapter.method=full"])
+        parse_args(DPORunConfig, ["--init", "x", "--adapter.method=full"])

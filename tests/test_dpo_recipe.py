@@ -9,7 +9,7 @@ import pytest
 from recipe_processes import checkpoint_complete, losses_by_step, run_to_end, run_until
 from recipe_runs import assert_run_directory, run_recipe
 
-from finetune.config import DPOConfig, SFTConfig
+from finetune.config import DPORunConfig, SFTRunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -32,14 +32,14 @@ DPO_QUICK = [
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft") / "run"
-    assert run_recipe("sft", SFTConfig, ["--output_dir", str(out), *SFT_QUICK]) == 0
+    assert run_recipe("sft", SFTRunConfig, ["--output_dir", str(out), *SFT_QUICK]) == 0
     return out
 
 
 @pytest.fixture(scope="module")
 def finished_run(sft_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo") / "run"
-    assert run_recipe("dpo", DPOConfig, ["--init", str(sft_run), "--output_dir", str(out), *DPO_QUICK]) == 0
+    assert run_recipe("dpo", DPORunConfig, ["--init", str(sft_run), "--output_dir", str(out), *DPO_QUICK]) == 0
     return out
 
 
@@ -93,7 +93,7 @@ def test_saved_policy_is_one_adapter_that_loads_onto_the_base(finished_run, sft_
 
 def test_refuses_non_empty_output_dir(finished_run, sft_run, capsys):
     argv = ["--init", str(sft_run), "--output_dir", str(finished_run), *DPO_QUICK]
-    assert run_recipe("dpo", DPOConfig, argv) == 2
+    assert run_recipe("dpo", DPORunConfig, argv) == 2
     assert "is not empty; pass --resume" in capsys.readouterr().err
 
 

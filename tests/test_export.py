@@ -18,7 +18,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from finetune import cli  # noqa: E402
-from finetune.config import AdapterConfig, SFTConfig, to_dict  # noqa: E402
+from finetune.config import AdapterConfig, SFTRunConfig, to_dict  # noqa: E402
 from finetune.export import METADATA_FILE, ExportError, export  # noqa: E402
 from finetune.models import load_tokenizer, lora_config, resolve_model  # noqa: E402
 from finetune.templates import render, save_with_template  # noqa: E402
@@ -65,7 +65,7 @@ def make_run_dir(path: Path, template: str = "llama3", method: str = "lora", see
         _fit(model, tokenizer, template, train_on)
     model.save_pretrained(path)
     save_with_template(tokenizer, template, path, model_config=model.config)
-    cfg = SFTConfig(adapter=adapter, output_dir=str(path))
+    cfg = SFTRunConfig(adapter=adapter, output_dir=str(path))
     cfg.data.template = template
     (path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path

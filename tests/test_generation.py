@@ -6,7 +6,7 @@ import torch
 
 from finetune.config import ModelConfig
 from finetune.data import load_conversations, prompt_and_reference
-from finetune.generation import Completion, SamplingConfig, cut_at_stop, generate, left_pad
+from finetune.generation import Completion, Decoding, cut_at_stop, generate, left_pad
 from finetune.models import load_base_model
 from finetune.templates import get_template, render_prompt, stop_token_ids
 
@@ -36,7 +36,7 @@ def test_left_pad_puts_every_prompt_at_the_right_edge():
 def test_padded_prompt_continues_exactly_as_alone(model, tokenizer, prompts):
     """Greedy: the shortest prompt, left-padded in a batch with longer ones, gets the same tokens as on its own."""
     assert len({len(p) for p in prompts}) > 1, "the batch must need padding"
-    greedy = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    greedy = Decoding(max_new_tokens=12, temperature=0.0)
     stops = stop_token_ids("llama3", tokenizer)
     batched = generate(model, tokenizer, prompts, stops, greedy, batch_size=len(prompts))
     for prompt, together in zip(prompts, batched):
@@ -50,7 +50,7 @@ def test_same_seed_same_samples_other_seed_other_samples(model, tokenizer, promp
     batch = prompts * 4
 
     def sample(seed):
-        cfg = SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=0.95, top_k=50, seed=seed)
+        cfg = Decoding(max_new_tokens=10, temperature=1.0, top_p=0.95, top_k=50, seed=seed)
         return [c.token_ids for c in generate(model, tokenizer, batch, stops, cfg, batch_size=6)]
 
     first = sample(1)
@@ -75,10 +75,10 @@ def test_generation_stops_at_the_templates_stop_tokens(model, tokenizer, prompts
     stops = stop_token_ids("llama3", tokenizer)
     eot = stops[0]
     forced = _ForceTokenAfter(model, eot, after=2)
-    out = generate(forced, tokenizer, prompts, stops, SamplingConfig(max_new_tokens=8), batch_size=3)
+    out = generate(forced, tokenizer, prompts, stops, Decoding(max_new_tokens=8), batch_size=3)
     assert all(c.stopped and c.stop_id == eot and len(c.token_ids) == 2 and eot not in c.token_ids for c in out)
     free = generate(model, tokenizer, prompts, [tokenizer.convert_tokens_to_ids("<|pad|>")],
-                    SamplingConfig(max_new_tokens=5), batch_size=3)
+                    Decoding(max_new_tokens=5), batch_size=3)
     assert all(len(c.token_ids) == 5 for c in free)
 
 

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from finetune.config import AdapterConfig, ModelConfig
-from finetune.kernels import policy_token_logprobs
-from finetune.logprobs import sequence_logprobs, shift_for_causal_lm, token_logprobs
+from finetune.logprobs import policy_token_logprobs, sequence_logprobs, shift_for_causal_lm, token_logprobs
 from finetune.models import load_base_model, lora_config
 
 

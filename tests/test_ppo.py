@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from finetune.config import AdapterConfig, ConfigError, PPOConfig, RewardConfig, parse_args
+from finetune.config import AdapterConfig, ConfigError, PPORunConfig, RewardRunConfig, parse_args
 from finetune.data import load_conversations
 from finetune.models import load_tokenizer, resolve_model
 from finetune.prompts import prompt_schedule
@@ -30,7 +30,7 @@ def make_reward_run(directory, seed=1, scale=0.05):
     from finetune.models import load_sequence_classifier
     from finetune.stages.reward import reward_lora_config
 
-    cfg = RewardConfig(output_dir=str(directory), adapter=AdapterConfig(r=4, alpha=8))
+    cfg = RewardRunConfig(output_dir=str(directory), adapter=AdapterConfig(r=4, alpha=8))
     torch.manual_seed(seed)
     model = get_peft_model(load_sequence_classifier(cfg.model, "lora", for_training=False), reward_lora_config(cfg.adapter))
     with torch.no_grad():
@@ -69,7 +69,7 @@ QUICK = ["--data.max_train_samples=16", "--data.max_eval_samples=8", "--eval.num
 
 
 def ppo_config(tmp_path, sft_run, *extra):
-    return parse_args(PPOConfig, ["--init", str(sft_run), "--output_dir", str(tmp_path / "ppo"), *QUICK, *extra])
+    return parse_args(PPORunConfig, ["--init", str(sft_run), "--output_dir", str(tmp_path / "ppo"), *QUICK, *extra])
 
 
 def sft_model(sft_run):
@@ -152,8 +152,8 @@ def test_four_roles_are_adapters_on_one_base(tmp_path, sft_run, reward_run):
 
 def test_reward_adapter_on_the_shared_base_scores_like_the_reward_run(tmp_path, sft_run, reward_run, tokenizer):
     """The reward role (adapter + head on the causal-LM base, left-padded batches) gives the scores
-    finetune.scoring.load_reward_model gives (a separate sequence classifier, right-padded)."""
-    from finetune.scoring import load_reward_model
+    finetune.reward_model.load_reward_model gives (a separate sequence classifier, right-padded)."""
+    from finetune.reward_model import load_reward_model
 
     cfg = ppo.resolve_init(ppo_config(tmp_path, sft_run, f"--score.reward_model={reward_run}"))
     roles = ppo.load_roles(cfg)
@@ -232,7 +232,7 @@ def test_top_k_run_starts_at_the_reference(tmp_path, sft_run):
 def trained(tmp_path_factory, sft_run):
     """Two PPO iterations on the tiny model, rewarded by short_answer; returns (output dir, summary, roles)."""
     out = tmp_path_factory.mktemp("ppo")
-    cfg = parse_args(PPOConfig, ["--init", str(sft_run), "--output_dir", str(out / "run"), *QUICK,
+    cfg = parse_args(PPORunConfig, ["--init", str(sft_run), "--output_dir", str(out / "run"), *QUICK,
                                  "--ppo.num_iterations=2", "--score.verifier=test_ppo:short_answer"])
     summary, roles = ppo.train(cfg)
     return out / "run", summary, roles
@@ -306,7 +306,7 @@ def test_qlora_one_iteration(tmp_path, sft_run):
     four roles still switch and the policy still trains."""
     import bitsandbytes as bnb
 
-    cfg = parse_args(PPOConfig, ["--init", str(sft_run), "--output_dir", str(tmp_path / "q"), *QUICK,
+    cfg = parse_args(PPORunConfig, ["--init", str(sft_run), "--output_dir", str(tmp_path / "q"), *QUICK,
                                  "--adapter.method=qlora", "--ppo.num_iterations=1", "--ppo.ppo_epochs=1",
                                  "--sampling.top_k=5", "--score.verifier=test_ppo:short_answer",
                                  "--eval.before_training=false"])
@@ -321,20 +321,20 @@ def test_qlora_one_iteration(tmp_path, sft_run):
 
 
 def test_config_errors_are_one_line(tmp_path, sft_run, capsys):
-    from finetune.recipe import launch
+    from finetune.launch import launch
 
     with pytest.raises(ConfigError, match="ppo needs --init"):
-        parse_args(PPOConfig, [])
+        parse_args(PPORunConfig, [])
     with pytest.raises(ConfigError, match="top_p=1"):
-        parse_args(PPOConfig, ["--init", "x", "--sampling.top_p=0.9"])
+        parse_args(PPORunConfig, ["--init", "x", "--sampling.top_p=0.9"])
     with pytest.raises(ConfigError, match="no such directory"):
-        ppo.resolve_init(parse_args(PPOConfig, ["--init", str(tmp_path / "missing")]))
+        ppo.resolve_init(parse_args(PPORunConfig, ["--init", str(tmp_path / "missing")]))
     with pytest.raises(ConfigError, match="not a finished run"):
-        ppo.resolve_init(parse_args(PPOConfig, ["--init", str(sft_run), f"--score.reward_model={tmp_path}"]))
-    assert launch(PPOConfig, lambda cfg: ppo.run(cfg), ["--init", str(tmp_path / "missing")]) == 2
+        ppo.resolve_init(parse_args(PPORunConfig, ["--init", str(sft_run), f"--score.reward_model={tmp_path}"]))
+    assert launch(PPORunConfig, lambda cfg: ppo.run(cfg), ["--init", str(tmp_path / "missing")]) == 2
     assert "error: --init" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="ppo.save_every=0 writes none"):
-        parse_args(PPOConfig, ["--init", "x", "--resume", "--ppo.save_every=0"])
+        parse_args(PPORunConfig, ["--init", "x", "--resume", "--ppo.save_every=0"])
     with pytest.raises(ConfigError, match="holds no run to resume"):
         ppo.train(ppo_config(tmp_path, sft_run, "--resume"))
 
@@ -363,7 +363,7 @@ def test_full_weights_sft_run_is_the_base_and_the_reference(tmp_path, tokenizer,
     from finetune.run_dir import RunDir
 
     full = make_full_sft_run(tmp_path / "sft_full", noise=0.3)
-    cfg = parse_args(PPOConfig, ["--init", str(full), "--output_dir", str(tmp_path / "ppo"), *QUICK,
+    cfg = parse_args(PPORunConfig, ["--init", str(full), "--output_dir", str(tmp_path / "ppo"), *QUICK,
                                  "--adapter.r=4", "--ppo.num_iterations=1", "--score.verifier=test_ppo:short_answer",
                                  "--eval.before_training=false"])
     summary, roles = ppo.train(cfg)
@@ -380,4 +380,4 @@ def test_full_weights_sft_run_is_the_base_and_the_reference(tmp_path, tokenizer,
     assert "eval_accuracy" in summary
     # A reward adapter trained on the original base cannot share this one.
     with pytest.raises(ConfigError, match="cannot share this base"):
-        ppo.resolve_init(parse_args(PPOConfig, ["--init", str(full), f"--score.reward_model={reward_run}"]))
+        ppo.resolve_init(parse_args(PPORunConfig, ["--init", str(full), f"--score.reward_model={reward_run}"]))

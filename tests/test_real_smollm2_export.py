@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.config import SFTConfig
+from finetune.config import SFTRunConfig
 from finetune.export import GGUF_FILE, METADATA_FILE, export
 from finetune.models import load_tokenizer
 
@@ -76,7 +76,7 @@ def test_lora_sft_on_sharegpt_then_adapter_merged_and_gguf(real_artifacts, tmp_p
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
     run = tmp_path / "sft"
-    status = recipe_runs.run_recipe("sft", SFTConfig, [
+    status = recipe_runs.run_recipe("sft", SFTRunConfig, [
         "--output_dir", str(run), f"--model.name={base}", f"--data.train={data}", "--data.eval=null",
         "--data.template=chatml", "--data.max_length=256", "--train.max_steps=2", "--train.per_device_batch_size=2",
         "--train.learning_rate=1e-3", "--train.warmup_ratio=0", "--train.logging_steps=1", "--train.save_steps=100",

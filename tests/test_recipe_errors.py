@@ -26,7 +26,7 @@ def sft_run(tmp_path_factory):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune.config import AdapterConfig, SFTConfig
+    from finetune.config import AdapterConfig, SFTRunConfig
     from finetune.models import lora_config, resolve_model
     from finetune.runs import write_config
 
@@ -35,7 +35,7 @@ def sft_run(tmp_path_factory):
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(resolve_model("tiny")),
                            lora_config(AdapterConfig(r=8, alpha=16)))
     model.save_pretrained(directory)
-    write_config(directory, SFTConfig(output_dir=str(directory)))
+    write_config(directory, SFTRunConfig(output_dir=str(directory)))
     return directory
 
 
@@ -202,9 +202,9 @@ def test_a_run_directorys_saved_verifier_is_never_imported(sft_run, tmp_path, mo
 
     import yaml
 
-    from finetune.config import DPOConfig, parse_args
+    from finetune.config import DPORunConfig, parse_args
     from finetune.export import inspect_run
-    from finetune.recipe import check_before_run
+    from finetune.launch import check_before_run
     from finetune.run_dir import resolve_init
 
     run = tmp_path / "run"
@@ -217,7 +217,7 @@ def test_a_run_directorys_saved_verifier_is_never_imported(sft_run, tmp_path, mo
         f"open({str(marker)!r}, 'w').close()\n\ndef verify(prompt, response):\n    return True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
 
-    cfg = parse_args(DPOConfig, ["--init", str(run), "--output_dir", str(tmp_path / "out")])
+    cfg = parse_args(DPORunConfig, ["--init", str(run), "--output_dir", str(tmp_path / "out")])
     check_before_run(cfg)
     resolve_init(cfg)
     inspect_run(run)

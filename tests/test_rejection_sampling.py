@@ -11,7 +11,7 @@ import recipe_runs
 import torch
 from test_dpo import make_full_sft_run, make_sft_run
 
-from finetune.config import ConfigError, RejectionParams, RejectionSamplingConfig, parse_args
+from finetune.config import ConfigError, RejectionParams, RejectionSamplingRunConfig, parse_args
 from finetune.stages import rejection_sampling as rs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +81,7 @@ QUICK = ["--data.train=bundled:suite_messages_train.jsonl", "--data.max_train_sa
 
 
 def run_recipe(argv):
-    return recipe_runs.run_recipe("rejection_sampling", RejectionSamplingConfig, argv)
+    return recipe_runs.run_recipe("rejection_sampling", RejectionSamplingRunConfig, argv)
 
 
 @pytest.fixture(scope="module")
@@ -193,13 +193,13 @@ def test_fine_tune_is_the_sft_stage_continuing_the_sft_adapter(tmp_path, sft_run
 
 def test_bad_input_is_one_line(tmp_path, sft_run, capsys):
     with pytest.raises(ConfigError, match="needs --init"):
-        parse_args(RejectionSamplingConfig, [])
+        parse_args(RejectionSamplingRunConfig, [])
     assert run_recipe(["--init", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")]) == 2
     assert "error: --init" in capsys.readouterr().err
     assert run_recipe(["--init", str(sft_run), "--output_dir", str(tmp_path / "o"), "--score.verifier=nope:f"]) == 2
     assert "score.verifier: cannot import module 'nope'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="rejection.selection must be best or threshold"):
-        parse_args(RejectionSamplingConfig, ["--init", "x", "--rejection.selection=top"])
+        parse_args(RejectionSamplingRunConfig, ["--init", "x", "--rejection.selection=top"])
 
 
 def test_resume_reuses_complete_samples_and_redraws_incomplete_ones(tmp_path, generated, sft_run, capsys):
@@ -297,7 +297,7 @@ def test_sample_groups_lays_out_g_samples_per_prompt_from_one_generate_call(toke
     from transformers import AutoModelForCausalLM
 
     from finetune.data import load_conversations
-    from finetune.generation import SamplingConfig, generate
+    from finetune.generation import Decoding, generate
     from finetune.models import resolve_model
     from finetune.prompts import load_prompts
     from finetune.rollout import sample_groups
@@ -316,7 +316,7 @@ def test_sample_groups_lays_out_g_samples_per_prompt_from_one_generate_call(toke
 
     remember.name = "remember"
     scorer = WeightedSum([(VerifierScorer(shortness, name="shortness"), 1.0), (remember, 2.0)])
-    sampling, stop_ids = SamplingConfig(6, 1.0, top_k=20, seed=5), stop_token_ids(template, tokenizer)
+    sampling, stop_ids = Decoding(6, 1.0, top_k=20, seed=5), stop_token_ids(template, tokenizer)
     samples = sample_groups(model, tokenizer, prompts, 3, stop_ids, sampling, 4, scorer)
     direct = generate(model, tokenizer, [p.ids for p in prompts for _ in range(3)], stop_ids, sampling, 4)
     assert [(s.prompt.index, s.sample) for s in samples] == [(p, j) for p in (1, 2) for j in range(3)]

@@ -10,7 +10,7 @@ import torch
 from recipe_runs import assert_run_directory
 from torch.testing import assert_close
 
-from finetune.config import AdapterConfig, ConfigError, RewardConfig, SFTConfig, parse_args
+from finetune.config import AdapterConfig, ConfigError, RewardRunConfig, SFTRunConfig, parse_args
 from finetune.data import load_preferences
 from finetune.losses import bradley_terry_loss
 from finetune.models import load_tokenizer, lora_config, resolve_model
@@ -34,7 +34,7 @@ QUICK = [
 
 
 def run_recipe(argv):
-    return recipe_runs.run_recipe("reward", RewardConfig, argv)
+    return recipe_runs.run_recipe("reward", RewardRunConfig, argv)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_saved_adapter_holds_lora_and_the_scalar_head(finished_run):
 def test_score_api_reproduces_the_run_eval_figures(finished_run):
     """load_reward_model + score, on the eval pairs rendered as conversations, gives the accuracy and margin the run
     wrote to summary.json (so the scorer renders and reads the head exactly as training did)."""
-    from finetune.scoring import load_reward_model
+    from finetune.reward_model import load_reward_model
 
     summary = json.loads((finished_run / "summary.json").read_text())
     rm = load_reward_model(finished_run)
@@ -90,7 +90,7 @@ def test_score_api_reproduces_the_run_eval_figures(finished_run):
 
 def test_score_accepts_text_and_conversation_objects(finished_run):
     from data_formats import Conversation
-    from finetune.scoring import load_reward_model
+    from finetune.reward_model import load_reward_model
 
     rm = load_reward_model(finished_run)
     messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
@@ -123,7 +123,7 @@ def make_sft_run(directory, seed=0):
             if "lora_B" in name:
                 param.normal_(0.0, 0.05)
     model.save_pretrained(directory)
-    write_config(directory, SFTConfig(output_dir=str(directory)))
+    write_config(directory, SFTRunConfig(output_dir=str(directory)))
     return model
 
 
@@ -137,7 +137,7 @@ def test_init_from_sft_copies_its_adapter_and_trl_loss_is_bradley_terry(tmp_path
     from finetune.stages import reward
 
     sft = make_sft_run(tmp_path / "sft")
-    cfg = parse_args(RewardConfig, ["--init", str(tmp_path / "sft"), "--output_dir", str(tmp_path / "rm")])
+    cfg = parse_args(RewardRunConfig, ["--init", str(tmp_path / "sft"), "--output_dir", str(tmp_path / "rm")])
     cfg, init, changed = resolve_init(cfg)
     kind = init.kind
     assert kind == "adapter" and cfg.adapter.r == 8 and cfg.adapter.alpha == 16 and changed == ["r", "alpha"]
@@ -167,7 +167,7 @@ def test_qlora_reward_model_trains_and_scores(tmp_path):
     """adapter.method=qlora: a 4-bit backbone, the head kept in the compute dtype; it trains, saves and scores."""
     from bitsandbytes.nn import Linear4bit
 
-    from finetune.scoring import load_reward_model
+    from finetune.reward_model import load_reward_model
 
     out = tmp_path / "rm"
     argv = ["--output_dir", str(out), "--adapter.method=qlora", "--data.max_train_samples=16",
@@ -218,4 +218,4 @@ def test_bad_init_is_one_line_error(tmp_path, capsys):
 
 def test_reward_config_checks():
     with pytest.raises(ConfigError, match="LoRA adapter and a scalar head"):
-        parse_args(RewardConfig, ["--adapter.method=full"])
+        parse_args(RewardRunConfig, ["--adapter.method=full"])

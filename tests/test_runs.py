@@ -8,7 +8,7 @@ import os
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from finetune.config import ConfigError, SFTConfig
+from finetune.config import ConfigError, SFTRunConfig
 from finetune.run_dir import RunDir, open_run, write_run_state
 from finetune.runs import (
     COMPLETE_MARKER,
@@ -29,7 +29,7 @@ from finetune.runs import (
 def make_run(path, status="finished", checkpoints=(), metrics_steps=()):
     """A run directory as the scaffold leaves it: config.yaml, run.json, metrics rows, complete checkpoints."""
     path.mkdir(parents=True, exist_ok=True)
-    write_config(path, SFTConfig(output_dir=str(path)))
+    write_config(path, SFTRunConfig(output_dir=str(path)))
     write_run_state(path, "sft", "running")
     if status == "finished":
         write_run_state(path, "sft", "finished", "adapter")
@@ -299,7 +299,7 @@ def test_export_chat_and_the_reward_scorer_refuse_a_run_that_did_not_finish(tmp_
     chatted with or scored with; once finished, export reads it."""
     from finetune.chat import load_chat_model
     from finetune.export import ExportError, inspect_run
-    from finetune.scoring import load_reward_model
+    from finetune.reward_model import load_reward_model
 
     run = make_run(tmp_path / "run", status="running")
     (run / "adapter_config.json").write_text("{}")
@@ -322,7 +322,7 @@ def test_a_corrupt_truncated_or_wrong_rank_adapter_is_a_one_line_init_error(tmp_
     from finetune.run_dir import ADAPTER_WEIGHTS, resolve_init
 
     def init_of(run):
-        return resolve_init(SFTConfig(init=str(run), output_dir=str(tmp_path / "out")))
+        return resolve_init(SFTRunConfig(init=str(run), output_dir=str(tmp_path / "out")))
 
     good = make_sft_run(tmp_path / "good")
     assert init_of(good)[1].kind == "adapter"

@@ -109,10 +109,10 @@ def test_build_scorer_from_config():
 
 
 def test_reward_model_scorer_on_a_reward_run_equals_its_score_api(tmp_path):
-    """RewardModelScorer.from_run wraps finetune.scoring.load_reward_model: the same numbers as its score()."""
+    """RewardModelScorer.from_run wraps finetune.reward_model.load_reward_model: the same numbers as its score()."""
     from test_ppo import make_reward_run
 
-    from finetune.scoring import load_reward_model
+    from finetune.reward_model import load_reward_model
 
     run = make_reward_run(tmp_path / "reward")
     scorer = RewardModelScorer.from_run(str(run))

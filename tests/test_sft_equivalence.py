@@ -47,12 +47,12 @@ def _gradients_of_one_step(tmp_path, tokenizer, rows, batch_size, accumulation):
     from transformers import TrainerCallback
     from trl import SFTTrainer
 
-    from finetune.config import SFTConfig, parse_args
+    from finetune.config import SFTRunConfig, parse_args
     from finetune.models import lora_config
     from finetune.stages.sft import trl_arguments
 
     cfg = parse_args(
-        SFTConfig,
+        SFTRunConfig,
         [
             f"--train.per_device_batch_size={batch_size}",
             f"--train.gradient_accumulation_steps={accumulation}",

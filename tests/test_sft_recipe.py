@@ -9,7 +9,7 @@ import recipe_runs
 from recipe_processes import losses_by_step, run_to_end, run_until
 from recipe_runs import assert_run_directory
 
-from finetune.config import SFTConfig
+from finetune.config import SFTRunConfig
 from finetune.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ QUICK = [
 
 
 def run_recipe(argv):
-    return recipe_runs.run_recipe("sft", SFTConfig, argv)
+    return recipe_runs.run_recipe("sft", SFTRunConfig, argv)
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def test_wheel_carries_the_tiny_base_the_data_and_the_launcher_hook(wheel):
     assert "finetune_launcher.pth" in names
     for required in ("finetune/tiny_base/model.safetensors", "finetune/tiny_base/tokenizer.json",
                      "finetune/tiny_base/config.json", "data_formats/samples/suite_messages_train.jsonl",
-                     "data_formats/samples/suite_preference_train.jsonl", "finetune/recipe.py",
+                     "data_formats/samples/suite_preference_train.jsonl", "finetune/launch.py",
                      "finetune/stages/sft.py"):
         assert required in names, required
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..config import DPOConfig, DPOParams
+from ..config import DPOParams, DPORunConfig
 from ..data import load_preferences
 from ..evaluate import load_callable
 from ..models import load_adapter, load_base_model, lora_config, resolve_model
@@ -56,7 +56,7 @@ def trl_loss(params: DPOParams) -> dict:
     return mapped
 
 
-def trl_arguments(cfg: DPOConfig, output_dir: Path, has_eval: bool):
+def trl_arguments(cfg: DPORunConfig, output_dir: Path, has_eval: bool):
     """TRL's ``DPOConfig``: the shared trainer fields (``finetune.runs.trainer_arguments``) plus the
     preference loss. Rows already fit ``max_length`` (``tokenize_pairs_for_dpo`` cut and counted them)."""
     from trl import DPOConfig as TRLDPOConfig
@@ -120,7 +120,7 @@ class ReferenceGapCallback(TrainerCallback):
             logs[f"{prefix}kl_gap"] = (chosen + rejected) / (2 * self.beta)
 
 
-def load_policy(cfg: DPOConfig, init_kind: str):
+def load_policy(cfg: DPORunConfig, init_kind: str):
     """The base, loaded once, with the SFT adapter as the trainable ``default`` adapter; returns ``(model,
     peft_config)`` where ``peft_config`` is the new adapter for a full-weights init (else ``None``; a full-weights
     ``init`` is ``model.name`` once resolved)."""
@@ -130,7 +130,7 @@ def load_policy(cfg: DPOConfig, init_kind: str):
     return base, lora_config(cfg.adapter)
 
 
-def build_trainer(cfg: DPOConfig, model, peft_config, tokenizer, train_rows, eval_rows, output_dir, callbacks=(),
+def build_trainer(cfg: DPORunConfig, model, peft_config, tokenizer, train_rows, eval_rows, output_dir, callbacks=(),
                   ref_model=None):
     """TRL's ``DPOTrainer`` on our rows; with a trained adapter in ``model`` it adds the frozen ``ref`` copy.
 
@@ -155,7 +155,7 @@ def build_trainer(cfg: DPOConfig, model, peft_config, tokenizer, train_rows, eva
     return trainer
 
 
-def load_data(cfg: DPOConfig, tokenizer, template):
+def load_data(cfg: DPORunConfig, tokenizer, template):
     return scaffold.load_rows(cfg, tokenizer, template, load_preferences, tokenize_pairs_for_dpo)
 
 
@@ -202,6 +202,6 @@ def train(run: StageRun) -> Trained:
 STAGE = Stage("dpo", load_data, train)
 
 
-def run(cfg: DPOConfig) -> dict:
+def run(cfg: DPORunConfig) -> dict:
     """Train, evaluate and save; returns the summary also written to ``summary.json``."""
     return scaffold.run_stage(cfg, STAGE).summary

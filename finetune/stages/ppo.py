@@ -49,12 +49,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, PPOConfig, PPOParams
+from ..config import ConfigError, PPOParams, PPORunConfig
 from ..data import load_conversations
 from ..evaluate import load_callable, verifier_accuracy
-from ..generation import SamplingConfig
-from ..kernels import auto_chunk_size
-from ..logprobs import chunked_entropy, chunked_token_logprobs, masked_whiten, top_k_support
+from ..generation import Decoding
+from ..logprobs import auto_chunk_size, chunked_entropy, chunked_token_logprobs, masked_whiten, top_k_support
 from ..losses import AdaptiveKLController, FixedKLController, gae, per_token_rewards, ppo_policy_loss, ppo_value_loss
 from ..models import (
     activate_adapter,
@@ -104,7 +103,7 @@ class Roles:
         activate_adapter(self.model, role, TRAINABLE)
 
 
-def load_roles(cfg: PPOConfig, device=None) -> Roles:
+def load_roles(cfg: PPORunConfig, device=None) -> Roles:
     """Load the base once and put the four roles on it (see the module docstring), on ``device`` when given (the
     accelerator's: the reward head is not part of the module accelerate prepares, so everything is placed here)."""
     from peft import get_peft_model
@@ -261,11 +260,11 @@ def score_rollout(roles: Roles, rollout: Rollout, lm_head_weight, temperature: f
     rollout.support = torch.cat(supports).cpu() if top_k else None
 
 
-def sample_rollout(roles: Roles, tokenizer, prompts: list[Prompt], stop_ids, cfg: PPOConfig, scorer, seed: int) -> Rollout:
+def sample_rollout(roles: Roles, tokenizer, prompts: list[Prompt], stop_ids, cfg: PPORunConfig, scorer, seed: int) -> Rollout:
     """Sample ``sampling.num_samples`` responses per prompt with the policy, score them (minus
     ``ppo.missing_stop_penalty`` for a response that never ended its turn), and lay them out."""
     roles.use(POLICY)
-    sampling = SamplingConfig(cfg.sampling.max_new_tokens, cfg.sampling.temperature, top_k=cfg.sampling.top_k,
+    sampling = Decoding(cfg.sampling.max_new_tokens, cfg.sampling.temperature, top_k=cfg.sampling.top_k,
                               seed=seed)
     samples = sample_groups(roles.model, tokenizer, prompts, cfg.sampling.num_samples, stop_ids, sampling,
                             cfg.sampling.batch_size, scorer)
@@ -281,7 +280,7 @@ def sample_rollout(roles: Roles, tokenizer, prompts: list[Prompt], stop_ids, cfg
     return rollout
 
 
-def generate_trajectory(roles: Roles, tokenizer, prompts: list[Prompt], stop_ids, cfg: PPOConfig, scorer, seed: int,
+def generate_trajectory(roles: Roles, tokenizer, prompts: list[Prompt], stop_ids, cfg: PPORunConfig, scorer, seed: int,
                         lm_head_weight) -> Rollout:
     """Phase 1, the rollout: this process's share of the iteration's ``prompts`` sampled and scored
     (:func:`sample_rollout`), then the rollout policy's and the reference's log-probs and the values
@@ -426,7 +425,7 @@ def restore_logs(output_dir: Path, checkpoint: Path, progress: dict) -> None:
 # The run
 
 
-def resolve(cfg: PPOConfig):
+def resolve(cfg: PPORunConfig):
     """Check the SFT run and the reward run against this run's base and template (``finetune.run_dir``): from a LoRA
     SFT run the policy keeps the SFT adapter's shape; a full-weights SFT run becomes the base (``model.name``), and
     every role is a new ``adapter`` on it (the reference's stays zero: the SFT model itself)."""
@@ -440,12 +439,12 @@ def resolve(cfg: PPOConfig):
     return cfg, init, changed
 
 
-def resolve_init(cfg: PPOConfig) -> PPOConfig:
+def resolve_init(cfg: PPORunConfig) -> PPORunConfig:
     """:func:`resolve`'s config, for callers that build the roles themselves."""
     return resolve(cfg)[0]
 
 
-def load_data(cfg: PPOConfig, tokenizer, template) -> StageData:
+def load_data(cfg: PPORunConfig, tokenizer, template) -> StageData:
     """The prompts and (with a verifier) the eval conversations: ``(prompts, skipped, eval_convs)``."""
     loads: list = []  # what each load skipped, for OUTPUT_DIR/rejects.jsonl
     conversations = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples,
@@ -463,12 +462,12 @@ def load_data(cfg: PPOConfig, tokenizer, template) -> StageData:
     return StageData((prompts, skipped, eval_convs), report, loads)
 
 
-def run(cfg: PPOConfig) -> dict:
+def run(cfg: PPORunConfig) -> dict:
     """Train the policy with PPO, evaluate and save; returns the summary also written to ``summary.json``."""
     return train(cfg)[0]
 
 
-def train(cfg: PPOConfig) -> tuple[dict, Roles]:
+def train(cfg: PPORunConfig) -> tuple[dict, Roles]:
     """:func:`run`, also returning the trained roles (the tests inspect the adapters after training)."""
     trained = run_stage(cfg, STAGE)
     return trained.summary, trained.model

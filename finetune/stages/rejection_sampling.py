@@ -35,9 +35,9 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, RejectionParams, RejectionSamplingConfig, SFTConfig, to_dict
+from ..config import ConfigError, RejectionParams, RejectionSamplingRunConfig, SFTRunConfig, to_dict
 from ..data import load_conversations
-from ..generation import SamplingConfig
+from ..generation import Decoding
 from ..models import load_adapter, load_base_model
 from ..prompts import Prompt, load_prompts
 from ..rollout import sample_groups
@@ -67,7 +67,7 @@ def sample_and_score(model, tokenizer, prompts: list[Prompt], stop_ids, sampling
 
     state = process_state()
     with state.split_between_processes(prompts) as share:
-        config = SamplingConfig(sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
+        config = Decoding(sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
                                 seed=sampling.seed + state.process_index)
         samples = sample_groups(model, tokenizer, share, sampling.num_samples, stop_ids, config, sampling.batch_size,
                                 scorer)
@@ -180,7 +180,7 @@ def sample_figures(rows: list[dict], kept: list[dict], pairs: list, num_prompts:
     return figures
 
 
-def generation_settings(cfg: RejectionSamplingConfig) -> dict[str, object]:
+def generation_settings(cfg: RejectionSamplingRunConfig) -> dict[str, object]:
     """``GENERATION_SECTIONS`` of ``cfg`` as flat ``section.key`` -> value, JSON round-tripped so they compare equal
     to what a marker file holds."""
     tree = {name: value for name, value in to_dict(cfg).items() if name in GENERATION_SECTIONS}
@@ -197,13 +197,13 @@ def generation_settings(cfg: RejectionSamplingConfig) -> dict[str, object]:
     return json.loads(json.dumps(flat))
 
 
-def write_generation_marker(output_dir: Path, cfg: RejectionSamplingConfig, summary: dict) -> None:
+def write_generation_marker(output_dir: Path, cfg: RejectionSamplingRunConfig, summary: dict) -> None:
     """Mark the generation outputs complete, with the sampling figures a resumed run reports again."""
     marker = {"settings": generation_settings(cfg), "summary": summary}
     atomic_write_text(output_dir / GENERATION_MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n")
 
 
-def completed_generation(output_dir: Path, cfg: RejectionSamplingConfig) -> dict | None:
+def completed_generation(output_dir: Path, cfg: RejectionSamplingRunConfig) -> dict | None:
     """The sampling figures of a complete generation in ``output_dir`` (``None`` if there is none). Samples drawn with
     other settings are refused rather than silently trained on."""
     path = output_dir / GENERATION_MARKER
@@ -220,7 +220,7 @@ def completed_generation(output_dir: Path, cfg: RejectionSamplingConfig) -> dict
     return saved["summary"]
 
 
-def resumable_output_dir(cfg: RejectionSamplingConfig) -> Path:
+def resumable_output_dir(cfg: RejectionSamplingRunConfig) -> Path:
     """``output_dir`` for ``--resume``: it must hold a rejection-sampling run (its ``config.yaml``)."""
     if cfg.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pick one")
@@ -231,23 +231,23 @@ def resumable_output_dir(cfg: RejectionSamplingConfig) -> Path:
     return path
 
 
-def sft_config(cfg: RejectionSamplingConfig, output_dir: Path, resume: bool = False) -> SFTConfig:
+def sft_config(cfg: RejectionSamplingRunConfig, output_dir: Path, resume: bool = False) -> SFTRunConfig:
     """The SFT stage's config for the fine-tune: continue the ``init`` adapter on ``kept.jsonl``. Without ``resume``
     a leftover ``OUTPUT_DIR/sft`` (a fine-tune killed before its first checkpoint) is replaced."""
     data = dataclasses.replace(cfg.data, train=str(output_dir / "kept.jsonl"), format="messages", split=None,
                                max_train_samples=None)
-    return SFTConfig(output_dir=str(output_dir / "sft"), init=cfg.init, model=cfg.model, adapter=cfg.adapter,
+    return SFTRunConfig(output_dir=str(output_dir / "sft"), init=cfg.init, model=cfg.model, adapter=cfg.adapter,
                      data=data, train=cfg.train, eval=cfg.eval, resume=resume, overwrite=not resume)
 
 
-def load_sft_model(cfg: RejectionSamplingConfig, init_kind: str):
+def load_sft_model(cfg: RejectionSamplingRunConfig, init_kind: str):
     """The SFT model to sample: the base with the SFT adapter, or a full-weights SFT run itself (``model.name`` once
     resolved; the fine-tune then puts a new ``adapter`` on it, as the SFT stage does from full weights)."""
     base = load_base_model(cfg.model, cfg.adapter.method, for_training=False)
     return base if init_kind == "full" else load_adapter(base, cfg.init)
 
 
-def resolve(cfg: RejectionSamplingConfig):
+def resolve(cfg: RejectionSamplingRunConfig):
     """The ``--init`` resolution (the fine-tune continues the SFT adapter, so it keeps its shape); ``--resume`` needs
     a rejection-sampling run in ``output_dir``."""
     cfg, init, changed = resolve_init(cfg)
@@ -256,7 +256,7 @@ def resolve(cfg: RejectionSamplingConfig):
     return cfg, init, changed
 
 
-def load_data(cfg: RejectionSamplingConfig, tokenizer, template) -> StageData:
+def load_data(cfg: RejectionSamplingRunConfig, tokenizer, template) -> StageData:
     """The scorer (a bad verifier or reward run fails here) and the prompts: ``(prompts, skipped, scorer)``."""
     scorer = build_scorer(cfg.score)
     loads: list = []  # what each load skipped, for OUTPUT_DIR/rejects.jsonl
@@ -332,7 +332,7 @@ def train(run: StageRun) -> Trained:
 STAGE = Stage("rejection_sampling", load_data, train, resolve=resolve, has_progress=has_progress)
 
 
-def run(cfg: RejectionSamplingConfig) -> dict:
+def run(cfg: RejectionSamplingRunConfig) -> dict:
     """Sample, score, select, write; then fine-tune with the SFT stage unless ``generate_only``. Returns the summary
     also written to ``summary.json``."""
     return run_stage(cfg, STAGE).summary

@@ -2,7 +2,7 @@
 
 The backbone is loaded as a sequence classifier with one output (``num_labels=1``, a new ``score`` head read at the
 last token) and wrapped with a PEFT ``SEQ_CLS`` LoRA adapter whose ``modules_to_save`` holds the head, so the saved
-adapter is all a scorer needs on top of the base (``finetune.scoring.load_reward_model``). Starting from an SFT run
+adapter is all a scorer needs on top of the base (``finetune.reward_model.load_reward_model``). Starting from an SFT run
 (``init``), the reward adapter starts as a copy of the SFT adapter. TRL's loss is
 ``-log sigmoid(r_chosen - r_rejected)``, ``finetune.losses.bradley_terry_loss``; the held-out accuracy, margin and
 loss in ``summary.json`` are computed exactly over every eval pair with that function.
@@ -12,16 +12,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import RewardConfig
+from ..config import RewardRunConfig
 from ..data import load_preferences
 from ..models import copy_adapter_weights, load_sequence_classifier, lora_config, resolve_dtype, resolve_model
 from ..preference_data import tokenize_pairs_for_reward
+from ..reward_model import pairwise_metrics
 from ..runs import trainer_arguments
-from ..scoring import pairwise_metrics
 from .scaffold import Stage, StageRun, Trained, check_finite, load_rows, run_stage, train_with_trainer, trainer_inputs
 
 
-def trl_arguments(cfg: RewardConfig, output_dir: Path, has_eval: bool):
+def trl_arguments(cfg: RewardRunConfig, output_dir: Path, has_eval: bool):
     """TRL's ``RewardConfig``: the shared trainer fields (``finetune.runs.trainer_arguments``). Rows
     already fit ``max_length`` (``tokenize_pairs_for_reward`` skipped and counted the rest)."""
     from trl import RewardConfig as TRLRewardConfig
@@ -38,7 +38,7 @@ def trl_arguments(cfg: RewardConfig, output_dir: Path, has_eval: bool):
 def reward_lora_config(adapter_cfg):
     """The reward adapter: LoRA on the backbone plus the ``score`` head, trained and saved with it."""
     return lora_config(adapter_cfg, task_type="SEQ_CLS", modules_to_save=["score"])
-def load_reward_backbone(cfg: RewardConfig, init_kind: str | None):
+def load_reward_backbone(cfg: RewardRunConfig, init_kind: str | None):
     """Backbone + new scalar head + LoRA adapter, the adapter copied from ``cfg.init`` when it is an adapter run (a
     full-weights ``init`` is ``model.name`` once resolved)."""
     from peft import get_peft_model
@@ -49,7 +49,7 @@ def load_reward_backbone(cfg: RewardConfig, init_kind: str | None):
     return model
 
 
-def load_data(cfg: RewardConfig, tokenizer, template):
+def load_data(cfg: RewardRunConfig, tokenizer, template):
     return load_rows(cfg, tokenizer, template, load_preferences, tokenize_pairs_for_reward)
 
 
@@ -91,6 +91,6 @@ def train(run: StageRun) -> Trained:
 STAGE = Stage("reward", load_data, train)
 
 
-def run(cfg: RewardConfig) -> dict:
+def run(cfg: RewardRunConfig) -> dict:
     """Train, evaluate and save; returns the summary also written to ``summary.json``."""
     return run_stage(cfg, STAGE).summary

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import SFTConfig
+from ..config import SFTRunConfig
 from ..data import load_conversations, tokenize_conversations
 from ..evaluate import eval_loss, load_callable
 from ..models import load_adapter, load_base_model, lora_config, resolve_model
@@ -19,7 +19,7 @@ from . import scaffold
 from .scaffold import Stage, StageRun, Trained
 
 
-def trl_arguments(cfg: SFTConfig, output_dir: Path, has_eval: bool):
+def trl_arguments(cfg: SFTRunConfig, output_dir: Path, has_eval: bool):
     """TRL's ``SFTConfig``: the shared trainer fields (``finetune.runs.trainer_arguments``) plus packing."""
     from trl import SFTConfig as TRLSFTConfig
 
@@ -33,7 +33,7 @@ def trl_arguments(cfg: SFTConfig, output_dir: Path, has_eval: bool):
     )
 
 
-def load_model(cfg: SFTConfig, init_kind: str | None):
+def load_model(cfg: SFTRunConfig, init_kind: str | None):
     """The model to train and the ``peft_config`` for TRL: a new adapter on ``model.name`` (a full-weights ``init``
     is ``model.name`` once resolved), or the ``init`` run's adapter loaded trainable (then ``peft_config`` is
     ``None``)."""
@@ -43,7 +43,7 @@ def load_model(cfg: SFTConfig, init_kind: str | None):
     return base, lora_config(cfg.adapter)
 
 
-def load_data(cfg: SFTConfig, tokenizer, template):
+def load_data(cfg: SFTRunConfig, tokenizer, template):
     return scaffold.load_rows(cfg, tokenizer, template, load_conversations, tokenize_conversations)
 
 
@@ -83,7 +83,7 @@ def train(run: StageRun) -> Trained:
 STAGE = Stage("sft", load_data, train)
 
 
-def run(cfg: SFTConfig) -> dict:
+def run(cfg: SFTRunConfig) -> dict:
     """Train, evaluate and save; returns the summary also written to ``summary.json``."""
     return scaffold.run_stage(cfg, STAGE).summary
 
