@@ -3,9 +3,9 @@
 Every function here is pure: tensors in, tensors out, no model, trainer or config object.
 
 Alignment convention. ``token_logprobs`` and ``chunked_token_logprobs`` take labels that are ALREADY aligned with
-the logits / hidden states (position ``t`` of the logits scores ``labels[:, t]``). ``sequence_logprobs`` and
-``finetune.losses.sft_loss`` take the raw model output together with ``labels == input_ids`` (prompt and padding set
-to ``ignore_index``), as Hugging Face causal LMs do, and apply the causal shift themselves with
+the logits / hidden states (position ``t`` of the logits scores ``labels[:, t]``). ``sequence_logprobs`` (and the
+test oracle ``sft_loss`` in ``tests/loss_oracles.py``) take the raw model output together with
+``labels == input_ids`` (prompt and padding set to ``ignore_index``), as Hugging Face causal LMs do, and apply the causal shift themselves with
 ``shift_for_causal_lm``: the logits at position ``t`` predict the token at ``t + 1``.
 
 Masks are 0/1 tensors (bool or float) of the same shape as the values they mask; "masked positions" below means

@@ -37,10 +37,11 @@ REFERENCE_ADAPTER = "ref"
 def trl_loss(params: DPOParams) -> dict:
     """TRL's ``loss_type``, ``loss_weights`` and ``label_smoothing`` for our loss name.
 
-    ``sigmoid``, ``ipo`` and ``hinge`` are TRL's losses of the same names (``finetune.losses.dpo_sigmoid_loss``,
-    ``ipo_loss`` on per-token mean log-probs, ``dpo_hinge_loss``). TRL 1.16 has no cDPO:
+    ``sigmoid``, ``ipo`` and ``hinge`` are TRL's losses of the same names (the test oracles in
+    ``tests/loss_oracles.py``: ``dpo_sigmoid_loss``, ``ipo_loss`` on per-token mean log-probs, ``dpo_hinge_loss``).
+    TRL 1.16 has no cDPO:
     its ``robust`` loss (Chowdhury et al. 2024) is ``R = ((1 - e) A - e B) / (1 - 2e)`` with ``A = -log s(b h)`` and
-    ``B = -log s(-b h)``, while cDPO (``finetune.losses.dpo_label_smoothed_loss``) is ``(1 - e) A + e B``. TRL sums
+    ``B = -log s(-b h)``, while cDPO (``dpo_label_smoothed_loss`` there) is ``(1 - e) A + e B``. TRL sums
     weighted losses, and ``2 (1 - e) A - (1 - 2e) R = (1 - e) A + e B`` exactly, so cDPO is TRL's
     ``["sigmoid", "robust"]`` with weights ``[2 (1 - e), -(1 - 2e)]``.
     """
@@ -50,7 +51,7 @@ def trl_loss(params: DPOParams) -> dict:
     else:
         mapped = dict(loss_type=[params.loss], loss_weights=[1.0], label_smoothing=0.0)
     if params.nll_weight:
-        # TRL's "sft" term: the token mean of -log pi over the chosen replies' tokens (finetune.losses.sft_loss).
+        # TRL's "sft" term: the token mean of -log pi over the chosen replies' tokens (the oracle tests/loss_oracles.py:sft_loss).
         mapped["loss_type"] = [*mapped["loss_type"], "sft"]
         mapped["loss_weights"] = [*mapped["loss_weights"], params.nll_weight]
     return mapped
