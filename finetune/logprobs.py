@@ -1,6 +1,7 @@
 """Log-probabilities, entropies and masked statistics: the tensor maths shared by SFT, DPO, PPO and evaluation.
 
-Every function here is pure: tensors in, tensors out, no model, trainer or config object.
+Every function here is pure (tensors in, tensors out, no trainer or config object), but for the last section's, which take
+a model and read its hidden states and plain ``lm_head`` in chunks, so the full logits never exist.
 
 Alignment convention. ``token_logprobs`` and ``chunked_token_logprobs`` take labels that are ALREADY aligned with
 the logits / hidden states (position ``t`` of the logits scores ``labels[:, t]``). ``sequence_logprobs`` (and the
