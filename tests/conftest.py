@@ -117,3 +117,15 @@ def real_artifacts():
     if not (root / ".complete").exists():
         pytest.skip(f"real artifacts not fetched: run `make artifacts` (python tests/real/fetch.py --dest {root})")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread while a module's tests run (export and chat modules use it: `pytestmark = pytest.mark.usefixtures("one_thread")`): on matrices this small, threads only add start-up and spin-wait
+    costs, and on a busy 2-core machine two threads made a 2-second fixture take minutes. Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

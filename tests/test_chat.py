@@ -9,12 +9,14 @@ import io  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from test_export import CONVERSATION, make_run_dir, one_thread  # noqa: E402, F401 (one_thread: autouse)
+from factories import CONVERSATION, make_run_dir  # noqa: E402
 
 from finetune import cli  # noqa: E402
 from finetune.chat import ChatSession, load_chat_model  # noqa: E402
 from finetune.generation import Decoding  # noqa: E402
 from finetune.templates import render_prompt  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 SYSTEM = CONVERSATION[0]["content"]
 (FIRST, FIRST_REPLY), (SECOND, SECOND_REPLY) = [

@@ -1,13 +1,11 @@
 """Scale-out: every accelerate config parses, and 2 CPU processes (DDP) train exactly like 1 with the same global batch."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from factories import launch_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
@@ -28,27 +26,8 @@ def test_every_accelerate_config_parses_with_accelerates_loader():
     assert fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def launch_recipe(recipe: str, processes: int, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
-    """``accelerate launch recipes/RECIPE ARGS`` with 1 process, or N CPU processes under cpu_ddp.yaml (DDP, gloo) on
-    a free port; tests/ is on the path (the test scorers live there). An absolute RECIPE path runs that script."""
-    if processes == 1:
-        launcher = [str(ACCELERATE), "launch", "--num_processes", "1", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no"]
-    else:
-        launcher = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"),
-                    "--num_processes", str(processes), "--main_process_port", str(free_port())]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([*launcher, str(ROOT / "recipes" / recipe), *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def launch_sft(out: Path, processes: int, accumulation: int, extra=()):
@@ -88,7 +67,7 @@ def test_sft_two_processes_equal_one(tmp_path):
 @pytest.fixture(scope="module")
 def sft_init(tmp_path_factory):
     """A stand-in SFT run (a LoRA adapter with non-zero B) for the preference stages to start from."""
-    from test_dpo import make_sft_run
+    from factories import make_sft_run
 
     return make_sft_run(tmp_path_factory.mktemp("sft_init"))
 

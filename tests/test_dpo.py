@@ -7,57 +7,25 @@ import json
 
 import pytest
 import torch
+from factories import make_full_sft_run, make_sft_run  # noqa: E402
 from loss_oracles import dpo_hinge_loss, dpo_label_smoothed_loss, dpo_sigmoid_loss, ipo_loss, sft_loss
 from torch.testing import assert_close
 
-from finetune.config import AdapterConfig, ConfigError, DPOParams, DPORunConfig, SFTRunConfig, parse_args
+from finetune.config import ConfigError, DPOParams, DPORunConfig, parse_args
 from finetune.data import load_preferences
 from finetune.launch import launch
 from finetune.logprobs import sequence_logprobs
-from finetune.models import lora_config, resolve_model
+from finetune.models import resolve_model
 from finetune.preference_data import split_pair, tokenize_pairs_for_dpo
 from finetune.run_dir import resolve_init
-from finetune.runs import write_config
 from finetune.stages import dpo
 from finetune.templates import get_template
 
 EVAL = "bundled:suite_preference_eval.jsonl"
 
 
-def make_sft_run(directory, seed=0, scale=0.05):
-    """Save what recipes/sft.py leaves for DPO to start from: config.yaml and a LoRA adapter whose B is non-zero
-    (a fresh adapter has B = 0 and would equal the base, which would hide a reference taken from the raw base)."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"))
-    model = get_peft_model(base, lora_config(AdapterConfig(r=8, alpha=16)))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, scale)
-    model.save_pretrained(directory)
-    write_config(directory, SFTRunConfig(output_dir=str(directory)))
-    return directory
 
 
-def make_full_sft_run(directory, noise: float):
-    """What recipes/sft.py leaves after full fine-tuning: the whole model (the tiny base, layer 0 moved by ``noise``),
-    the tokenizer and config.yaml."""
-    from transformers import AutoModelForCausalLM
-
-    from finetune.models import load_tokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for param in model.model.layers[0].parameters():
-            param.add_(torch.randn_like(param) * noise)
-    model.save_pretrained(directory)
-    load_tokenizer("tiny").save_pretrained(directory)
-    write_config(directory, SFTRunConfig(output_dir=str(directory)))
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ the adapter changes the logits. Each comparison states its tolerance; the figure
 
 import os
 
+from factories import PROMPTS, logits_of, make_run_dir, max_abs_diff  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json  # noqa: E402
@@ -18,71 +20,10 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from finetune import cli  # noqa: E402
-from finetune.config import AdapterConfig, SFTRunConfig, to_dict  # noqa: E402
 from finetune.export import METADATA_FILE, ExportError, export  # noqa: E402
-from finetune.models import load_tokenizer, lora_config, resolve_model  # noqa: E402
-from finetune.templates import render, save_with_template  # noqa: E402
+from finetune.models import resolve_model  # noqa: E402
 
-PROMPTS = [
-    "Question: What is 12 plus 30?\nAnswer:",
-    "Reverse the words: pen hammer nest",
-    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nName the capital city of Cuba.<|eot_id|>",
-]
-CONVERSATION = [
-    {"role": "system", "content": "You are terse."},
-    {"role": "user", "content": "What is 2 + 3?"},
-    {"role": "assistant", "content": "5"},
-    {"role": "user", "content": "And 4 + 4?"},
-    {"role": "assistant", "content": "8"},
-]
-
-
-def make_run_dir(path: Path, template: str = "llama3", method: str = "lora", seed: int = 0, train_on=None) -> Path:
-    """A run directory as SFT writes it, on the tiny base.
-
-    ``method`` lora/qlora: a LoRA adapter with random B (qlora only differs in config.yaml: the export must then load
-    the base unquantised). ``full``: the whole model, its last layer's MLP perturbed. ``train_on``: conversations the
-    adapter is fitted to (a few dozen Adam steps), so greedy chat answers them and ends on the stop token.
-    """
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = load_tokenizer("tiny")
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"), dtype=torch.float32)
-    adapter = AdapterConfig(method=method)
-    if method == "full":
-        with torch.no_grad():
-            weight = model.model.layers[-1].mlp.down_proj.weight
-            weight.add_(0.02 * torch.randn_like(weight))
-    else:
-        model = get_peft_model(model, lora_config(adapter))
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0.0, 0.02)
-    if train_on:
-        _fit(model, tokenizer, template, train_on)
-    model.save_pretrained(path)
-    save_with_template(tokenizer, template, path, model_config=model.config)
-    cfg = SFTRunConfig(adapter=adapter, output_dir=str(path))
-    cfg.data.template = template
-    (path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return path
-
-
-def _fit(model, tokenizer, template, conversations, steps: int = 60) -> None:
-    rows = [render(template, conv, tokenizer) for conv in conversations]
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=3e-3)  # 1e-2 diverged on the 12-epoch base (greedy '8888...')
-    model.train()
-    for _ in range(steps):
-        for ids, labels in rows:
-            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def base_plus_adapter(run_dir: Path):
@@ -92,25 +33,6 @@ def base_plus_adapter(run_dir: Path):
 
     base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"), dtype=torch.float32)
     return PeftModel.from_pretrained(base, run_dir).eval()
-
-
-def logits_of(model, tokenizer, prompts=PROMPTS) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [model(torch.tensor([tokenizer.encode(p, add_special_tokens=False)])).logits[0].float() for p in prompts]
-
-
-def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread while these tests run: on matrices this small, threads only add start-up and spin-wait
-    costs, and on a busy 2-core machine two threads made a 2-second fixture take minutes. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

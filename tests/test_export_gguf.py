@@ -16,13 +16,12 @@ import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from test_export import (  # noqa: E402
+from factories import (  # noqa: E402
     CONVERSATION,
     PROMPTS,
     logits_of,
     make_run_dir,
     max_abs_diff,
-    one_thread,  # noqa: F401 (autouse)
 )
 
 from finetune.export import GGUF_FILE, METADATA_FILE, export  # noqa: E402
@@ -37,6 +36,8 @@ from finetune.gguf_writer import (  # noqa: E402
 )
 from finetune.models import load_tokenizer  # noqa: E402
 from finetune.templates import get_template, stop_token_ids  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 # Relative to the largest |logit| on the prompts, and the fraction of positions whose argmax must agree.
 TOLERANCE = {"f32": (1e-5, 1.0), "f16": (2e-3, 0.98), "q8_0": (0.05, 0.9)}

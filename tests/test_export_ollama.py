@@ -18,11 +18,13 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
-from test_export import CONVERSATION, make_run_dir, one_thread  # noqa: E402, F401 (one_thread: autouse)
+from factories import CONVERSATION, make_run_dir  # noqa: E402
 
 from finetune.export import GGUF_FILE, MODELFILE, ExportError, export, modelfile, ollama_template  # noqa: E402
 from finetune.models import load_tokenizer  # noqa: E402
 from finetune.templates import get_template, render, stop_token_ids  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 # ------------------------------------------------------------------------------------------- a Go template subset
 

@@ -8,40 +8,20 @@ import math
 
 import pytest
 import torch
+from factories import QUICK, make_reward_run  # noqa: E402
 from torch.testing import assert_close
 
-from finetune.config import AdapterConfig, ConfigError, PPORunConfig, RewardRunConfig, parse_args
+from finetune.config import ConfigError, PPORunConfig, parse_args
 from finetune.data import load_conversations
-from finetune.models import load_tokenizer, resolve_model
+from finetune.models import resolve_model
 from finetune.prompts import prompt_schedule
 from finetune.rollout import build_rollout
-from finetune.runs import write_config
 from finetune.stages import ppo
-from finetune.templates import get_template, save_with_template
+from finetune.templates import get_template
 
 EVAL = "bundled:suite_messages_eval.jsonl"
 
 
-def make_reward_run(directory, seed=1, scale=0.05):
-    """What recipes/reward.py leaves: config.yaml, the tokenizer, and a SEQ_CLS LoRA adapter saved with its scalar
-    ``score`` head, here random (non-zero B and head) so that scores differ between conversations."""
-    from peft import get_peft_model
-
-    from finetune.models import load_sequence_classifier
-    from finetune.stages.reward import reward_lora_config
-
-    cfg = RewardRunConfig(output_dir=str(directory), adapter=AdapterConfig(r=4, alpha=8))
-    torch.manual_seed(seed)
-    model = get_peft_model(load_sequence_classifier(cfg.model, "lora", for_training=False), reward_lora_config(cfg.adapter))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name or "score" in name:
-                param.normal_(0.0, scale if "lora_B" in name else 1.0)
-    model.save_pretrained(directory)
-    tokenizer = load_tokenizer("tiny")
-    save_with_template(tokenizer, "llama3", directory)
-    write_config(directory, cfg)
-    return directory
 
 
 def short_answer(prompt: str, response: str) -> float:
@@ -52,7 +32,7 @@ def short_answer(prompt: str, response: str) -> float:
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
-    from test_dpo import make_sft_run
+    from factories import make_sft_run
 
     return make_sft_run(tmp_path_factory.mktemp("sft"))
 
@@ -62,10 +42,6 @@ def reward_run(tmp_path_factory):
     return make_reward_run(tmp_path_factory.mktemp("reward"))
 
 
-# Sampling over the whole distribution (the tuned default is the top 3), so the stand-in verifiers see varied answers.
-QUICK = ["--data.max_train_samples=16", "--data.max_eval_samples=8", "--eval.num_samples=8",
-         "--sampling.num_samples=2", "--sampling.max_new_tokens=12", "--sampling.top_k=0", "--ppo.rollout_batch_size=4",
-         "--ppo.mini_batch_size=4", "--ppo.ppo_epochs=2", "--ppo.learning_rate=5e-3"]
 
 
 def ppo_config(tmp_path, sft_run, *extra):
@@ -357,7 +333,7 @@ def test_response_entropy_equals_the_full_logits_entropy(tmp_path, sft_run, toke
 def test_full_weights_sft_run_is_the_base_and_the_reference(tmp_path, tokenizer, reward_run):
     """From a full fine-tune the SFT model is the base: policy, reference and value are new adapters on it, the
     reference's stays zero (the SFT model itself), and the run records that base so export finds it."""
-    from test_dpo import make_full_sft_run
+    from factories import make_full_sft_run
     from transformers import AutoModelForCausalLM
 
     from finetune.run_dir import RunDir

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import launch_recipe
+from factories import launch_recipe
 
 
 def test_two_processes_roll_out_every_prompt_exactly_once(tmp_path):
-    from test_dpo import make_sft_run
+    from factories import make_sft_run
 
     from finetune.prompts import prompt_schedule
 

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from factories import QUICK
 from recipe_processes import checkpoint_complete, run_to_end, run_until
-from test_ppo import QUICK
 
 from finetune.runs import COMPLETE_MARKER, read_metrics
 
@@ -25,8 +25,8 @@ def command(sft, out, *extra):
 
 
 def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
+    from factories import make_sft_run
     from safetensors.torch import load_file
-    from test_dpo import make_sft_run
 
     sft = make_sft_run(tmp_path / "sft")
     straight, killed = tmp_path / "straight", tmp_path / "killed"

@@ -13,7 +13,7 @@ llama.cpp on 15 of the 46 texts (those starting with a space). That llama.cpp it
 import gguf
 import pytest
 import torch
-from test_real_tokenizers import bare_copy, reference_cases
+from factories import bare_copy, reference_cases
 
 from finetune.gguf_writer import write_llama_gguf
 from finetune.models import load_tokenizer

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from test_export import CONVERSATION, PROMPTS, make_run_dir  # noqa: E402
+from factories import CONVERSATION, PROMPTS, make_run_dir  # noqa: E402
 
 from finetune.export import GGUF_FILE, export  # noqa: E402
 from finetune.models import load_tokenizer  # noqa: E402

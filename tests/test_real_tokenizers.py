@@ -5,30 +5,11 @@ texts; Meta's Llama 3 tiktoken file must give llama.cpp's reference ids for Llam
 code adds (the file holds only the 128,000 ranks). Without the library that reads the file: one line naming it.
 """
 
-import shutil
-
 import pytest
+from factories import bare_copy, reference_cases  # noqa: E402
 
 from finetune.config import ConfigError
 from finetune.models import LLAMA3_SPECIAL_TOKENS, load_tokenizer
-
-
-def reference_cases(real_artifacts, name: str) -> list[tuple[str, list[int]]]:
-    """llama.cpp's ``ggml-vocab-NAME.gguf.inp``/``.out``: texts split by ``__ggml_vocab_test__`` lines, one line of
-    ids per text (tokenised without BOS)."""
-    base = real_artifacts / "llama.cpp" / f"ggml-vocab-{name}.gguf"
-    texts = base.with_name(base.name + ".inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
-    lines = base.with_name(base.name + ".out").read_text(encoding="utf-8").split("\n")[: len(texts)]
-    assert len(texts) == len(lines) == 46
-    return [(text, [int(i) for i in line.split()]) for text, line in zip(texts, lines, strict=True)]
-
-
-def bare_copy(source, tmp_path):
-    """``source`` alone in a fresh directory, as Meta's downloads hold it."""
-    directory = tmp_path / source.parent.name
-    directory.mkdir()
-    shutil.copy(source, directory / "tokenizer.model")
-    return directory
 
 
 def test_sentencepiece_tokenizer_model_alone_loads_and_matches_sentencepiece(real_artifacts, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import recipe_runs
 import torch
-from test_dpo import make_full_sft_run, make_sft_run
+from factories import make_full_sft_run, make_sft_run
 
 from finetune.config import ConfigError, RejectionParams, RejectionSamplingRunConfig, parse_args
 from finetune.stages import rejection_sampling as rs

@@ -6,14 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_distributed import launch_recipe
+from factories import launch_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
 def test_two_processes_sample_every_prompt_exactly_once(tmp_path):
-    from test_dpo import make_sft_run
+    from factories import make_sft_run
 
     from finetune.data import load_conversations
 
@@ -40,9 +40,8 @@ def test_two_processes_fine_tune_and_resume_after_kill(tmp_path):
     """The whole recipe under cpu_ddp.yaml: sampling, then the SFT stage under DDP. A run killed once sft/checkpoint-2
     is complete and resumed (samples reused, fine-tune from the checkpoint) ends where an uninterrupted 2-process run
     does: same loss at every step, same summary."""
+    from factories import free_port, make_sft_run
     from recipe_processes import checkpoint_complete, losses_by_step, run_to_end, run_until
-    from test_distributed import free_port
-    from test_dpo import make_sft_run
 
     sft = make_sft_run(tmp_path / "sft")
 

@@ -317,7 +317,7 @@ def test_export_chat_and_the_reward_scorer_refuse_a_run_that_did_not_finish(tmp_
 def test_a_corrupt_truncated_or_wrong_rank_adapter_is_a_one_line_init_error(tmp_path):
     import shutil
 
-    from test_dpo import make_sft_run
+    from factories import make_sft_run
 
     from finetune.run_dir import ADAPTER_WEIGHTS, resolve_init
 

@@ -110,7 +110,7 @@ def test_build_scorer_from_config():
 
 def test_reward_model_scorer_on_a_reward_run_equals_its_score_api(tmp_path):
     """RewardModelScorer.from_run wraps finetune.reward_model.load_reward_model: the same numbers as its score()."""
-    from test_ppo import make_reward_run
+    from factories import make_reward_run
 
     from finetune.reward_model import load_reward_model
 

@@ -153,7 +153,7 @@ def test_a_failed_run_does_not_block_the_corrected_rerun(tmp_path, capsys, monke
 
 
 def test_an_unfinished_run_is_refused_as_init(tmp_path, capsys):
-    from test_dpo import make_sft_run
+    from factories import make_sft_run
 
     from finetune.run_dir import write_run_state
 
