@@ -31,12 +31,16 @@ class PairReport:
     reply exceeds ``max_length`` (its score is read at the last token, so it cannot be cut)."""
     skipped_identical: int = 0
     """Pairs whose chosen and rejected replies are the same tokens (after any cut): nothing to prefer."""
+    skipped_boundary: int = 0
+    """Pairs whose rendered prompt is not a token prefix of prompt + reply: the tokenizer merges the prompt's last
+    characters with a reply's first (e.g. the ``alpaca`` template's ``:`` + ``The`` on Llama 3), so there is no one
+    prompt for both replies."""
     skipped_origins: list[str] = field(default_factory=list)
     """Where the skipped pairs came from (file:line), the first 20."""
 
     @property
     def skipped_records(self) -> int:
-        return self.skipped_long + self.skipped_identical
+        return self.skipped_long + self.skipped_identical + self.skipped_boundary
 
     def _skip(self, origin: str) -> None:
         if len(self.skipped_origins) < 20:
@@ -48,6 +52,8 @@ class PairReport:
             f"(-{self.truncated_tokens} tokens); skipped {self.skipped_long} too long for max_length, "
             f"{self.skipped_identical} with chosen == rejected"
         )
+        if self.skipped_boundary:
+            text += f", {self.skipped_boundary} whose prompt tokens merge into the reply's"
         if self.skipped_origins:
             text += f" ({', '.join(self.skipped_origins[:5])}" + (", ...)" if self.skipped_records > 5 else ")")
         return text
@@ -58,10 +64,11 @@ class PairReport:
         return out
 
 
-def split_pair(pair, template, tokenizer) -> tuple[list[int], list[int], list[int]]:
+def split_pair(pair, template, tokenizer) -> tuple[list[int], list[int], list[int]] | None:
     """``(prompt_ids, chosen_ids, rejected_ids)``: the prompt rendered for generation (ending on the assistant header)
     and each reply as the tokens that follow it (the reply and its end-of-turn token), so that ``prompt + reply`` is
-    token for token what SFT trained on and what generation continues from."""
+    token for token what SFT trained on and what generation continues from. ``None`` when the prompt is not a token
+    prefix of prompt + reply (:attr:`PairReport.skipped_boundary`): the callers skip and count the pair."""
     from .templates import render, render_prompt
 
     prompt_ids = render_prompt(template, pair.prompt, tokenizer)
@@ -69,10 +76,7 @@ def split_pair(pair, template, tokenizer) -> tuple[list[int], list[int], list[in
     for reply in (pair.chosen, pair.rejected):
         full_ids, _ = render(template, pair.prompt + reply, tokenizer)
         if full_ids[: len(prompt_ids)] != prompt_ids:  # render() tokenises the whole text (finetune.templates)
-            raise ValueError(
-                f"{pair.origin}: the rendered prompt is not a token prefix of prompt + reply (this tokenizer merges "
-                f"the prompt's last characters with the reply's first)"
-            )
+            return None
         replies.append(full_ids[len(prompt_ids) :])
     return prompt_ids, replies[0], replies[1]
 
@@ -86,7 +90,12 @@ def tokenize_pairs_for_dpo(pairs, template, tokenizer, max_length: int) -> tuple
     rows: list[dict] = []
     report = PairReport(records=len(pairs))
     for pair in pairs:
-        prompt_ids, chosen_ids, rejected_ids = split_pair(pair, template, tokenizer)
+        split = split_pair(pair, template, tokenizer)
+        if split is None:
+            report.skipped_boundary += 1
+            report._skip(pair.origin)
+            continue
+        prompt_ids, chosen_ids, rejected_ids = split
         room = max_length - len(prompt_ids)
         if room < 1:
             report.skipped_long += 1
@@ -111,12 +120,14 @@ def tokenize_pairs_for_reward(pairs, template, tokenizer, max_length: int) -> tu
     """Rows of ``{"chosen_ids", "rejected_ids"}``, each the whole rendered conversation (TRL's ``RewardTrainer``
     format), and a report. The score is read at the last token, so a conversation is never cut: a pair that does
     not fit ``max_length`` is skipped, as is one with identical replies. Both counted."""
+    from .templates import render
+
     rows: list[dict] = []
     report = PairReport(records=len(pairs))
     for pair in pairs:
-        prompt_ids, chosen_ids, rejected_ids = split_pair(pair, template, tokenizer)
-        chosen, rejected = prompt_ids + chosen_ids, prompt_ids + rejected_ids
-        if chosen_ids == rejected_ids:
+        # Each side whole, as SFT renders it: the reward model needs no prompt shared by both (unlike DPO).
+        chosen, rejected = (render(template, pair.prompt + reply, tokenizer)[0] for reply in (pair.chosen, pair.rejected))
+        if chosen == rejected:
             report.skipped_identical += 1
             report._skip(pair.origin)
             continue

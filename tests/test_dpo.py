@@ -252,6 +252,28 @@ def test_tokenize_pairs_counts_cuts_and_skips(tokenizer):
     assert "1 with a reply cut" in report.describe("train") and "1 with chosen == rejected" in report.describe("train")
 
 
+def test_a_prompt_whose_tokens_merge_into_the_reply_is_skipped_and_counted(tokenizer, monkeypatch):
+    """Whole-text tokenisation can merge a prompt's last characters with a reply's first (the alpaca template's
+    ``:`` + ``The`` on Llama 3's vocabulary). Then there is no one prompt for both replies: DPO skips the pair and
+    counts it, rather than failing the run; the reward model, which needs no shared prompt, keeps it whole."""
+    import finetune.templates
+    from data_formats import PreferencePair
+    from finetune.preference_data import tokenize_pairs_for_reward
+
+    template = get_template("llama3", tokenizer)
+    user = [{"role": "user", "content": "What is 2 + 2?"}]
+    pairs = [PreferencePair(user, [{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}],
+                            "a:1", {})]
+    monkeypatch.setattr(finetune.templates, "render_prompt", lambda *args, **kwargs: [0, 1, 2])  # not a prefix
+    assert split_pair(pairs[0], template, tokenizer) is None
+    rows, report = tokenize_pairs_for_dpo(pairs, template, tokenizer, max_length=64)
+    assert rows == [] and report.skipped_boundary == 1 and report.skipped_records == 1
+    assert report.skipped_origins == ["a:1"] and "1 whose prompt tokens merge" in report.describe("train")
+    rows, report = tokenize_pairs_for_reward(pairs, template, tokenizer, max_length=64)
+    assert report.kept == 1 and rows[0]["chosen_ids"] == finetune.templates.render(template, user + pairs[0].chosen,
+                                                                                    tokenizer)[0]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Bad input: one line, exit status 2
 
