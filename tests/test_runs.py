@@ -75,10 +75,12 @@ def test_overwrite_refuses_the_current_directory_and_its_parents(tmp_path, monke
         plan_output_dir(run, resume=False, overwrite=True)
 
 
-def test_overwrite_refuses_a_parent_of_the_project(tmp_path, monkeypatch):
+def test_overwrite_refuses_a_parent_of_the_project(monkeypatch):
     from finetune.runs import project_root
 
-    monkeypatch.chdir(tmp_path)
+    # From / the project's parent is neither the current directory nor one of its parents (a checkout under /tmp
+    # would otherwise be refused by that rule first, whatever tmp_path is).
+    monkeypatch.chdir("/")
     with pytest.raises(ConfigError, match="holds the finetune project"):
         plan_output_dir(project_root().parent, resume=False, overwrite=True)
 
