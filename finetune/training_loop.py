@@ -92,7 +92,6 @@ def save_checkpoint(output_dir: Path, step: int, accelerator, trainable: torch.n
     if main:  # the weights are the same on every process (DDP keeps them in step)
         save_file({n: p.detach().cpu().contiguous() for n, p in _trainable_tensors(trainable).items()},
                   staging / TRAINABLE_FILE)
-        shutil.copyfile(output_dir / METRICS_FILE, staging / METRICS_FILE)
         (staging / PROGRESS_FILE).write_text(json.dumps({**progress, "num_processes": accelerator.num_processes}))
     accelerator.wait_for_everyone()  # every process's files are written before the checkpoint counts
     if main:
@@ -135,9 +134,3 @@ def load_checkpoint(path: Path, accelerator, trainable: torch.nn.Module, generat
         hook.remove()
     generator.set_state(torch.load(path / f"generator_{accelerator.process_index}.pt", weights_only=True))
     return progress
-
-
-def restore_metrics(output_dir: Path, checkpoint: Path) -> None:
-    """Roll ``metrics.jsonl`` back to the checkpoint (main process), so the rows of the steps run after it, which the
-    resumed run repeats, are not written twice."""
-    atomic_write_text(output_dir / METRICS_FILE, (checkpoint / METRICS_FILE).read_text())

@@ -77,7 +77,7 @@ from ..runs import (
 )
 from ..scorers import build_scorer
 from ..templates import render, stop_token_ids
-from ..training_loop import MetricsLog, load_checkpoint, restore_metrics, save_checkpoint
+from ..training_loop import MetricsLog, load_checkpoint, save_checkpoint
 from .scaffold import Stage, StageData, StageRun, Trained, run_stage
 
 POLICY, REFERENCE, VALUE, REWARD = "policy", "reference", "value", "reward"
@@ -412,9 +412,9 @@ def log_iteration(log: MetricsLog, output_dir: Path, row: dict, records: list[di
 
 
 def restore_logs(output_dir: Path, checkpoint: Path, progress: dict) -> None:
-    """Roll ``metrics.jsonl`` and ``rollouts.jsonl`` back to the checkpoint (main process), so the rows of the
-    iterations run after it, which the resumed run repeats, are not written twice."""
-    restore_metrics(output_dir, checkpoint)
+    """Roll ``rollouts.jsonl`` back to the checkpoint (main process), so the rows of the iterations run after it,
+    which the resumed run repeats, are not written twice; the scaffold has already rewound ``metrics.jsonl`` to the
+    checkpoint's step (``finetune.runs.rewind_metrics``: a row's step is its iteration)."""
     rollouts = output_dir / "rollouts.jsonl"
     if rollouts.exists():
         with open(rollouts, "r+b") as f:
