@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install artifacts demo test test-fast lint bench clean
+.PHONY: install artifacts demo test test-unit test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ artifacts: install
 
 test: install artifacts
 	$(PY) -m pytest -q -ra tests
+
+# The unit tests alone: pure functions, readers, templates, configs; no model is built (tests/unit/conftest.py).
+test-unit: install
+	$(PY) -m pytest -q tests/unit
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests

@@ -3,7 +3,7 @@
     python benchmarks/sampling_throughput.py            # tiny LLaMA, CPU; --device cuda on a GPU
 
 Both arms answer the same suite prompts greedily with the same model and the same stop tokens, so they produce the
-same tokens (tests/test_generation.py checks that left padding changes nothing); each arm's generated tokens
+same tokens (tests/integration/test_generation.py checks that left padding changes nothing); each arm's generated tokens
 (the stop token included) are divided by its wall time. Goal: batched >= 5x one at a time. Results go to
 ``benchmarks/results/sampling_throughput_<device>.json`` and ``.md``.
 """

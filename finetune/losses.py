@@ -42,7 +42,7 @@ def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor) -> tuple[
 
     Ouyang et al. 2022, "Training language models to follow instructions with human feedback",
     https://arxiv.org/abs/2203.02155 (Eq. 1). TRL's ``RewardTrainer`` computes the same loss in training (tested in
-    ``tests/test_reward.py``); this function gives the held-out loss and accuracy over every eval pair
+    ``tests/integration/test_reward.py``); this function gives the held-out loss and accuracy over every eval pair
     (``finetune.reward_model``), which the trainer's batched eval does not report exactly.
 
     Args:

@@ -1,4 +1,8 @@
-"""Shared test set-up: offline, CPU, and the `gpu` marker skipped where there is no CUDA device."""
+"""Shared test set-up: offline, CPU, the `slow` list, and the `gpu` marker skipped where there is no CUDA device.
+
+The tree: ``tests/unit/`` runs in milliseconds and builds no model (tests/unit/conftest.py refuses one);
+``tests/integration/`` uses the tiny model, real artifacts, recipes and launchers, in seconds, and holds every slow
+test. The modules beside this file are shared helpers (factories, oracles, process runners, test verifiers)."""
 
 import os
 
@@ -13,9 +17,9 @@ import pytest  # noqa: E402
 # wheel build): a test is slow exactly when it is listed here, by module or by module::test. A `@pytest.mark.slow`
 # written on a test itself is refused, so the list stays the only place. `pytest -m "not slow"` skips them.
 SLOW_TESTS = (
-    "test_data_formats.py::test_datasets_save_to_disk_directories",
-    "test_data_formats_errors.py::test_hub_dataset_offline_with_real_datasets",
-    "test_data_formats_errors.py::test_datasets_dir_missing_split",
+    "test_data_sources.py::test_datasets_save_to_disk_directories",
+    "test_data_sources.py::test_hub_dataset_offline_with_real_datasets",
+    "test_data_sources.py::test_datasets_dir_missing_split",
     "test_distributed.py::test_sft_two_processes_equal_one",
     "test_distributed.py::test_dpo_two_processes_equal_one",
     "test_distributed.py::test_reward_runs_under_two_processes_and_writes_once",
@@ -64,6 +68,10 @@ def mark_slow(items) -> None:
     if written:
         raise pytest.UsageError(f"@pytest.mark.slow on {', '.join(written)}: list the test in SLOW_TESTS "
                                 "(tests/conftest.py) instead, the one place slow is decided")
+    in_unit = [item.nodeid for item in items if is_slow(item.nodeid) and "/unit/" in f"/{item.nodeid}"]
+    if in_unit:
+        raise pytest.UsageError(f"slow tests under tests/unit: {', '.join(in_unit)}; unit tests run in milliseconds, "
+                                "move them to tests/integration")
     for item in items:
         if is_slow(item.nodeid):
             item.add_marker(pytest.mark.slow)

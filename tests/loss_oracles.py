@@ -6,8 +6,8 @@ only maps our loss names onto TRL's ``loss_type``/``loss_weights``. Keeping a se
 would give two sources of truth, one of which changes nothing about training. So the paper's formulas live here, as
 pure functions over log-probs:
 
-- ``tests/test_losses.py`` pins each one with three-element examples worked out by hand;
-- ``tests/test_dpo.py`` checks that TRL's loss on a real batch equals the oracle over log-probs we compute ourselves
+- ``tests/unit/test_losses.py`` pins each one with three-element examples worked out by hand;
+- ``tests/integration/test_dpo.py`` checks that TRL's loss on a real batch equals the oracle over log-probs we compute ourselves
   (each ``dpo.loss`` variant, and the ``dpo.nll_weight`` term against ``sft_loss``).
 
 The losses the toolkit computes itself (Bradley-Terry for the reward model's eval figures, PPO's GAE, clipped

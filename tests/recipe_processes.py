@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def recipe_env(**extra: str) -> dict[str, str]:
     """Offline, unbuffered, one thread per process unless the caller says otherwise, and tests/ importable (test
-    scorers such as ``test_rejection_sampling:shortness`` live there)."""
+    scorers such as ``toy_verifiers:shortness`` live there)."""
     path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": path, **extra}

@@ -4,6 +4,8 @@ import zlib
 
 import pytest
 import torch
+from loss_oracles import sft_loss
+from torch.testing import assert_close
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from finetune.config import ModelConfig
@@ -102,3 +104,28 @@ def test_accumulation_equals_big_batch(tmp_path, tokenizer, rows):
     assert loss_acc == pytest.approx(loss_big, rel=1e-5)
     for name in grads_big:
         torch.testing.assert_close(grads_acc[name], grads_big[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_trl_sft_loss_equals_the_oracle(tmp_path, tokenizer, rows):
+    """TRL's ``SFTTrainer.compute_loss`` (what the SFT stage trains with) on four padded suite conversations equals
+    the oracle over the full logits: as a plain token mean, and divided by a ``num_items_in_batch`` larger than the
+    batch's own count, as transformers passes it under gradient accumulation."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from finetune.config import ModelConfig
+    from finetune.models import load_base_model
+
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], per_device_train_batch_size=4)
+    model = load_base_model(ModelConfig(name="tiny"), "full")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows[:4]), processing_class=tokenizer)
+    batch = trainer.data_collator(rows[:4])
+    trainer.model.eval()
+    with torch.no_grad():
+        trl_mean = trainer.compute_loss(trainer.model, batch)
+        trl_accumulated = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(40))
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ours, num_tokens = sft_loss(logits, batch["labels"])
+    assert 0 < num_tokens.item() < 40
+    assert_close(trl_mean, ours, rtol=1e-5, atol=1e-6)
+    assert_close(trl_accumulated, sft_loss(logits, batch["labels"], num_items_in_batch=40)[0], rtol=1e-5, atol=1e-6)

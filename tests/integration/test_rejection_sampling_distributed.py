@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from factories import launch_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
@@ -22,7 +22,7 @@ def test_two_processes_sample_every_prompt_exactly_once(tmp_path):
     # 7 prompts: the processes get 4 and 3.
     launch_recipe("rejection_sampling.py", 2, [
         "--init", str(sft), "--output_dir", str(out), "--generate_only", "--data.max_train_samples=7",
-        "--sampling.num_samples=3", "--sampling.max_new_tokens=8", "--score.verifier=test_rejection_sampling:shortness",
+        "--sampling.num_samples=3", "--sampling.max_new_tokens=8", "--score.verifier=toy_verifiers:shortness",
         "--data.train=bundled:suite_messages_train.jsonl", "--rejection.keep_unverified=true",
     ])
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -50,7 +50,7 @@ def test_two_processes_fine_tune_and_resume_after_kill(tmp_path):
                 "--main_process_port", str(free_port()), ROOT / "recipes" / "rejection_sampling.py",
                 "--init", sft, "--output_dir", out, "--data.max_train_samples=7", "--data.max_eval_samples=4",
                 "--eval.num_samples=4", "--sampling.num_samples=3", "--sampling.max_new_tokens=8",
-                "--score.verifier=test_rejection_sampling:shortness", "--rejection.keep_unverified=true",
+                "--score.verifier=toy_verifiers:shortness", "--rejection.keep_unverified=true",
                 "--data.train=bundled:suite_messages_train.jsonl", "--train.max_steps=4",
                 "--train.per_device_batch_size=2", "--train.logging_steps=1", "--train.save_steps=2",
                 "--train.save_total_limit=10", "--train.warmup_ratio=0", *extra]

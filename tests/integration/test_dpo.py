@@ -1,6 +1,6 @@
 """DPO on one base with policy and reference adapters: the reference is the SFT model, TRL's loss is ours, log-probs
 cover the reply only, and bad input fails in one line. A stand-in SFT run (a random non-zero LoRA adapter saved like
-recipes/sft.py saves one) keeps these tests to seconds; tests/test_dpo_recipe.py chains from a real SFT run."""
+recipes/sft.py saves one) keeps these tests to seconds; tests/integration/test_dpo_recipe.py chains from a real SFT run."""
 
 import dataclasses
 import json

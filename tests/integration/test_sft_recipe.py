@@ -12,7 +12,7 @@ from recipe_runs import assert_run_directory
 from finetune.config import SFTRunConfig
 from finetune.runs import read_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "sft.py"
 
 # Small and quick: 64 conversations, 8 optimizer steps, a checkpoint every 2.

@@ -11,7 +11,7 @@ from recipe_runs import assert_run_directory, run_recipe
 
 from finetune.config import DPORunConfig, SFTRunConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 
 SFT_QUICK = ["--data.max_train_samples=64", "--train.max_steps=4", "--train.logging_steps=2", "--train.save_steps=2",

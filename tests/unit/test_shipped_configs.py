@@ -6,7 +6,7 @@ import pytest
 
 from finetune.config import STAGE_CONFIGS, config_class_for, load_yaml, parse_args, stage_of, to_dict
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "recipes" / "configs"
 SHIPPED = sorted(CONFIG_DIR.rglob("*.yaml"))
 
 

@@ -12,7 +12,7 @@ import pytest
 import data_formats
 from data_formats import DataFormatError, LoadReport, load_conversations
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHAREGPT = "sharegpt/ShareGPT_V3_unfiltered_cleaned_split.json"
 
 

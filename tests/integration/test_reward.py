@@ -18,7 +18,7 @@ from finetune.preference_data import tokenize_pairs_for_reward
 from finetune.runs import write_config
 from finetune.templates import get_template
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "reward.py"
 EVAL = "bundled:suite_preference_eval.jsonl"
 
@@ -219,3 +219,20 @@ def test_bad_init_is_one_line_error(tmp_path, capsys):
 def test_reward_config_checks():
     with pytest.raises(ConfigError, match="LoRA adapter and a scalar head"):
         parse_args(RewardRunConfig, ["--adapter.method=full"])
+
+
+def test_reward_model_scorer_on_a_reward_run_equals_its_score_api(tmp_path):
+    """RewardModelScorer.from_run wraps finetune.reward_model.load_reward_model: the same numbers as its score()."""
+    from factories import make_reward_run
+
+    from finetune.reward_model import load_reward_model
+    from finetune.scorers import RewardModelScorer, Sample
+
+    SAMPLES = [Sample([{"role": "user", "content": q}], response, i)
+               for i, (q, response) in enumerate([("What is 2 + 3?", "5"), ("What is 2 + 3?", "6"),
+                                                   ("Reverse the words: a b", "b a")])]
+    run = make_reward_run(tmp_path / "reward")
+    scorer = RewardModelScorer.from_run(str(run))
+    expected = load_reward_model(run).score([s.conversation() for s in SAMPLES])
+    assert scorer(SAMPLES) == pytest.approx(expected, abs=1e-6)
+    assert len(set(expected)) == 3

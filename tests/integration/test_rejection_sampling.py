@@ -10,18 +10,13 @@ import pytest
 import recipe_runs
 import torch
 from factories import make_full_sft_run, make_sft_run
+from toy_verifiers import shortness
 
 from finetune.config import ConfigError, RejectionParams, RejectionSamplingRunConfig, parse_args
 from finetune.stages import rejection_sampling as rs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "rejection_sampling.py"
-
-
-def shortness(prompt: str, response: str) -> float:
-    """A graded score for the tests (the stand-in SFT model never answers a suite prompt correctly): 0 for an empty
-    response, else 1 falling by 0.05 per character, at least 0."""
-    return max(0.0, 1.0 - 0.05 * len(response)) if response.strip() else 0.0
 
 
 def row(prompt_index, sample, score, response=None):
@@ -76,7 +71,7 @@ def test_empty_responses_are_never_kept_or_paired():
 QUICK = ["--data.train=bundled:suite_messages_train.jsonl", "--data.max_train_samples=6", "--data.max_eval_samples=4",
          "--eval.num_samples=4", "--sampling.num_samples=4",
          "--sampling.max_new_tokens=10", "--sampling.temperature=1.0", "--sampling.top_k=0",
-         "--score.verifier=test_rejection_sampling:shortness",
+         "--score.verifier=toy_verifiers:shortness",
          "--rejection.keep_unverified=true"]
 
 

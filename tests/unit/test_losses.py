@@ -66,31 +66,6 @@ def test_sft_loss_batch_1_accumulation_4_equals_batch_4_accumulation_1():
     assert not torch.allclose(mean_of_means, full_loss)
 
 
-def test_trl_sft_loss_equals_the_oracle(tmp_path, tokenizer, rows):
-    """TRL's ``SFTTrainer.compute_loss`` (what the SFT stage trains with) on four padded suite conversations equals
-    the oracle over the full logits: as a plain token mean, and divided by a ``num_items_in_batch`` larger than the
-    batch's own count, as transformers passes it under gradient accumulation."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    from finetune.config import ModelConfig
-    from finetune.models import load_base_model
-
-    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], per_device_train_batch_size=4)
-    model = load_base_model(ModelConfig(name="tiny"), "full")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows[:4]), processing_class=tokenizer)
-    batch = trainer.data_collator(rows[:4])
-    trainer.model.eval()
-    with torch.no_grad():
-        trl_mean = trainer.compute_loss(trainer.model, batch)
-        trl_accumulated = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(40))
-        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    ours, num_tokens = sft_loss(logits, batch["labels"])
-    assert 0 < num_tokens.item() < 40
-    assert_close(trl_mean, ours, rtol=1e-5, atol=1e-6)
-    assert_close(trl_accumulated, sft_loss(logits, batch["labels"], num_items_in_batch=40)[0], rtol=1e-5, atol=1e-6)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # DPO family (oracles)
 

@@ -20,7 +20,7 @@ from finetune.export import GGUF_FILE, export  # noqa: E402
 from finetune.models import load_tokenizer  # noqa: E402
 from finetune.templates import get_template  # noqa: E402
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from finetune.kernels import (
 )
 from finetune.models import load_base_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BF16, FP32 = torch.bfloat16, torch.float32
 
 

@@ -106,16 +106,3 @@ def test_build_scorer_from_config():
         ScoreConfig(verifier=None).resolve("bundled:suite_messages_rl.jsonl")
     with pytest.raises(ConfigError, match="score needs a verifier"):  # auto finds no verifier for other prompts
         ScoreConfig().resolve("my_prompts.jsonl")
-
-
-def test_reward_model_scorer_on_a_reward_run_equals_its_score_api(tmp_path):
-    """RewardModelScorer.from_run wraps finetune.reward_model.load_reward_model: the same numbers as its score()."""
-    from factories import make_reward_run
-
-    from finetune.reward_model import load_reward_model
-
-    run = make_reward_run(tmp_path / "reward")
-    scorer = RewardModelScorer.from_run(str(run))
-    expected = load_reward_model(run).score([s.conversation() for s in SAMPLES])
-    assert scorer(SAMPLES) == pytest.approx(expected, abs=1e-6)
-    assert len(set(expected)) == 3

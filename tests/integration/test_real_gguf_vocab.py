@@ -7,7 +7,7 @@ own reference file, and transformers, loading our file with ``gguf_file=``, toke
 scores and types of the file itself, and the read-back tokenises as sentencepiece does. Llama 2's reference is not
 used here: transformers needs a minute to rebuild its merges from llama.cpp's file, and its reader differs from
 llama.cpp on 15 of the 46 texts (those starting with a space). That llama.cpp itself agrees with all of them is
-``benchmarks/gguf_llamacpp_parity.py``, run by ``tests/test_real_llamacpp.py`` where llama-cpp-python is installed.
+``benchmarks/gguf_llamacpp_parity.py``, run by ``tests/integration/test_real_llamacpp.py`` where llama-cpp-python is installed.
 """
 
 import gguf

@@ -21,7 +21,7 @@ from data_formats import (
 )
 from data_formats.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def user(text):
@@ -577,29 +577,6 @@ def test_hub_dataset_that_cannot_be_fetched(monkeypatch):
         "work offline",
     )
     assert isinstance(e.__cause__, ConnectionError)
-
-
-def test_hub_dataset_offline_with_real_datasets(tmp_path):
-    pytest.importorskip("datasets")
-    code = (
-        "from data_formats import load_conversations, DataFormatError\n"
-        "try:\n    load_conversations('nobody-here/no-such-dataset')\n"
-        "except DataFormatError as e:\n    print(e.file, e.record, e.field, e)\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
-    )
-    assert result.stdout.startswith("nobody-here/no-such-dataset None None "), result.stdout + result.stderr
-    assert "could not be fetched" in result.stdout and "work offline" in result.stdout
-
-
-def test_datasets_dir_missing_split(tmp_path):
-    datasets = pytest.importorskip("datasets")
-    datasets.DatasetDict(test=datasets.Dataset.from_list([ALPACA])).save_to_disk(str(tmp_path / "dd"))
-    check(
-        lambda: load_conversations(tmp_path / "dd"), tmp_path / "dd", None, None, "a split named one of test", "'train'"
-    )
 
 
 # ---------------------------------------------------------------- writing

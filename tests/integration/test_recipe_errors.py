@@ -16,7 +16,7 @@ from recipe_runs import run_recipe
 
 from finetune.config import STAGE_CONFIGS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

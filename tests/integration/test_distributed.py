@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from factories import launch_recipe  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 

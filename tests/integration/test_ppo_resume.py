@@ -11,7 +11,7 @@ from recipe_processes import checkpoint_complete, run_to_end, run_until
 
 from finetune.runs import COMPLETE_MARKER, read_metrics
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "ppo.py"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "ppo.py"
 # Adaptive KL with a short horizon, so the coefficient moves every iteration and its checkpointed value matters.
 ARGS = [*QUICK, "--data.eval=null", "--ppo.num_iterations=4", "--ppo.save_every=2", "--ppo.save_total_limit=null",
         "--ppo.adaptive_kl=true", "--ppo.kl_target=0.01", "--ppo.kl_horizon=20", "--ppo.whiten_rewards=true",

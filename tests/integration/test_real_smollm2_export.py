@@ -17,7 +17,7 @@ from finetune.config import SFTRunConfig
 from finetune.export import GGUF_FILE, METADATA_FILE, export
 from finetune.models import load_tokenizer
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 CONVERSATIONS = 4
 PROMPTS = ["The capital of France is", "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"]
 

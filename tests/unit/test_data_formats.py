@@ -25,7 +25,7 @@ from data_formats import (
 )
 from data_formats.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "data_formats" / "samples"
 
 
@@ -295,23 +295,6 @@ def test_hub_id_goes_through_load_dataset(monkeypatch):
     assert conv.origin == "someone/chats:train[0]"
     load_conversations("someone/chats", split="test")
     assert calls[-1] == ("someone/chats", "test")
-
-
-def test_datasets_save_to_disk_directories(tmp_path):
-    datasets = pytest.importorskip("datasets")
-    datasets.Dataset.from_list([MESSAGES]).save_to_disk(str(tmp_path / "single"))
-    assert load_conversations(tmp_path / "single")[0].origin == f"{tmp_path / 'single'}[0]"
-
-    dd = datasets.DatasetDict(
-        train=datasets.Dataset.from_list([ALPACA, ALPACA]), test=datasets.Dataset.from_list([ALPACA])
-    )
-    dd.save_to_disk(str(tmp_path / "dict"))
-    assert len(load_conversations(tmp_path / "dict")) == 2
-    (conv,) = load_conversations(tmp_path / "dict", split="test")
-    assert conv.origin == f"{tmp_path / 'dict'}:test[0]" and conv.meta == {"task": "add", "answer": "5"}
-    with pytest.raises(DataFormatError, match="one of train, test") as info:
-        load_conversations(tmp_path / "dict", split="validation")
-    assert (info.value.file, info.value.record, info.value.field) == (str(tmp_path / "dict"), None, None)
 
 
 @pytest.mark.skipif(not SAMPLES.is_dir(), reason="no bundled samples")
@@ -684,25 +667,3 @@ def test_finetune_loads_count_and_list_what_skip_invalid_skipped(tmp_path, capsy
     assert written == tmp_path / "run" / "rejects.jsonl"
     assert json.loads(written.read_text())["origin"] == f"{path}:2"
     assert write_rejects(tmp_path / "other", [data_formats.LoadReport()]) is None
-
-
-def test_sft_run_with_skip_invalid_trains_on_the_valid_records(tmp_path, capsys):
-    """The whole path: ``--data.skip_invalid=true`` trains, prints the counts and leaves rejects.jsonl."""
-    import recipe_runs
-
-    from finetune.config import SFTRunConfig
-
-    good = (SAMPLES / "suite_messages_train.jsonl").read_text().splitlines()[:8]
-    data = tmp_path / "mixed.jsonl"
-    data.write_text("\n".join([*good[:4], '{"messages": []}', *good[4:], "{oops"]) + "\n")
-    out = tmp_path / "run"
-    argv = ["--output_dir", str(out), f"--data.train={data}", "--data.eval=null", "--data.skip_invalid=true",
-            "--train.max_steps=1", "--train.per_device_batch_size=2", "--eval.num_samples=1"]
-    assert recipe_runs.run_recipe("sft", SFTRunConfig, argv) == 0
-    printed = capsys.readouterr().out
-    assert f"train data: 8 of 10 records from {data}; skipped 2 invalid" in printed
-    origins = [json.loads(line)["origin"] for line in (out / "rejects.jsonl").read_text().splitlines()]
-    assert origins == [f"{data}:5", f"{data}:10"]
-    assert recipe_runs.run_recipe("sft", SFTRunConfig, [*argv[:-5], "--data.skip_invalid=false", "--overwrite",
-                                                     "--train.max_steps=1"]) == 2
-    assert "mixed.jsonl, line 5, field 'messages'" in capsys.readouterr().err
