@@ -174,9 +174,24 @@ def parse_message_list(
         message = {"role": roles[raw], "content": content}
         if item.get("weight") is not None:
             message["weight"] = _weight(item["weight"], where, f"{path}.weight")
+        if item.get("input") is not None:
+            message["input"] = _turn_input(item["input"], message, where, f"{path}.input")
         messages.append(message)
         turns.append(Turn(f"{path}.{role_key}", f"{path}.{content_key}", raw))
     return messages, turns
+
+
+def _turn_input(value, message: dict, where: Where, path: str) -> str:
+    """The Alpaca input kept on a user turn (written by ``convert`` from Alpaca data): the content must end with it,
+    as the Alpaca reader joins them, so the alpaca template can take the with-input prompt apart again."""
+    if message["role"] != "user":
+        raise where.error(path, "an input only on a user turn (the Alpaca input beside its instruction)", value)
+    if not isinstance(value, str):
+        raise where.error(path, "a string", value)
+    if value and not message["content"].endswith("\n\n" + value):
+        raise where.error(path, "the end of the turn's content after a blank line (content = instruction, blank line, "
+                          "input)", value)
+    return value
 
 
 def _weight(value, where: Where, path: str) -> int:
@@ -260,7 +275,7 @@ def read_sharegpt(record: dict, where: Where) -> Conversation:
 
     ``user``/``assistant`` (and the ``chatgpt``/``bing``/``bard`` of raw ShareGPT dumps) are accepted as speakers.
     A first turn (after an optional system turn) from the assistant is dropped, as FastChat does, and counted in
-    the load report. A turn's ``weight`` (0/1) is kept.
+    the load report. A turn's ``weight`` (0/1) and a user turn's Alpaca ``input`` are kept.
     """
     if record.get("conversations") is None:
         raise where.error("conversations", "a list of {from, value} objects", MISSING)
@@ -289,7 +304,7 @@ def read_messages(record: dict, where: Where) -> Conversation:
     """Chat messages: ``messages`` of ``{role: system|user|assistant, content}``; optional record-level ``system``.
 
     A record-level ``system`` string becomes the leading system message (refused when ``messages`` has one). A
-    message's ``weight`` (0/1) is kept.
+    message's ``weight`` (0/1) and a user message's Alpaca ``input`` (the end of its content) are kept.
     """
     if record.get("messages") is None:
         raise where.error("messages", "a list of {role, content} objects", MISSING)

@@ -37,8 +37,12 @@ def _conversation(record, where: Where, to: str) -> Conversation:
 
 
 def _with_weight(row: dict, message: dict) -> dict:
+    """The turn's optional keys: its weight, and the Alpaca input of a user turn (so the alpaca template still takes
+    the with-input prompt from converted data)."""
     if "weight" in message:
         row["weight"] = message["weight"]
+    if message.get("input"):
+        row["input"] = message["input"]
     return row
 
 

@@ -183,7 +183,7 @@ def test_convert_alpaca_to_messages(alpaca_file, tmp_path, capsys):
     assert out == f"wrote 3 messages records to {out_path}\n"
     rows = [json.loads(line) for line in out_path.read_text().splitlines()]
     assert rows[1]["messages"] == [
-        {"role": "user", "content": "Translate to French.\n\nGood morning"},
+        {"role": "user", "content": "Translate to French.\n\nGood morning", "input": "Good morning"},
         {"role": "assistant", "content": "Bonjour"},
     ]
 

@@ -315,14 +315,14 @@ def test_alpaca_to_sharegpt_and_back(tmp_path):
     assert write(convs, tmp_path / "s.jsonl", to="sharegpt") == 2
     rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert rows[0] == {
-        "conversations": [{"from": "human", "value": "Add the numbers.\n\n2 and 3"}, {"from": "gpt", "value": "5"}],
+        "conversations": [{"from": "human", "value": "Add the numbers.\n\n2 and 3", "input": "2 and 3"},
+                          {"from": "gpt", "value": "5"}],
         "task": "add",
         "answer": "5",
     }
     again = load_conversations(tmp_path / "s.jsonl")
-    # ShareGPT has no input field: the joined turn survives, the Alpaca reader's "input" key beside it need not.
-    turns = [[{"role": m["role"], "content": m["content"]} for m in c.messages] for c in convs]
-    assert [[{"role": m["role"], "content": m["content"]} for m in c.messages] for c in again] == turns
+    # The joined turn and the Alpaca input beside it both survive (the alpaca template needs the input).
+    assert [c.messages for c in again] == [c.messages for c in convs]
     assert [c.meta for c in again] == [c.meta for c in convs]
 
 
@@ -667,3 +667,37 @@ def test_finetune_loads_count_and_list_what_skip_invalid_skipped(tmp_path, capsy
     assert written == tmp_path / "run" / "rejects.jsonl"
     assert json.loads(written.read_text())["origin"] == f"{path}:2"
     assert write_rejects(tmp_path / "other", [data_formats.LoadReport()]) is None
+
+
+def test_an_alpaca_input_survives_conversion_to_messages_and_sharegpt_and_back(tmp_path):
+    """Converted Alpaca data keeps each record's input on its user turn, so the alpaca template still renders the
+    with-input prompt (PROMPT_DICT["prompt_input"]) from it, and converting back gives the original record."""
+    source = tmp_path / "alpaca.jsonl"
+    records = [{"instruction": "Translate.", "input": "Good morning", "output": "Bonjour"},
+               {"instruction": "Say hi.", "input": "", "output": "Hi"}]
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    original = load_conversations(source)
+    for to in ("messages", "sharegpt"):
+        converted = tmp_path / f"{to}.jsonl"
+        convert(source, converted, to=to)
+        assert [c.messages for c in load_conversations(converted)] == [c.messages for c in original]
+        back = tmp_path / f"{to}-back.jsonl"
+        convert(converted, back, to="alpaca")
+        assert [json.loads(line) for line in back.read_text().splitlines()] == records
+    assert original[0].messages[0] == {"role": "user", "content": "Translate.\n\nGood morning", "input": "Good morning"}
+
+
+@pytest.mark.parametrize(("message", "fragment"), [
+    ({"role": "assistant", "content": "x\n\ny", "input": "y"}, "an input only on a user turn"),
+    ({"role": "user", "content": "Translate. Good morning", "input": "Good morning"}, "the end of the turn's content"),
+    ({"role": "user", "content": "x\n\n1", "input": 1}, "a string"),
+])
+def test_a_turn_input_that_is_not_the_end_of_a_user_turn_is_refused(tmp_path, message, fragment):
+    path = tmp_path / "bad.jsonl"
+    turns = [message, {"role": "assistant", "content": "ok"}] if message["role"] == "user" else [
+        {"role": "user", "content": "q"}, message]
+    path.write_text(json.dumps({"messages": turns}) + "\n")
+    with pytest.raises(DataFormatError, match=fragment) as info:
+        load_conversations(path)
+    index = 0 if message["role"] == "user" else 1
+    assert (info.value.record, info.value.field) == (1, f"messages[{index}].input")

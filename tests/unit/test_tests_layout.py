@@ -21,5 +21,5 @@ def test_building_a_model_in_a_unit_test_is_refused():
 
     config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)
-    with pytest.raises(AssertionError, match="Llama\w+ built in a unit test: move the test to tests/integration"):
+    with pytest.raises(AssertionError, match=r"Llama\w+ built in a unit test: move the test to tests/integration"):
         LlamaForCausalLM(config)
