@@ -174,8 +174,8 @@ def parse_message_list(
         message = {"role": roles[raw], "content": content}
         if item.get("weight") is not None:
             message["weight"] = _weight(item["weight"], where, f"{path}.weight")
-        if item.get("input") is not None:
-            message["input"] = _turn_input(item["input"], message, where, f"{path}.input")
+        if item.get("input") is not None and _turn_input(item["input"], message, where, f"{path}.input"):
+            message["input"] = item["input"]  # an empty input is none, as the Alpaca reader has it
         messages.append(message)
         turns.append(Turn(f"{path}.{role_key}", f"{path}.{content_key}", raw))
     return messages, turns
