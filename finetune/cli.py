@@ -234,14 +234,15 @@ def build_parser(commands: list[Command] = COMMANDS, chosen: str | None = None) 
 
     Args:
         commands: The subcommands.
-        chosen: The command the arguments name, if known: only its arguments are added, because adding some
-            (``export``, ``chat``) imports torch, which ``convert`` and ``render`` should not pay for.
+        chosen: The command the arguments name, if any: only its arguments are added, because adding some
+            (``export``, ``chat``) imports torch, which ``convert``, ``render`` and ``finetune --help`` (which
+            lists the commands, not their arguments) should not pay for.
     """
     parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune LLaMA models: train, data, templates, export.")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for command in commands:
         sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
-        if chosen is None or command.name == chosen:
+        if command.name == chosen:
             command.add_arguments(sub)
         sub.set_defaults(command=command)
     return parser
