@@ -188,7 +188,7 @@ def load_model(source: RunSource, dtype: str | None = None, merge: bool = True):
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(base, source.path)
-    return (model.merge_and_unload() if merge else model).eval()
+    return (model.merge_and_unload(progressbar=True) if merge else model).eval()  # PEFT's bar, one step per layer
 
 
 def _write_generation_config(source: RunSource, out: Path, tokenizer, stops: list[int], model=None) -> None:

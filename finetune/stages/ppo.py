@@ -267,7 +267,7 @@ def sample_rollout(roles: Roles, tokenizer, prompts: list[Prompt], stop_ids, cfg
     sampling = Decoding(cfg.sampling.max_new_tokens, cfg.sampling.temperature, top_k=cfg.sampling.top_k,
                               seed=seed)
     samples = sample_groups(roles.model, tokenizer, prompts, cfg.sampling.num_samples, stop_ids, sampling,
-                            cfg.sampling.batch_size, scorer)
+                            cfg.sampling.batch_size, scorer, progress="PPO rollout")
     scores = [s.score for s in samples]
     if cfg.ppo.missing_stop_penalty is not None:
         scores = [score - cfg.ppo.missing_stop_penalty * (not s.completion.stopped) for score, s in zip(scores, samples)]

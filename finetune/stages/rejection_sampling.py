@@ -70,7 +70,7 @@ def sample_and_score(model, tokenizer, prompts: list[Prompt], stop_ids, sampling
         config = Decoding(sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
                                 seed=sampling.seed + state.process_index)
         samples = sample_groups(model, tokenizer, share, sampling.num_samples, stop_ids, config, sampling.batch_size,
-                                scorer)
+                                scorer, progress="rejection sampling")
         local = [
             {
                 "prompt_index": s.prompt.index,
