@@ -24,7 +24,6 @@ from .config import ConfigError
 OUR_FIELDS: dict[str, str] = {
     "output_dir": "output_dir",
     "resume_from_checkpoint": "--resume",
-    "overwrite_output_dir": "--overwrite",
     "per_device_train_batch_size": "train.per_device_batch_size",
     "per_device_eval_batch_size": "train.per_device_batch_size",
     "gradient_accumulation_steps": "train.gradient_accumulation_steps",
@@ -32,7 +31,6 @@ OUR_FIELDS: dict[str, str] = {
     "num_train_epochs": "train.num_epochs",
     "max_steps": "train.max_steps",
     "warmup_steps": "train.warmup_ratio",
-    "warmup_ratio": "train.warmup_ratio",
     "lr_scheduler_type": "train.lr_scheduler",
     "weight_decay": "train.weight_decay",
     "max_grad_norm": "train.max_grad_norm",
@@ -107,6 +105,7 @@ def trainer_config(config_class: type, ours: dict, passthrough: dict, report_to_
         if key in ours and key not in OVERRIDABLE:
             raise ConfigError(f"trainer.{key} is fixed by the toolkit for this stage; leave it out")
     check_trackers_installed(report_to_key, ours.get("report_to") or [])
+    passthrough = {key: yaml_no_as_text(config_class, key, value) for key, value in passthrough.items()}
     try:
         return config_class(**{**ours, **passthrough})
     except (ValueError, TypeError) as error:
@@ -123,3 +122,16 @@ def check_trackers_installed(key: str, report_to: list[str]) -> None:
         if tracker not in ("none", "all") and tracker not in available:
             install = "'finetune[trackers]'" if tracker == "wandb" else tracker
             raise ConfigError(f"{key}: {tracker} is not installed (pip install {install})")
+
+
+def yaml_no_as_text(config_class: type, key: str, value):
+    """``no``/``yes`` back as text for a field that takes no boolean: YAML reads a bare ``save_strategy: no`` (and
+    ``--trainer.save_strategy=no``) as ``False``, while transformers' strategies spell it ``"no"``."""
+    import types
+    import typing
+
+    if not isinstance(value, bool):
+        return value
+    annotation = typing.get_type_hints(config_class).get(key)
+    accepted = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    return value if bool in accepted or annotation is None or annotation is typing.Any else ("yes" if value else "no")
