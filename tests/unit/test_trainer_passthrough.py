@@ -44,9 +44,8 @@ def test_pass_through_reaches_every_trl_stage(tmp_path):
     cfg = parse_args(RewardRunConfig, ["--trainer.center_rewards_coefficient=0.01"])
     assert reward.trl_arguments(cfg, tmp_path, True).center_rewards_coefficient == 0.01
     cfg = parse_args(RejectionSamplingRunConfig, ["--init", "runs/sft", "--trainer.save_strategy=no"])
-    from finetune.stages.rejection_sampling import sft_config
-
     from finetune.stages import sft
+    from finetune.stages.rejection_sampling import sft_config
 
     assert sft.trl_arguments(sft_config(cfg, tmp_path), tmp_path, True).save_strategy == "no"  # YAML's no, as text
 
