@@ -1,4 +1,4 @@
-"""Export a training run for the places people run models: PEFT, transformers/vLLM, llama.cpp and Ollama.
+"""Export a training run for the places people run models: PEFT, transformers, llama.cpp and Ollama.
 
     finetune export runs/sft --to adapter --out exports/sft-adapter
     finetune export runs/sft --to merged  --out exports/sft-merged --dtype bfloat16
