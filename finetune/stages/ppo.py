@@ -481,7 +481,7 @@ def train_policy(run: StageRun) -> Trained:
     cfg, state, output_dir, tokenizer, template = run.cfg, run.state, run.output_dir, run.tokenizer, run.template
     prompts, skipped, eval_convs = run.data
     trackers = accelerate_trackers(cfg.ppo.report_to)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=str(output_dir))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None)  # W&B, MLflow, trackio
     main = accelerator.is_main_process
     scorer_needs_rm = bool(cfg.score.reward_model)
     resume_from = latest_complete_checkpoint(output_dir) if cfg.resume else None
