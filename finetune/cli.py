@@ -234,8 +234,10 @@ def build_parser(commands: list[Command] = COMMANDS, chosen: str | None = None) 
 
     Args:
         commands: The subcommands.
-        chosen: The command the arguments name, if known: only its arguments are added, because adding some
-            (``export``, ``chat``) imports torch, which ``convert`` and ``render`` should not pay for.
+        chosen: The command the arguments name: only its arguments are added, because adding some (``export``,
+            ``chat``) imports torch, which ``convert`` and ``render`` should not pay for; ``""`` (no command
+            named, as in ``finetune --help``, which lists the commands, not their arguments) adds none; ``None``
+            adds every command's.
     """
     parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune LLaMA models: train, data, templates, export.")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in STAGES:
         return run_stage(argv[0], argv[1:])
     names = {command.name for command in COMMANDS}
-    parser = build_parser(chosen=argv[0] if argv and argv[0] in names else None)
+    parser = build_parser(chosen=argv[0] if argv and argv[0] in names else "")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error argparse has already printed

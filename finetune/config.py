@@ -73,6 +73,8 @@ COMMON_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 COMMON_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "sgd", "adafactor")
 COMMON_ATTENTION = ("auto", "sdpa", "eager", "sdpa_packed", "flash_attention_2", "flash_attention_3")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+COMMON_TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "none")
+PPO_TRACKERS = COMMON_TRACKERS  # PPO is our own loop: TensorBoard ours, the others accelerate's trackers
 
 
 def transformers_schedulers() -> list[str]:
@@ -93,6 +95,23 @@ def transformers_attention() -> list[str]:
 
     names = [name for key in ALL_ATTENTION_FUNCTIONS.valid_keys() for name in key.split("|")]
     return ["auto", "sdpa_packed", *dict.fromkeys([*names, "eager"])]
+
+
+def transformers_trackers() -> list[str]:
+    """What transformers' ``report_to`` accepts: its integrations, ``all`` and ``none``."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    return [*INTEGRATION_TO_CALLBACK, "all", "none"]
+
+
+def check_report_to(key: str, trackers: list[str]) -> None:
+    """Each name is a tracker transformers knows; ``none`` stands alone."""
+    if not trackers:
+        raise ConfigError(f"{key} must name a tracker (tensorboard, wandb, mlflow, trackio) or none; got []")
+    for name in trackers:
+        check_transformers_name(key, name, COMMON_TRACKERS, transformers_trackers)
+    if "none" in trackers and len(trackers) > 1:
+        raise ConfigError(f"{key}: none reports to no tracker, so it cannot be listed with others; got {trackers!r}")
 
 
 def check_transformers_name(key: str, value: str, common, known) -> None:
@@ -122,7 +141,8 @@ class ModelConfig:
     """Weights and compute dtype: ``auto`` (bf16 on a GPU that has it, else float32), ``bfloat16``, ``float16``, ``float32``."""
     attn_implementation: str = "auto"
     """Attention backend: ``auto`` (FlashAttention 3 or 2 on a CUDA GPU that has it and a bf16/fp16 model, else
-    ``sdpa``; the choice is printed), ``sdpa``, ``eager``, ``flash_attention_2``, ``flash_attention_3``."""
+    ``sdpa_packed``; the choice is printed), ``sdpa_packed`` (transformers' SDPA, a packed row attending one
+    conversation at a time), ``sdpa``, ``eager``, ``flash_attention_2``, ``flash_attention_3``."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute. Older spelling of
     ``activation_checkpointing: full``; set from ``activation_checkpointing`` when that is given."""
@@ -267,8 +287,14 @@ class TrainConfig:
     """Keep at most this many checkpoints (the newest)."""
     eval_steps: int | None = None
     """Evaluate the loss every N steps; ``null`` evaluates only at the end."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where the trainer logs its figures besides ``metrics.jsonl``: any of transformers' trackers (``tensorboard``,
+    ``wandb``, ``mlflow``, ``trackio``, ...; several as a list or ``a,b``), or ``none``. Each but TensorBoard needs
+    its package (``pip install 'finetune[trackers]'`` for W&B; ``pip install mlflow`` or ``trackio``) and reads its
+    own environment (``WANDB_PROJECT``, ``WANDB_MODE=offline``, ``MLFLOW_TRACKING_URI``, ...)."""
 
     def __post_init__(self):
+        check_report_to("train.report_to", self.report_to)
         check_interval("train.warmup_ratio", self.warmup_ratio, 0.0, 1.0, closed_high=False)
         check_positive("train.learning_rate", self.learning_rate)
         check_positive("train.num_epochs", self.num_epochs)
@@ -339,6 +365,11 @@ class SFTRunConfig(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    """Pass-through: any other field of the TRL trainer's own arguments (``trl.SFTConfig``, which extends transformers'
+    ``TrainingArguments``), e.g. ``save_strategy: epoch`` or ``--trainer.push_to_hub=true``. Checked against that
+    dataclass before the run starts; a field this config already sets (``learning_rate`` is
+    ``train.learning_rate``) is refused, naming ours (table in docs/configs.md)."""
 
     def __post_init__(self):
         if self.adapter.method == "qlora" and self.model.dtype == "float16":
@@ -427,6 +458,11 @@ class RewardRunConfig(RunConfig):
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     train: RewardTrainConfig = field(default_factory=RewardTrainConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    """Pass-through: any other field of the TRL trainer's own arguments (``trl.RewardConfig``, which extends transformers'
+    ``TrainingArguments``), e.g. ``save_strategy: epoch`` or ``--trainer.push_to_hub=true``. Checked against that
+    dataclass before the run starts; a field this config already sets (``learning_rate`` is
+    ``train.learning_rate``) is refused, naming ours (table in docs/configs.md)."""
 
     def __post_init__(self):
         if self.adapter.method == "full":
@@ -485,6 +521,11 @@ class DPORunConfig(RunConfig):
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     dpo: DPOParams = field(default_factory=DPOParams)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    """Pass-through: any other field of the TRL trainer's own arguments (``trl.DPOConfig``, which extends transformers'
+    ``TrainingArguments``), e.g. ``save_strategy: epoch`` or ``--trainer.push_to_hub=true``. Checked against that
+    dataclass before the run starts; a field this config already sets (``learning_rate`` is
+    ``train.learning_rate``) is refused, naming ours (table in docs/configs.md)."""
 
     def __post_init__(self):
         if not self.init:
@@ -643,6 +684,11 @@ class RejectionSamplingRunConfig(RunConfig):
     rejection: RejectionParams = field(default_factory=RejectionParams)
     train: RejectionSamplingTrainConfig = field(default_factory=RejectionSamplingTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    """Pass-through: any other field of the TRL trainer's own arguments (``trl.SFTConfig, for the fine-tune on the kept samples``, which extends transformers'
+    ``TrainingArguments``), e.g. ``save_strategy: epoch`` or ``--trainer.push_to_hub=true``. Checked against that
+    dataclass before the run starts; a field this config already sets (``learning_rate`` is
+    ``train.learning_rate``) is refused, naming ours (table in docs/configs.md)."""
 
     def __post_init__(self):
         if not self.init:
@@ -754,8 +800,15 @@ class PPOParams:
     metrics so far; ``--resume`` continues from the newest) every N iterations and after the last; 0 for none."""
     save_total_limit: int | None = 2
     """Keep at most this many checkpoints (the newest); ``null`` keeps all."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where each iteration's figures go besides ``metrics.jsonl``: ``tensorboard`` (written as transformers writes
+    it for the other stages), ``wandb``, ``mlflow``, ``trackio`` (through accelerate's trackers; each needs its
+    package: ``pip install 'finetune[trackers]'`` for W&B), several as a list, or ``none``."""
 
     def __post_init__(self):
+        check_report_to("ppo.report_to", self.report_to)
+        for name in self.report_to:
+            check_choice("ppo.report_to", name, PPO_TRACKERS)
         if self.save_every < 0 or (self.save_total_limit is not None and self.save_total_limit < 1):
             raise ConfigError(f"ppo.save_every must be >= 0 and ppo.save_total_limit >= 1 or null; got "
                               f"{self.save_every} and {self.save_total_limit}")
@@ -855,6 +908,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: got {value!r}")
+    if origin is dict:  # a pass-through section: its keys are checked against the trainer's own dataclass later
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: expected a mapping of keys to values; got {value!r}")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):

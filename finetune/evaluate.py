@@ -112,6 +112,7 @@ def verifier_accuracy(
             stop_token_ids(template, tokenizer),
             Decoding(max_new_tokens=max_new_tokens),
             batch_size=batch_size,
+            progress="verifier accuracy",
         ) if prompts else []
         local = [
             {"index": i, "prompt": q, "response": c.text, "correct": bool(verifier(q, c.text))}

@@ -1,4 +1,4 @@
-"""Export a training run for the places people run models: PEFT, transformers/vLLM, llama.cpp and Ollama.
+"""Export a training run for the places people run models: PEFT, transformers, llama.cpp and Ollama.
 
     finetune export runs/sft --to adapter --out exports/sft-adapter
     finetune export runs/sft --to merged  --out exports/sft-merged --dtype bfloat16
@@ -188,7 +188,7 @@ def load_model(source: RunSource, dtype: str | None = None, merge: bool = True):
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(base, source.path)
-    return (model.merge_and_unload() if merge else model).eval()
+    return (model.merge_and_unload(progressbar=True) if merge else model).eval()  # PEFT's bar, one step per layer
 
 
 def _write_generation_config(source: RunSource, out: Path, tokenizer, stops: list[int], model=None) -> None:

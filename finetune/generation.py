@@ -7,6 +7,7 @@ completion at its first stop token.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -58,8 +59,16 @@ def generate(
     stop_ids: list[int],
     sampling: Decoding,
     batch_size: int = 32,
+    progress: str | None = None,
 ) -> list[Completion]:
-    """Complete each prompt (already rendered to ids); returns completions in prompt order."""
+    """Complete each prompt (already rendered to ids); returns completions in prompt order.
+
+    With ``progress`` (a description such as ``"verifier accuracy"``) a tqdm bar counts the sequences generated, on
+    the local main process only (``LOCAL_RANK`` 0 or unset), so several processes show one bar per machine."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(prompt_ids), desc=progress, unit="seq", leave=False, dynamic_ncols=True,
+               disable=progress is None or os.environ.get("LOCAL_RANK", "0") != "0")
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     device = next(model.parameters()).device
@@ -86,7 +95,9 @@ def generate(
             )
             for row in output[:, input_ids.shape[1] :].tolist():
                 completions.append(cut_at_stop(row, stop_ids, pad_id, tokenizer))
+            bar.update(len(batch))
     finally:
+        bar.close()
         model.train(was_training)
     return completions
 

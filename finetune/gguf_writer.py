@@ -476,13 +476,17 @@ def write_llama_gguf(
     factors = llama3_rope_factors(config)
     if factors is not None:
         writer.add_tensor("rope_freqs.weight", factors)
+    from tqdm.auto import tqdm
+
     with torch.no_grad():
-        for gguf_name, tensor in llama_tensors(model.state_dict(), config):
+        # a count, not a bar: llama_tensors renames, skips and adds tensors; gguf's write bar below has the total
+        for gguf_name, tensor in tqdm(llama_tensors(model.state_dict(), config), desc=f"GGUF {dtype}: converting",
+                                      unit="tensor", leave=False, dynamic_ncols=True):
             data, raw_dtype = _quantize(tensor.detach().to("cpu", torch.float32).numpy(), dtype)
             writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_tensors_to_file(progress=True)  # gguf's own bar, in bytes written
     writer.close()
     return Path(path)

@@ -34,15 +34,15 @@ class ScoredSample:
 
 
 def sample_groups(model, tokenizer, prompts: list[Prompt], group_size: int, stop_ids, sampling: Decoding,
-                  batch_size: int, scorer: WeightedSum) -> list[ScoredSample]:
+                  batch_size: int, scorer: WeightedSum, progress: str | None = None) -> list[ScoredSample]:
     """``group_size`` scored samples of each prompt, ordered by (prompt, sample).
 
     One call to ``finetune.generation.generate`` over every prompt repeated ``group_size`` times (so one seeded
     random stream draws them all, in that order), then one call of the scorer over every sample. The scorer names
     a failing sample by its number ``prompt.index * group_size + sample``. With no prompts nothing is generated
-    (the sampling seed is not set)."""
+    (the sampling seed is not set). ``progress`` describes the generation's progress bar (none without it)."""
     completions = (generate(model, tokenizer, [p.ids for p in prompts for _ in range(group_size)], stop_ids, sampling,
-                            batch_size) if prompts else [])
+                            batch_size, progress=progress) if prompts else [])
     samples = [Sample(p.messages, completions[i * group_size + j].text, index=p.index * group_size + j)
                for i, p in enumerate(prompts) for j in range(group_size)]
     by_part = scorer.scores_by_part(samples)

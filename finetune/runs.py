@@ -49,7 +49,8 @@ def process_state():
 def trainer_arguments(cfg, output_dir: Path, has_eval: bool) -> dict:
     """The ``TrainingArguments`` fields every TRL trainer we compose (SFT, DPO, reward) shares, set explicitly from
     ``cfg.train`` / ``cfg.model`` so TRL's defaults (bf16, gradient checkpointing on) never decide for us silently.
-    Each stage adds its own fields and hands the union to its TRL config class."""
+    Each stage adds its own fields and hands the union, with the config's ``trainer`` pass-through section, to
+    ``finetune.trainer_config.trainer_config`` (which refuses a pass-through key that one of these already sets)."""
     import torch
 
     from .models import resolve_dtype
@@ -79,9 +80,10 @@ def trainer_arguments(cfg, output_dir: Path, has_eval: bool) -> dict:
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.model.gradient_checkpointing else None,
-        report_to=["tensorboard"],
+        # transformers 5 names it activation checkpointing; the old gradient_checkpointing names warn on every run
+        activation_checkpointing=cfg.model.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.model.gradient_checkpointing else None,
+        report_to=list(train.report_to),
         logging_nan_inf_filter=False,  # the default logs a NaN loss as 0, hiding it from NonFiniteLossCallback
         save_only_model=False,
         dataset_num_proc=None,
@@ -343,8 +345,25 @@ def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss(output_dir: Path) -> Path | None:
-    """``loss.png``: training loss per step, eval loss where measured."""
+def eval_points(rows: list[dict], summary: dict | None) -> list[tuple[int, float]]:
+    """The eval-loss curve: the trainer's evaluations in ``rows`` (``eval_loss`` every ``train.eval_steps`` or as
+    ``trainer.eval_strategy`` says), plus the stage's own measurements in ``summary``: the model before training
+    (``base_eval_loss`` or ``init_eval_loss``) at step 0 and the trained one (``eval_loss``) at the last step. So a
+    run with eval data has an eval curve even when the trainer itself never evaluated. One point per step, the
+    trainer's where both measured it (a metrics file written before resume rewound it may repeat steps)."""
+    points = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    summary = summary if rows else {}  # no rows: no trainer ran in this directory (rejection sampling's top level)
+    before = summary.get("base_eval_loss", summary.get("init_eval_loss"))
+    if isinstance(before, (int, float)):
+        points.setdefault(0, before)
+    last_step = summary.get("train_steps") or max((r["step"] for r in rows if "loss" in r), default=None)
+    if isinstance(summary.get("eval_loss"), (int, float)) and last_step is not None:
+        points.setdefault(last_step, summary["eval_loss"])
+    return sorted(points.items())
+
+
+def plot_loss(output_dir: Path, summary: dict | None = None) -> Path | None:
+    """``loss.png``: training loss per step, and the eval loss wherever it was measured (:func:`eval_points`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -353,7 +372,7 @@ def plot_loss(output_dir: Path) -> Path | None:
     rows = read_metrics(output_dir)
     # One point per step, the latest row's (a metrics file written before resume rewound it may repeat steps).
     train = sorted({r["step"]: r["loss"] for r in rows if "loss" in r}.items())
-    evals = sorted({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}.items())
+    evals = eval_points(rows, summary)
     if not train and not evals:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -371,6 +390,53 @@ def plot_loss(output_dir: Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def log_line(logs: dict, step: int, max_steps: int) -> str:
+    """A trainer's log row as one line a person reads, instead of transformers' dict of strings::
+
+        step 20/120  loss 1.234  grad_norm 0.85  learning_rate 1.95e-03  epoch 0.31
+        step 20/120  eval  loss 1.310  runtime 0.30 s
+        done: 120 steps in 95.2 s  train_loss 1.402
+
+    Rates and learning rates get an exponent, other floats four significant digits; ``total_flos`` and the
+    per-second throughput figures transformers adds are left out (``metrics.jsonl`` keeps every figure)."""
+    def number(key: str, value) -> str:
+        if isinstance(value, bool) or not isinstance(value, float):
+            return str(value)
+        return f"{value:.2e}" if key == "learning_rate" or (value and abs(value) < 1e-3) else f"{value:.4g}"
+
+    logs = {k: v for k, v in logs.items() if k != "total_flos" and not k.endswith("_per_second")}
+    if "train_runtime" in logs:
+        rest = "  ".join(f"{k} {number(k, v)}" for k, v in logs.items() if k not in ("train_runtime", "epoch"))
+        return f"done: {step} steps in {logs['train_runtime']:.1f} s  {rest}".rstrip()
+    where = f"step {step}/{max_steps}" if max_steps and max_steps > 0 else f"step {step}"
+    if any(k.startswith("eval_") for k in logs):
+        runtime = logs.pop("eval_runtime", None)
+        parts = [f"{k.removeprefix('eval_')} {number(k, v)}" for k, v in logs.items() if k.startswith("eval_")]
+        parts += [f"runtime {runtime:.2f} s"] if isinstance(runtime, (int, float)) else []
+        return f"{where}  eval  " + "  ".join(parts)
+    return f"{where}  " + "  ".join(f"{k} {number(k, v)}" for k, v in logs.items())
+
+
+def readable_logs(trainer) -> None:
+    """Swap ``trainer``'s progress bar (or its printer, with ``disable_tqdm``) for one that writes :func:`log_line`
+    instead of a dict of strings: the same bar, the same place, one overridden hook."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class ReadableProgressCallback(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                self.training_bar.write(log_line(logs, state.global_step, state.max_steps))
+
+    class ReadablePrinterCallback(PrinterCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_local_process_zero and logs:
+                print(log_line(logs, state.global_step, state.max_steps))
+
+    for old, new in ((ProgressCallback, ReadableProgressCallback), (PrinterCallback, ReadablePrinterCallback)):
+        if trainer.pop_callback(old) is not None:
+            trainer.add_callback(new)
 
 
 class NonFiniteLossError(RuntimeError):

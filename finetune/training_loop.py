@@ -5,7 +5,7 @@ same completion marker (``finetune.runs``).
 - :class:`MetricsLog` appends one JSON row per step to ``metrics.jsonl`` (what ``runs.read_metrics`` and
   ``runs.plot_loss`` read) and writes the row's figures to TensorBoard as transformers' ``TensorBoardCallback``
   does for SFT, DPO and reward runs: under ``runs/<date>_<host>/`` (or ``$TENSORBOARD_LOGGING_DIR``), tags ``train/<key>`` (``eval/<key>`` for
-  ``eval_`` keys), at the row's ``step``.
+  ``eval_`` keys), at the row's ``step``; W&B, MLflow and trackio get the same tags through accelerate's trackers.
 - :func:`save_checkpoint` / :func:`load_checkpoint`: the trainable tensors by name, accelerate's own state
   (``Accelerator.save_state``: the prepared optimizer and scheduler, every process's Python, NumPy, torch and
   device RNG states), a per-process generator of the loop's own (e.g. the minibatch shuffle), the loop's progress
@@ -27,37 +27,74 @@ from .runs import COMPLETE_MARKER, atomic_write_text, checkpoints
 TRAINABLE_FILE, PROGRESS_FILE, METRICS_FILE = "trainable.safetensors", "progress.json", "metrics.jsonl"
 
 
-class MetricsLog:
-    """``metrics.jsonl`` and TensorBoard for one run, written by the main process only (the others hold a log that
-    writes nothing, so a loop calls it unconditionally)."""
+ACCELERATE_TRACKERS = ("wandb", "mlflow", "trackio")
+"""The trackers a hand-written loop reaches through accelerate's own (``Accelerator(log_with=...)``); TensorBoard is
+written here, in transformers' layout, so every stage's events sit in the same place."""
 
-    def __init__(self, output_dir: Path, is_main_process: bool):
+
+def accelerate_trackers(report_to: list[str]) -> list[str]:
+    """The entries of a ``report_to`` list that go through accelerate (``Accelerator(log_with=...)``)."""
+    return [name for name in report_to if name in ACCELERATE_TRACKERS]
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """A nested config as ``section.key`` -> value, lists as text (what every tracker stores as a parameter)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return flat
+
+
+class MetricsLog:
+    """``metrics.jsonl`` and the trackers of ``report_to`` for one run, written by the main process only (the others
+    hold a log that writes nothing, so a loop calls it unconditionally).
+
+    TensorBoard is written here; W&B, MLflow and trackio through ``accelerator``'s trackers, which the loop's
+    ``Accelerator`` was made with (``log_with=accelerate_trackers(report_to)``): they are started here with
+    ``config`` as the run's parameters and ended by :meth:`close`."""
+
+    def __init__(self, output_dir: Path, is_main_process: bool, report_to: list[str] = ("tensorboard",),
+                 accelerator=None, config: dict | None = None, project: str = "finetune"):
         self.path = Path(output_dir) / METRICS_FILE
+        self.is_main_process = is_main_process
         self.writer = None
-        if is_main_process:
+        self.accelerator = accelerator if accelerator is not None and accelerate_trackers(list(report_to)) else None
+        if is_main_process and "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
             from transformers.integrations.integration_utils import default_logdir
 
             # transformers' TensorBoardCallback's directory, its environment override included
             self.writer = SummaryWriter(os.getenv("TENSORBOARD_LOGGING_DIR") or str(Path(output_dir) / default_logdir()))
+        if self.accelerator is not None:
+            self.accelerator.init_trackers(project, config=flat_config(config or {}))
 
     def log(self, row: dict) -> None:
-        """Append ``row`` (which holds ``step``) to ``metrics.jsonl`` and its other numbers to TensorBoard."""
-        if self.writer is None:
+        """Append ``row`` (which holds ``step``) to ``metrics.jsonl`` and its other numbers to the trackers, tagged
+        ``train/<key>`` (``eval/<key>`` for ``eval_`` keys) as transformers tags them."""
+        if not self.is_main_process:
             return
         from transformers.integrations.integration_utils import rewrite_logs
 
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        figures = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
-        for tag, value in rewrite_logs(figures).items():
-            self.writer.add_scalar(tag, value, row["step"])
-        self.writer.flush()
+        figures = rewrite_logs({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
+        if self.writer is not None:
+            for tag, value in figures.items():
+                self.writer.add_scalar(tag, value, row["step"])
+            self.writer.flush()
+        if self.accelerator is not None:
+            self.accelerator.log(figures, step=row["step"])
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.accelerator is not None:
+            self.accelerator.end_training()
+            self.accelerator = None
 
 
 def _trainable_tensors(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

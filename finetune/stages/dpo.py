@@ -25,6 +25,7 @@ from ..evaluate import load_callable
 from ..models import load_adapter, load_base_model, lora_config, resolve_model
 from ..preference_data import chosen_conversations, tokenize_pairs_for_dpo
 from ..runs import trainer_arguments
+from ..trainer_config import trainer_config
 from . import scaffold
 from .scaffold import Stage, StageRun, Trained
 
@@ -62,7 +63,7 @@ def trl_arguments(cfg: DPORunConfig, output_dir: Path, has_eval: bool):
     preference loss. Rows already fit ``max_length`` (``tokenize_pairs_for_dpo`` cut and counted them)."""
     from trl import DPOConfig as TRLDPOConfig
 
-    return TRLDPOConfig(
+    ours = dict(
         **trainer_arguments(cfg, output_dir, has_eval),
         truncation_mode="keep_start",
         padding_free=False,
@@ -77,6 +78,7 @@ def trl_arguments(cfg: DPORunConfig, output_dir: Path, has_eval: bool):
         sync_ref_model=False,
         activation_offloading=False,
     )
+    return trainer_config(TRLDPOConfig, ours, cfg.trainer)
 
 
 def _trainer_class():
@@ -200,7 +202,12 @@ def train(run: StageRun) -> Trained:
     return Trained(summary, lambda directory: trainer.save_model(str(directory)), unwrapped.config, trainer.model)
 
 
-STAGE = Stage("dpo", load_data, train)
+def check(cfg: DPORunConfig) -> None:
+    """The trainer's arguments, pass-through included, build (before the output directory is touched)."""
+    trl_arguments(cfg, Path(cfg.output_dir), cfg.data.eval is not None)
+
+
+STAGE = Stage("dpo", load_data, train, check=check)
 
 
 def run(cfg: DPORunConfig) -> dict:

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, PPOParams, PPORunConfig
+from ..config import ConfigError, PPOParams, PPORunConfig, to_dict
 from ..data import load_conversations
 from ..evaluate import load_callable, verifier_accuracy
 from ..generation import Decoding
@@ -77,7 +77,7 @@ from ..runs import (
 )
 from ..scorers import build_scorer
 from ..templates import render, stop_token_ids
-from ..training_loop import MetricsLog, load_checkpoint, save_checkpoint
+from ..training_loop import MetricsLog, accelerate_trackers, load_checkpoint, save_checkpoint
 from .scaffold import Stage, StageData, StageRun, Trained, run_stage
 
 POLICY, REFERENCE, VALUE, REWARD = "policy", "reference", "value", "reward"
@@ -267,7 +267,7 @@ def sample_rollout(roles: Roles, tokenizer, prompts: list[Prompt], stop_ids, cfg
     sampling = Decoding(cfg.sampling.max_new_tokens, cfg.sampling.temperature, top_k=cfg.sampling.top_k,
                               seed=seed)
     samples = sample_groups(roles.model, tokenizer, prompts, cfg.sampling.num_samples, stop_ids, sampling,
-                            cfg.sampling.batch_size, scorer)
+                            cfg.sampling.batch_size, scorer, progress="PPO rollout")
     scores = [s.score for s in samples]
     if cfg.ppo.missing_stop_penalty is not None:
         scores = [score - cfg.ppo.missing_stop_penalty * (not s.completion.stopped) for score, s in zip(scores, samples)]
@@ -480,7 +480,8 @@ def train_policy(run: StageRun) -> Trained:
 
     cfg, state, output_dir, tokenizer, template = run.cfg, run.state, run.output_dir, run.tokenizer, run.template
     prompts, skipped, eval_convs = run.data
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    trackers = accelerate_trackers(cfg.ppo.report_to)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None)  # W&B, MLflow, trackio
     main = accelerator.is_main_process
     scorer_needs_rm = bool(cfg.score.reward_model)
     resume_from = latest_complete_checkpoint(output_dir) if cfg.resume else None
@@ -531,7 +532,7 @@ def train_policy(run: StageRun) -> Trained:
             restore_logs(output_dir, resume_from, progress)
             print(f"resuming from {resume_from} (iteration {start_iteration} of {cfg.ppo.num_iterations})")
         state.wait_for_everyone()
-    log = MetricsLog(output_dir, main)
+    log = MetricsLog(output_dir, main, cfg.ppo.report_to, accelerator, to_dict(cfg))
     started = time.perf_counter()
     for iteration in range(start_iteration, cfg.ppo.num_iterations):
         t0 = time.perf_counter()
@@ -589,7 +590,14 @@ def save_roles(roles: Roles, directory: Path, main: bool) -> None:
         save_file({"weight": roles.value_head.weight.detach().cpu().contiguous()}, directory / "value" / "value_head.safetensors")
 
 
-STAGE = Stage("ppo", load_data, train_policy, resolve=resolve, seed=lambda cfg: cfg.ppo.seed)
+def check(cfg: PPORunConfig) -> None:
+    """Every tracker of ``ppo.report_to`` is installed (before the output directory is touched)."""
+    from ..trainer_config import check_trackers_installed
+
+    check_trackers_installed("ppo.report_to", cfg.ppo.report_to)
+
+
+STAGE = Stage("ppo", load_data, train_policy, resolve=resolve, seed=lambda cfg: cfg.ppo.seed, check=check)
 
 
 def results_table(summary: dict) -> str:

@@ -70,7 +70,7 @@ def sample_and_score(model, tokenizer, prompts: list[Prompt], stop_ids, sampling
         config = Decoding(sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
                                 seed=sampling.seed + state.process_index)
         samples = sample_groups(model, tokenizer, share, sampling.num_samples, stop_ids, config, sampling.batch_size,
-                                scorer)
+                                scorer, progress="rejection sampling")
         local = [
             {
                 "prompt_index": s.prompt.index,
@@ -237,7 +237,8 @@ def sft_config(cfg: RejectionSamplingRunConfig, output_dir: Path, resume: bool =
     data = dataclasses.replace(cfg.data, train=str(output_dir / "kept.jsonl"), format="messages", split=None,
                                max_train_samples=None)
     return SFTRunConfig(output_dir=str(output_dir / "sft"), init=cfg.init, model=cfg.model, adapter=cfg.adapter,
-                     data=data, train=cfg.train, eval=cfg.eval, resume=resume, overwrite=not resume)
+                     data=data, train=cfg.train, eval=cfg.eval, trainer=cfg.trainer, resume=resume,
+                     overwrite=not resume)
 
 
 def load_sft_model(cfg: RejectionSamplingRunConfig, init_kind: str):
@@ -329,7 +330,15 @@ def train(run: StageRun) -> Trained:
     return Trained(summary)  # the fine-tuned model is the SFT run's, in OUTPUT_DIR/sft
 
 
-STAGE = Stage("rejection_sampling", load_data, train, resolve=resolve, has_progress=has_progress)
+def check(cfg: RejectionSamplingRunConfig) -> None:
+    """The fine-tune's trainer arguments, pass-through included, build: a typo in ``trainer.*`` fails before
+    sampling, not after it."""
+    from ..stages import sft
+
+    sft.check(sft_config(cfg, Path(cfg.output_dir)))
+
+
+STAGE = Stage("rejection_sampling", load_data, train, resolve=resolve, has_progress=has_progress, check=check)
 
 
 def run(cfg: RejectionSamplingRunConfig) -> dict:

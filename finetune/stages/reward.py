@@ -18,6 +18,7 @@ from ..models import copy_adapter_weights, load_sequence_classifier, lora_config
 from ..preference_data import tokenize_pairs_for_reward
 from ..reward_model import pairwise_metrics
 from ..runs import trainer_arguments
+from ..trainer_config import trainer_config
 from .scaffold import Stage, StageRun, Trained, check_finite, load_rows, run_stage, train_with_trainer, trainer_inputs
 
 
@@ -26,13 +27,14 @@ def trl_arguments(cfg: RewardRunConfig, output_dir: Path, has_eval: bool):
     already fit ``max_length`` (``tokenize_pairs_for_reward`` skipped and counted the rest)."""
     from trl import RewardConfig as TRLRewardConfig
 
-    return TRLRewardConfig(
+    ours = dict(
         **trainer_arguments(cfg, output_dir, has_eval),
         disable_dropout=True,  # measured on the tiny suite: LoRA dropout 0.1 lowered eval accuracy (0.755 vs 0.825)
         center_rewards_coefficient=None,
         pad_to_multiple_of=None,
         activation_offloading=False,
     )
+    return trainer_config(TRLRewardConfig, ours, cfg.trainer)
 
 
 def reward_lora_config(adapter_cfg):
@@ -88,7 +90,12 @@ def train(run: StageRun) -> Trained:
     return Trained(summary, lambda directory: trainer.save_model(str(directory)), trainer.model.config, trainer.model)
 
 
-STAGE = Stage("reward", load_data, train)
+def check(cfg: RewardRunConfig) -> None:
+    """The trainer's arguments, pass-through included, build (before the output directory is touched)."""
+    trl_arguments(cfg, Path(cfg.output_dir), cfg.data.eval is not None)
+
+
+STAGE = Stage("reward", load_data, train, check=check)
 
 
 def run(cfg: RewardRunConfig) -> dict:

@@ -4,7 +4,8 @@ A stage (``sft``, ``reward``, ``dpo``, ``rejection_sampling``, ``ppo``) is a :cl
 how to load its data, and how to train (build its model and roles, train, measure its figures, say how to save the
 result). :func:`run_stage` does the rest, in this order:
 
-1. validate and resolve the config (the stage's ``resolve``, by default :func:`finetune.run_dir.resolve_init`);
+1. validate and resolve the config (the stage's ``resolve``, by default :func:`finetune.run_dir.resolve_init`, then
+   its ``check``: a TRL stage builds its trainer's arguments, the ``trainer`` pass-through section included);
 2. load the tokenizer and chat template, then load and validate the data (the stage's ``load_data``): a typo in a
    data path or a file with no usable record fails here, before the output directory is touched;
 3. only then prepare the output directory (:func:`finetune.runs.plan_output_dir`): a new one, an unfinished run with
@@ -105,6 +106,10 @@ class Stage:
     seed: Callable[[object], int] = lambda cfg: cfg.train.seed
     has_progress: Callable[[Path], bool] | None = None
     """Whether an unfinished run in a directory has something to resume (default: a complete checkpoint)."""
+    check: Callable[[object], None] | None = None
+    """``cfg -> None``: what the resolved config needs more than its dataclasses to check (a TRL stage builds its
+    trainer's arguments with the ``trainer`` pass-through section); raises a one-line ``ConfigError``. Called
+    before the data loads and the output directory is touched."""
 
 
 def run_stage(cfg, stage: Stage) -> Trained:
@@ -117,6 +122,8 @@ def run_stage(cfg, stage: Stage) -> Trained:
     state = process_state()
     main = state.is_main_process
     cfg, init, changed = stage.resolve(cfg)
+    if stage.check is not None:
+        stage.check(cfg)
     tokenizer = load_tokenizer(cfg.model.name)
     template = get_template(cfg.data.template, tokenizer)
     loaded = stage.load_data(cfg, tokenizer, template)
@@ -138,7 +145,7 @@ def run_stage(cfg, stage: Stage) -> Trained:
         save_final(output.path, trained, tokenizer, template, state)
         if main:
             write_summary(output.path, trained.summary)
-            plot_loss(output.path)
+            plot_loss(output.path, trained.summary)
             write_run_state(output.path, stage.name, "finished", run_kind(output.path))
         state.wait_for_everyone()
     except BaseException:
@@ -236,10 +243,11 @@ def trainer_inputs(run: StageRun) -> dict:
 def train_with_trainer(run: StageRun, build: Callable[[list], object]):
     """Build a TRL trainer with the run's callbacks (``build(callbacks)``: the stage adds its own in front) and train
     it, resumably and stopping cleanly on a non-finite or diverged loss; returns ``(trainer, training figures)``."""
-    from ..runs import NonFiniteLossCallback, RunCallback, train_resumable
+    from ..runs import NonFiniteLossCallback, RunCallback, readable_logs, train_resumable
 
     nan_guard = NonFiniteLossCallback()
     trainer = build([RunCallback(run.output_dir, run.cfg.train.save_total_limit), nan_guard])
+    readable_logs(trainer)
     figures = train_resumable(trainer, run.output_dir, run.resume, nan_guard, run.main, run.data.train_report)
     return trainer, figures
 

@@ -15,15 +15,17 @@ from ..data import load_conversations, tokenize_conversations
 from ..evaluate import eval_loss, load_callable
 from ..models import load_adapter, load_base_model, lora_config, resolve_model
 from ..runs import trainer_arguments, two_column_table
+from ..trainer_config import trainer_config
 from . import scaffold
 from .scaffold import Stage, StageRun, Trained
 
 
 def trl_arguments(cfg: SFTRunConfig, output_dir: Path, has_eval: bool):
-    """TRL's ``SFTConfig``: the shared trainer fields (``finetune.runs.trainer_arguments``) plus packing."""
+    """TRL's ``SFTConfig``: the shared trainer fields (``finetune.runs.trainer_arguments``) plus packing, and the
+    config's ``trainer`` pass-through section (``finetune.trainer_config``)."""
     from trl import SFTConfig as TRLSFTConfig
 
-    return TRLSFTConfig(
+    ours = dict(
         **trainer_arguments(cfg, output_dir, has_eval),
         packing=cfg.data.packing,
         packing_strategy="bfd",
@@ -31,6 +33,7 @@ def trl_arguments(cfg: SFTRunConfig, output_dir: Path, has_eval: bool):
         eval_packing=cfg.data.packing,
         shuffle_dataset=False,
     )
+    return trainer_config(TRLSFTConfig, ours, cfg.trainer)
 
 
 def load_model(cfg: SFTRunConfig, init_kind: str | None):
@@ -80,7 +83,12 @@ def train(run: StageRun) -> Trained:
     return Trained(summary, lambda directory: trainer.save_model(str(directory)), trainer.model.config, trainer.model)
 
 
-STAGE = Stage("sft", load_data, train)
+def check(cfg: SFTRunConfig) -> None:
+    """The trainer's arguments, pass-through included, build (before the output directory is touched)."""
+    trl_arguments(cfg, Path(cfg.output_dir), cfg.data.eval is not None)
+
+
+STAGE = Stage("sft", load_data, train, check=check)
 
 
 def run(cfg: SFTRunConfig) -> dict:
