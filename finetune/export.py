@@ -525,7 +525,7 @@ def export(
         if to == "merged" and dtype is None:
             metadata["dtype"] = str(json.loads((staging / "config.json").read_text()).get("dtype", "unknown"))
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        write_model_card(staging)
+        write_model_card(staging, final_path=out)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / out.name)

@@ -94,9 +94,10 @@ def _stop_tokens(path: Path, template_name: str | None) -> list[str]:
     return list(get_template(template_name, load_tokenizer(str(path))).stop_strings)
 
 
-def model_card(directory: str | Path, stop_tokens: list[str] | None = None) -> str:
+def model_card(directory: str | Path, stop_tokens: list[str] | None = None, final_path: str | Path | None = None) -> str:
     """The ``README.md`` text for a run or export directory (module docstring). ``stop_tokens``: the template's, when
-    the caller has them (else read through the directory's tokenizer)."""
+    the caller has them (else read through the directory's tokenizer); ``final_path``: where the directory will be
+    once it is renamed into place, if it is still a staging directory."""
     from huggingface_hub import ModelCardData
 
     path = Path(directory)
@@ -123,7 +124,8 @@ def model_card(directory: str | Path, stop_tokens: list[str] | None = None) -> s
         datasets=datasets or None,
         pipeline_tag="text-generation",
     )
-    title = f"{path.name}: {stage} of {base}" + (f", exported as {fmt}" if fmt else "")
+    shown = Path(final_path) if final_path is not None else path
+    title = f"{shown.name}: {stage} of {base}" + (f", exported as {fmt}" if fmt else "")
     lines = ["---", card_data.to_yaml(), "---", "", f"# {title}", ""]
     lines += [
         "| | |",
@@ -138,7 +140,7 @@ def model_card(directory: str | Path, stop_tokens: list[str] | None = None) -> s
         "",
         "## Stages",
         "",
-        " <- ".join(f"`{step}`" for step in ([f"export {fmt} ({path})"] if fmt else []) + stage_chain(source)),
+        " <- ".join(f"`{step}`" for step in ([f"export {fmt} ({shown})"] if fmt else []) + stage_chain(source)),
         "",
     ]
     figures = flat_figures(summary)
@@ -173,10 +175,11 @@ def _usage(kind, fmt, base) -> str:
             "tokenizer = AutoTokenizer.from_pretrained('THIS_REPO')  # carries the chat template\n```")
 
 
-def write_model_card(directory: str | Path, stop_tokens: list[str] | None = None) -> Path:
+def write_model_card(directory: str | Path, stop_tokens: list[str] | None = None,
+                     final_path: str | Path | None = None) -> Path:
     """Write :func:`model_card` into ``directory/README.md`` (atomically); returns the path."""
     from .runs import atomic_write_text
 
     path = Path(directory) / CARD_FILE
-    atomic_write_text(path, model_card(directory, stop_tokens))
+    atomic_write_text(path, model_card(directory, stop_tokens, final_path))
     return path
