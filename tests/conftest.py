@@ -47,6 +47,10 @@ SLOW_TESTS = (
     "test_real_gguf_vocab.py::test_gpt2_byte_level_vocabulary",
     "test_real_llamacpp.py::test_llama_cpp_tokenises_every_vocabulary_like_the_reference",
     "test_real_tokenizers.py::test_llama3_tiktoken_model_alone_loads_with_metas_special_tokens",
+    "test_serve.py::test_transformers_server_answers_as_finetune_chat_does_and_stops_at_the_stop_token",
+    "test_serve.py::test_llama_cpp_server_serves_the_gguf_export_with_its_template_and_stop_token",
+    "test_eval_command.py",
+    "test_hub_push.py::test_exports_push_with_their_own_card_and_the_adapter_names_the_base_as_given",
 )
 
 
