@@ -126,6 +126,9 @@ def evaluate_model(name_or_dir: str, tasks: list[str], data: str | None = None, 
     run_data = ((run.config.get("data") or {}) if run else {})
     report: dict = {"model": str(name_or_dir), "template": chat.template.name}
     if tasks:
+        # lm-eval renders through the tokenizer's chat_template: make it the template we render with (a run's tokenizer
+        # already carries it; a model name's may have none, or another).
+        chat.tokenizer.chat_template = chat.template.jinja
         report["lm_eval"] = lm_eval_scores(chat.model, chat.tokenizer, tasks, limit, batch_size, chat_template)
         report["lm_eval_settings"] = {"backend": "hf", "limit": limit, "apply_chat_template": chat_template}
     if suite:
