@@ -9,6 +9,7 @@ from factories import make_run_dir
 from finetune.cli import main
 from finetune.export import export
 from finetune.hub import LocalHub, files_to_push, push
+from finetune.model_card import record_base_model
 from finetune.run_dir import write_run_state
 
 
@@ -98,3 +99,18 @@ def test_push_refuses_an_unfinished_run_and_a_bad_repo_id_in_one_line(tmp_path, 
     assert main(["push", str(run), "--repo_id", "me/x", "--to_dir", str(tmp_path / "hub")]) == 2
     assert "did not finish" in capsys.readouterr().err
     assert not (tmp_path / "hub").exists()
+
+
+def test_every_adapter_config_names_the_base_as_given_and_peft_default_cards_go(tmp_path):
+    for directory in (tmp_path, tmp_path / "value"):
+        directory.mkdir(exist_ok=True)
+        (directory / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/scratch/tiny", "r": 8}))
+        (directory / "README.md").write_text("This is a fine-tuned version of [None]. [More Information Needed]")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("the user's own notes")
+    record_base_model(tmp_path, "meta-llama/Meta-Llama-3-8B")
+    for directory in (tmp_path, tmp_path / "value"):
+        config = json.loads((directory / "adapter_config.json").read_text())
+        assert config == {"base_model_name_or_path": "meta-llama/Meta-Llama-3-8B", "r": 8}
+        assert not (directory / "README.md").exists()
+    assert (tmp_path / "notes" / "README.md").read_text() == "the user's own notes"
