@@ -160,6 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``finetune eval``: print the table, write the JSON; a user error prints ``error: ...`` and returns 2."""
     from .export import ExportError
+    from .model_card import CARD_FILE, write_model_card
 
     tasks = [] if args.tasks.strip().lower() in ("", "none") else [t.strip() for t in args.tasks.split(",") if t.strip()]
     verifier = None if args.verifier == "none" else args.verifier
@@ -180,4 +181,6 @@ def run(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, json.dumps(report, indent=2) + "\n")
         print(f"wrote {out}")
+    if args.out is None and Path(args.model).is_dir() and (Path(args.model) / CARD_FILE).is_file():
+        write_model_card(args.model)  # the card lists the figures just measured
     return 0

@@ -20,6 +20,8 @@ from .run_dir import ADAPTER_CONFIG, EXPORT_METADATA, RunDir, run_kind
 from .tiny import TINY_NAME
 
 CARD_FILE = "README.md"
+EVAL_FILE = "eval.json"
+"""What ``finetune eval`` writes into a run or export directory; its figures join the card's."""
 PEFT_DEFAULT_CARD_MARK = "[More Information Needed]"
 """What PEFT's (and transformers') default model card is full of; such a card is ours to replace."""
 MAX_CHAIN = 16
@@ -144,6 +146,11 @@ def model_card(directory: str | Path, stop_tokens: list[str] | None = None, fina
         "",
     ]
     figures = flat_figures(summary)
+    evaluation = path / EVAL_FILE if (path / EVAL_FILE).is_file() else source.path / EVAL_FILE
+    if evaluation.is_file():  # what `finetune eval` measured: lm-eval's tasks, the verifier suite, held-out loss
+        report = json.loads(evaluation.read_text())
+        figures += flat_figures({"finetune_eval": {**(report.get("lm_eval") or {}), **{
+            k: v for k, v in (report.get("suite") or {}).items() if k in ("verifier_accuracy", "eval_loss")}}})
     if figures:
         lines += ["## Figures", "", "| figure | value |", "|---|---|"]
         lines += [f"| {name} | {_figure(value)} |" for name, value in figures]

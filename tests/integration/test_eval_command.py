@@ -33,15 +33,16 @@ def two_choice_accuracy(model, tokenizer, docs) -> float:
     return sum(wins) / len(wins)
 
 
-def test_eval_prints_one_table_and_writes_the_json_lm_eval_scoring_as_worked_by_hand(run, tmp_path, capsys):
+def test_eval_prints_one_table_and_writes_the_json_lm_eval_scoring_as_worked_by_hand(run, capsys):
     pytest.importorskip("lm_eval")
     from finetune.chat import load_chat_model
     from finetune.lm_eval_tasks.suite_data import load
+    from finetune.model_card import write_model_card
 
-    out = tmp_path / "eval.json"
-    argv = ["eval", str(run), "--limit", "12", "--num_samples", "4", "--max_new_tokens", "8", "--out", str(out),
-            "--no_chat_template"]
+    write_model_card(run)
+    argv = ["eval", str(run), "--limit", "12", "--num_samples", "4", "--max_new_tokens", "8", "--no_chat_template"]
     assert main(argv) == 0
+    out = run / "eval.json"  # a directory's figures go beside it, and into its card
     table = capsys.readouterr().out
     report = json.loads(out.read_text())
     lm_eval = report["lm_eval"]["finetune_suite"]
@@ -57,6 +58,9 @@ def test_eval_prints_one_table_and_writes_the_json_lm_eval_scoring_as_worked_by_
                  f"verifier accuracy     {suite['verifier_accuracy']:.4f}  4 prompts",
                  f"held-out loss         {suite['eval_loss']:.4f}  200 conversations"):
         assert line in table, table
+    card = (run / "README.md").read_text()
+    assert f"| finetune_eval.finetune_suite.acc | {lm_eval['acc']:.4f} |" in card
+    assert f"| finetune_eval.verifier_accuracy | {suite['verifier_accuracy']:.4f} |" in card
 
 
 def test_without_lm_eval_a_task_is_a_one_line_error_and_tasks_none_runs_our_suite(run, tmp_path, capsys, monkeypatch):
