@@ -49,8 +49,7 @@ SLOW_TESTS = (
     "test_real_tokenizers.py::test_llama3_tiktoken_model_alone_loads_with_metas_special_tokens",
     "test_serve.py::test_transformers_server_answers_as_finetune_chat_does_and_stops_at_the_stop_token",
     "test_serve.py::test_llama_cpp_server_serves_the_gguf_export_with_its_template_and_stop_token",
-    "test_eval_command.py",
-    "test_hub_push.py::test_exports_push_with_their_own_card_and_the_adapter_names_the_base_as_given",
+    "test_eval_command.py::test_eval_prints_one_table_and_writes_the_json_lm_eval_scoring_as_worked_by_hand",
 )
 
 
