@@ -15,8 +15,9 @@
   run's chat template does and whose ``PARAMETER stop`` lines list its stop tokens (:func:`ollama_template`).
 
 Every export writes ``export_metadata.json`` (base model, run, adapter method, template, stop tokens, dtype, toolkit
-version, sha256 of the weights) and a model card ``README.md`` (:mod:`finetune.model_card`). The output is assembled in a temporary directory beside ``--out`` and renamed into
-place, so a failed export leaves nothing half-written; an existing ``--out`` is replaced only with ``--overwrite``.
+version, sha256 of the weights) and a model card ``README.md`` (:mod:`finetune.model_card`). The output is assembled
+in a temporary directory beside ``--out`` and renamed into place, so a failed export leaves nothing half-written; an
+existing ``--out`` is replaced only with ``--overwrite``.
 
 ``RUN_DIR`` is a run directory (``config.yaml`` and an adapter, or a full fine-tune's model), or a model directory
 such as a merged export (template from its ``export_metadata.json``, or ``--template``).
@@ -449,6 +450,7 @@ def _write_gguf(source, out: Path, tokenizer, template, stops, dtype: str) -> Pa
 def _build(source: RunSource, to: str, out: Path, dtype: str | None, system: str | None, tokenizer, template, stops):
     """Write the export into ``out`` (an empty directory); returns the weight files written."""
     from .model_card import record_base_model
+
     if to == "ollama":
         ollama_template(template, tokenizer)  # a template with no Ollama form fails before the model is loaded
     if to in ("gguf", "ollama"):

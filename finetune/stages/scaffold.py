@@ -15,8 +15,8 @@ result). :func:`run_stage` does the rest, in this order:
 5. save into a staging directory, then rename into place: the model or adapter (the stage's ``save``), the
    tokenizer with the chat template and a generation config whose stop ids are the template's (``use_cache`` on:
    training turns the cache off on the live model only);
-6. ``summary.json``, ``loss.png``, the model card ``README.md`` (:mod:`finetune.model_card`), and last ``run.json`` with ``finished``, which ``--init``, ``finetune export``
-   and ``finetune chat`` require.
+6. ``summary.json``, ``loss.png``, the model card ``README.md`` (:mod:`finetune.model_card`), and last ``run.json``
+   with ``finished``, which ``--init``, ``finetune export`` and ``finetune chat`` require.
 
 If anything raises after step 3, an ``--overwrite``-replaced run is put back; whatever the failed run left (an
 unfinished run directory) does not block the corrected rerun.
