@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py finetune/finetune_launcher.pth
 	$(PY) -m pip install -q --upgrade pip
 	# On this kind of machine pip's local index serves the CPU wheel of 2.13.0; on a CUDA machine PyPI's build is CUDA.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,export,trackers]'
+	$(PY) -m pip install -q -e '.[dev,export,trackers,eval,serve]'
 	# An editable install leaves out the start-up hook that keeps user errors one line under accelerate launch (setup.py).
 	cp finetune/finetune_launcher.pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 	touch $(STAMP)

@@ -13,6 +13,9 @@ with status 2, without a traceback.
     finetune sft --train.max_steps=20 --output_dir runs/sft
     finetune render data.jsonl --template llama3 --json --limit 5
     finetune convert alpaca.jsonl messages.jsonl --to messages
+    finetune eval runs/sft --tasks finetune_suite
+    finetune serve runs/sft --port 8000
+    finetune push runs/sft --repo_id me/tiny-sft
 """
 
 from __future__ import annotations
@@ -194,6 +197,19 @@ def _chat(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# ------------------------------------------------------------------------------------------- eval, serve, push
+
+
+def _module_command(name: str, help: str, module: str) -> Command:
+    """A command whose ``add_arguments`` and ``run`` live in ``finetune.MODULE``, imported only when it is chosen."""
+    import importlib
+
+    def load():
+        return importlib.import_module(f"finetune.{module}")
+
+    return Command(name, help, lambda parser: load().add_arguments(parser), lambda args: load().run(args))
+
+
 # ---------------------------------------------------------------------------------------------------------- stages
 
 
@@ -225,6 +241,10 @@ COMMANDS: list[Command] = [
     Command("convert", "convert a data file to JSON Lines in another format", _convert_arguments, _convert),
     Command("export", "export a run as adapter, merged safetensors, GGUF or Ollama", _export_arguments, _export),
     Command("chat", "chat with a run or model using its template and stop tokens", _chat_arguments, _chat),
+    _module_command("eval", "lm-evaluation-harness tasks, the verifier suite and held-out loss on a run",
+                    "eval_command"),
+    _module_command("serve", "an OpenAI-compatible chat-completions server for a run or export", "serve"),
+    _module_command("push", "upload a run or export, with its model card, to a hub model repository", "hub"),
 ]
 """The subcommands, in the order ``finetune --help`` lists them."""
 

@@ -15,8 +15,9 @@
   run's chat template does and whose ``PARAMETER stop`` lines list its stop tokens (:func:`ollama_template`).
 
 Every export writes ``export_metadata.json`` (base model, run, adapter method, template, stop tokens, dtype, toolkit
-version, sha256 of the weights). The output is assembled in a temporary directory beside ``--out`` and renamed into
-place, so a failed export leaves nothing half-written; an existing ``--out`` is replaced only with ``--overwrite``.
+version, sha256 of the weights) and a model card ``README.md`` (:mod:`finetune.model_card`). The output is assembled
+in a temporary directory beside ``--out`` and renamed into place, so a failed export leaves nothing half-written; an
+existing ``--out`` is replaced only with ``--overwrite``.
 
 ``RUN_DIR`` is a run directory (``config.yaml`` and an adapter, or a full fine-tune's model), or a model directory
 such as a merged export (template from its ``export_metadata.json``, or ``--template``).
@@ -448,6 +449,8 @@ def _write_gguf(source, out: Path, tokenizer, template, stops, dtype: str) -> Pa
 
 def _build(source: RunSource, to: str, out: Path, dtype: str | None, system: str | None, tokenizer, template, stops):
     """Write the export into ``out`` (an empty directory); returns the weight files written."""
+    from .model_card import record_base_model
+
     if to == "ollama":
         ollama_template(template, tokenizer)  # a template with no Ollama form fails before the model is loaded
     if to in ("gguf", "ollama"):
@@ -461,6 +464,8 @@ def _build(source: RunSource, to: str, out: Path, dtype: str | None, system: str
                 shutil.copy2(source.path / name, out / name)
                 if name != "adapter_config.json":
                     weights.append(out / name)
+        # The base as the user named it (an older run recorded the absolute directory it was loaded from).
+        record_base_model(out, (source.config.get("model") or {}).get("name") or source.base_model)
         _save_tokenizer(source, out, tokenizer, template, stops)
         return weights
     if to == "merged":
@@ -490,6 +495,8 @@ def export(
         ExportError: a bad run directory, format, dtype or template, a base model that cannot be loaded, or an
             existing ``out`` without ``overwrite``. Nothing is left at ``out`` when anything fails.
     """
+    from .model_card import write_model_card
+
     dtype = _check_dtype(to, dtype)
     out = Path(out).resolve()
     if system is not None and to != "ollama":
@@ -520,6 +527,7 @@ def export(
         if to == "merged" and dtype is None:
             metadata["dtype"] = str(json.loads((staging / "config.json").read_text()).get("dtype", "unknown"))
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        write_model_card(staging, final_path=out)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / out.name)

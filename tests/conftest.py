@@ -52,6 +52,9 @@ SLOW_TESTS = (
     "test_real_gguf_vocab.py::test_gpt2_byte_level_vocabulary",
     "test_real_llamacpp.py::test_llama_cpp_tokenises_every_vocabulary_like_the_reference",
     "test_real_tokenizers.py::test_llama3_tiktoken_model_alone_loads_with_metas_special_tokens",
+    "test_serve.py::test_transformers_server_answers_as_finetune_chat_does_and_stops_at_the_stop_token",
+    "test_serve.py::test_llama_cpp_server_serves_the_gguf_export_with_its_template_and_stop_token",
+    "test_eval_command.py::test_eval_prints_one_table_and_writes_the_json_lm_eval_scoring_as_worked_by_hand",
 )
 
 

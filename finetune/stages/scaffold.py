@@ -16,8 +16,8 @@ result). :func:`run_stage` does the rest, in this order:
 5. save into a staging directory, then rename into place: the model or adapter (the stage's ``save``), the
    tokenizer with the chat template and a generation config whose stop ids are the template's (``use_cache`` on:
    training turns the cache off on the live model only);
-6. ``summary.json``, ``loss.png``, and last ``run.json`` with ``finished``, which ``--init``, ``finetune export``
-   and ``finetune chat`` require.
+6. ``summary.json``, ``loss.png``, the model card ``README.md`` (:mod:`finetune.model_card`), and last ``run.json``
+   with ``finished``, which ``--init``, ``finetune export`` and ``finetune chat`` require.
 
 If anything raises after step 3, an ``--overwrite``-replaced run is put back; whatever the failed run left (an
 unfinished run directory) does not block the corrected rerun.
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import write_rejects
+from ..model_card import record_base_model, write_model_card
 from ..run_dir import RunDir, resolve_init, run_kind, write_run_state
 from ..runs import (
     apply_output_dir,
@@ -142,10 +143,11 @@ def run_stage(cfg, stage: Stage) -> Trained:
             write_rejects(output.path, loaded.loads)
         set_seed(stage.seed(cfg))
         trained = stage.train(StageRun(cfg, init, tokenizer, template, loaded.data, output.path, state, cfg.resume))
-        save_final(output.path, trained, tokenizer, template, state)
+        save_final(output.path, trained, tokenizer, template, state, cfg.model.name)
         if main:
             write_summary(output.path, trained.summary)
             plot_loss(output.path, trained.summary)
+            write_model_card(output.path, list(template.stop_strings))
             write_run_state(output.path, stage.name, "finished", run_kind(output.path))
         state.wait_for_everyone()
     except BaseException:
@@ -157,9 +159,12 @@ def run_stage(cfg, stage: Stage) -> Trained:
     return trained
 
 
-def save_final(output_dir: Path, trained: Trained, tokenizer, template, state) -> None:
+def save_final(output_dir: Path, trained: Trained, tokenizer, template, state, base_model: str | None = None) -> None:
     """The model or adapter, the tokenizer with the chat template and the generation config, written into
-    ``output_dir/.final-staging`` and renamed into ``output_dir`` (:func:`finetune.runs.publish`)."""
+    ``output_dir/.final-staging`` and renamed into ``output_dir`` (:func:`finetune.runs.publish`).
+
+    Every saved ``adapter_config.json`` names ``base_model`` (``model.name`` as the user gave it) instead of the
+    absolute directory it was loaded from (:func:`finetune.model_card.record_base_model`)."""
     from ..templates import save_with_template
 
     staging = output_dir / FINAL_STAGING
@@ -173,6 +178,8 @@ def save_final(output_dir: Path, trained: Trained, tokenizer, template, state) -
         trained.save(staging)
     state.wait_for_everyone()
     if state.is_main_process:
+        if base_model is not None:
+            record_base_model(staging, base_model)
         if trained.model_config is not None:
             save_with_template(tokenizer, template, staging, model_config=trained.model_config)
             keep_cache_on(staging)

@@ -76,6 +76,19 @@ def test_adapter_loads_onto_the_base(finished_run):
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 
+def test_the_card_and_adapter_config_name_the_base_as_given_and_the_run_still_loads(finished_run, tmp_path):
+    """adapter_config.json says ``tiny`` (model.name), not the absolute directory it was loaded from, in the run and
+    in its adapter export; our README replaces PEFT's "fine-tuned version of [None]"; the export still merges."""
+    from finetune.export import export
+
+    assert json.loads((finished_run / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
+    card = (finished_run / "README.md").read_text()
+    assert "[None]" not in card and "| base model | `tiny` |" in card and "`<|eot_id|>`" in card
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert f"| eval_loss | {summary['eval_loss']:.4f} |" in card and f"`sft ({finished_run})` <- `base tiny`" in card
+    assert export(finished_run, "merged", tmp_path / "merged").is_dir()
+
+
 def test_refuses_non_empty_output_dir(finished_run, capsys):
     assert run_recipe(["--output_dir", str(finished_run), *QUICK]) == 2
     assert "is not empty; pass --resume" in capsys.readouterr().err

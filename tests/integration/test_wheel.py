@@ -64,7 +64,8 @@ def test_wheel_carries_the_tiny_base_the_data_and_the_launcher_hook(wheel):
     for required in ("finetune/tiny_base/model.safetensors", "finetune/tiny_base/tokenizer.json",
                      "finetune/tiny_base/config.json", "data_formats/samples/suite_messages_train.jsonl",
                      "data_formats/samples/suite_preference_train.jsonl", "finetune/launch.py",
-                     "finetune/stages/sft.py"):
+                     "finetune/stages/sft.py", "finetune/lm_eval_tasks/finetune_suite.yaml",
+                     "finetune/lm_eval_tasks/suite_data.py"):
         assert required in names, required
 
 
@@ -78,7 +79,8 @@ def test_installed_package_trains_from_outside_the_checkout(venv, tmp_path):
 
     listed = subprocess.run([str(venv / "bin" / "finetune"), "--help"], cwd=work, env=env, check=True,
                             capture_output=True, text=True).stdout
-    for verb in ("sft", "reward", "rejection-sampling", "dpo", "ppo", "render", "convert", "export", "chat"):
+    for verb in ("sft", "reward", "rejection-sampling", "dpo", "ppo", "render", "convert", "export", "chat", "eval", "serve",
+                 "push"):
         assert f"    {verb}" in listed, verb
 
     accelerate = [str(venv / "bin" / "python"), str(Path(sys.executable).with_name("accelerate")), "launch",
