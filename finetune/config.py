@@ -435,26 +435,38 @@ class RewardRunConfig(RunConfig):
             raise ConfigError("adapter.method=qlora trains in bf16 or fp32 compute; set model.dtype to auto or bfloat16")
 
 
-DPO_LOSSES = ("sigmoid", "ipo", "hinge", "label_smoothed")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "label_smoothed", "orpo", "simpo")
+REFERENCE_FREE_LOSSES = ("orpo", "simpo")
+"""Losses of the DPO stage that score the policy alone: no reference adapter is built for them."""
 
 
 @dataclass
 class DPOParams:
-    """The DPO objective and its reference."""
+    """The preference objective on pairs, and its reference (none for ``orpo`` and ``simpo``)."""
 
     loss: str = "sigmoid"
     """``sigmoid`` (DPO, Rafailov et al. 2023), ``ipo`` (Azar et al. 2023, on per-token mean log-probs), ``hinge``
-    (SLiC-HF, Zhao et al. 2023), or ``label_smoothed`` (cDPO: DPO with labels assumed flipped with probability
-    ``label_smoothing``)."""
+    (SLiC-HF, Zhao et al. 2023), ``label_smoothed`` (cDPO: DPO with labels assumed flipped with probability
+    ``label_smoothing``); or, with no reference model, ``orpo`` (Hong et al. 2024: an SFT term plus an odds-ratio
+    term, TRL's ``ORPOTrainer``) and ``simpo`` (Meng et al. 2024: length-normalised log-likelihood margin against a
+    target ``simpo_gamma``, TRL's ``CPOTrainer``)."""
     beta: float = 0.1
-    """Strength of the pull towards the reference (the SFT policy): smaller lets the policy move further."""
+    """Strength of the pull towards the reference (the SFT policy): smaller lets the policy move further. For
+    ``orpo`` the odds-ratio term's weight lambda (0.1 in the paper); for ``simpo`` the reward scale (2 to 2.5 in the
+    paper)."""
     label_smoothing: float = 0.0
     """Assumed label-flip probability for ``loss: label_smoothed``, in (0, 0.5); 0 for the other losses."""
+    simpo_gamma: float = 0.0
+    """SimPO's target reward margin gamma (``loss: simpo`` only; the paper uses 0.5 to 1.5, the shipped SimPO configs
+    1.0); 0 for the other losses."""
     precompute_ref_log_probs: bool = False
-    """Compute every pair's reference log-probs in one pass before training, so training runs no reference forward."""
+    """Compute every pair's reference log-probs in one pass before training, so training runs no reference forward
+    (not for ``orpo``/``simpo``, which have no reference)."""
     nll_weight: float = 0.2
     """Add this times the chosen replies' token-mean negative log-likelihood to the loss (RPO, Pang et al. 2024;
-    Llama 3 uses 0.2), so the chosen reply's likelihood does not fall while the margin grows; 0 for plain DPO."""
+    Llama 3 uses 0.2), so the chosen reply's likelihood does not fall while the margin grows; 0 for plain DPO. For
+    ``simpo`` the same term (CPO-SimPO; 0 is the paper's SimPO). ``orpo`` has its own SFT term of weight 1, over the
+    whole chosen sequence, prompt included, as the ORPO authors' code and TRL compute it: set 1."""
 
     def __post_init__(self):
         if self.nll_weight < 0:
@@ -467,18 +479,33 @@ class DPOParams:
             raise ConfigError(f"dpo.loss=label_smoothed needs dpo.label_smoothing in (0, 0.5); got {self.label_smoothing}")
         if self.loss != "label_smoothed" and self.label_smoothing != 0.0:
             raise ConfigError(f"dpo.label_smoothing applies only to dpo.loss=label_smoothed (loss is {self.loss!r})")
+        if self.simpo_gamma < 0:
+            raise ConfigError(f"dpo.simpo_gamma must be >= 0; got {self.simpo_gamma}")
+        if self.loss != "simpo" and self.simpo_gamma != 0.0:
+            raise ConfigError(f"dpo.simpo_gamma applies only to dpo.loss=simpo (loss is {self.loss!r})")
+        if self.loss in REFERENCE_FREE_LOSSES and self.precompute_ref_log_probs:
+            raise ConfigError(f"dpo.precompute_ref_log_probs: dpo.loss={self.loss} has no reference model")
+        if self.loss == "orpo" and self.nll_weight != 1.0:
+            raise ConfigError("dpo.loss=orpo has its own SFT term of weight 1 (over the whole chosen sequence, as TRL's "
+                              f"ORPOTrainer computes it): set dpo.nll_weight=1 (got {self.nll_weight})")
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss compares the policy with a frozen reference (the SFT adapter)."""
+        return self.loss not in REFERENCE_FREE_LOSSES
 
 
 @dataclass
 class DPORunConfig(RunConfig):
-    """Direct preference optimisation from an SFT run, the SFT policy frozen as the reference (``recipes/dpo.py``)."""
+    """Preference optimisation on pairs from an SFT run (``recipes/dpo.py``): DPO and its variants with the SFT
+    policy frozen as the reference, or ORPO and SimPO with no reference."""
 
     output_dir: str = "runs/dpo"
     """Where the run writes config, metrics, checkpoints and the final policy adapter."""
     init: str | None = None
     """The SFT run to start from (required), e.g. ``runs/sft``: the policy is a trainable copy of its adapter and the
-    reference the same adapter frozen, both on one base. A full-weights SFT run becomes the base instead, with a new
-    LoRA adapter as the policy."""
+    reference the same adapter frozen, both on one base (``orpo`` and ``simpo`` build no reference). A full-weights SFT
+    run becomes the base instead, with a new LoRA adapter as the policy."""
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)

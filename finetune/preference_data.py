@@ -116,6 +116,24 @@ def tokenize_pairs_for_dpo(pairs, template, tokenizer, max_length: int) -> tuple
     return rows, report
 
 
+def reference_free_rows(rows: list[dict]) -> list[dict]:
+    """DPO rows (``tokenize_pairs_for_dpo``) in the tokenised layout of TRL's ``ORPOTrainer`` and ``CPOTrainer``:
+    ``prompt_input_ids``, and per side ``{side}_input_ids`` (prompt + reply), ``{side}_attention_mask`` and
+    ``{side}_labels`` (``-100`` on the prompt). The same tokens as DPO scores, so every loss of the DPO stage sees the
+    same sequences."""
+    out = []
+    for row in rows:
+        prompt = row["prompt_ids"]
+        new = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+        for side in ("chosen", "rejected"):
+            reply = row[f"{side}_ids"]
+            new[f"{side}_input_ids"] = prompt + reply
+            new[f"{side}_attention_mask"] = [1] * (len(prompt) + len(reply))
+            new[f"{side}_labels"] = [-100] * len(prompt) + reply
+        out.append(new)
+    return out
+
+
 def tokenize_pairs_for_reward(pairs, template, tokenizer, max_length: int) -> tuple[list[dict], PairReport]:
     """Rows of ``{"chosen_ids", "rejected_ids"}``, each the whole rendered conversation (TRL's ``RewardTrainer``
     format), and a report. The score is read at the last token, so a conversation is never cut: a pair that does
