@@ -216,8 +216,10 @@ class DataConfig:
 
 
 def data_formats_names(kind: str = "all") -> tuple[str, ...]:
-    from data_formats import FORMATS, PREFERENCE_FORMATS
+    from data_formats import FORMATS, PREFERENCE_FORMATS, UNPAIRED_FORMATS
 
+    if kind == "unpaired":
+        return UNPAIRED_FORMATS + PREFERENCE_FORMATS
     return PREFERENCE_FORMATS if kind == "preference" else FORMATS
 
 
@@ -520,6 +522,92 @@ class DPORunConfig(RunConfig):
             raise ConfigError("dpo trains a LoRA adapter on one shared base; set adapter.method to lora or qlora")
         if self.adapter.method == "qlora" and self.model.dtype == "float16":
             raise ConfigError("adapter.method=qlora trains in bf16 or fp32 compute; set model.dtype to auto or bfloat16")
+        self.eval.verifier = resolve_verifier(self.eval.verifier, self.data.eval)
+
+
+@dataclass
+class UnpairedDataConfig(PreferenceDataConfig):
+    """KTO's data: completions each labelled desirable or not, or preference pairs split into one of each."""
+
+    format: str = "auto"
+    """``auto`` (detected), ``unpaired`` (prompt/completion/label, TRL's unpaired preference format), or a pair
+    format, ``preference`` or ``hh``, whose pairs each become a desirable (chosen) and an undesirable (rejected)
+    example."""
+    max_length: int = 256
+    """Longest prompt + completion in tokens. An example whose prompt alone leaves no room is skipped; a longer
+    completion is cut to fit. Both are counted and reported."""
+    max_train_samples: int | None = None
+    """Use only the first N training records (a pair is one record, two examples); at least 1, or ``null``."""
+
+    def __post_init__(self):
+        check_data_sources(self)
+        check_choice("data.format", self.format, ("auto", *data_formats_names("unpaired")))
+        check_template(self.template)
+        check_at_least("data.max_length", self.max_length, 2)
+
+
+@dataclass
+class KTOTrainConfig(DPOTrainConfig):
+    """Training settings with KTO's defaults: DPO's, with twice the rows per micro-batch, since a row is one
+    sequence, not a pair (the same sequences per step as DPO on the same pairs)."""
+
+    per_device_batch_size: int = 8
+    """Examples per device per micro-batch; at least 2: KTO's reference point pairs each prompt with another
+    example's completion of the same micro-batch."""
+
+
+@dataclass
+class KTOParams:
+    """The KTO objective (Ethayarajh et al. 2024) and its reference."""
+
+    beta: float = 0.1
+    """Sharpness of the value function, and the strength of the pull towards the reference (the SFT policy)."""
+    desirable_weight: float = 1.0
+    """lambda_D: weight of the desirable examples' loss. With unbalanced data the paper keeps
+    ``desirable_weight * n_desirable / (undesirable_weight * n_undesirable)`` in [1, 4/3]."""
+    undesirable_weight: float = 1.0
+    """lambda_U: weight of the undesirable examples' loss."""
+    precompute_ref_log_probs: bool = False
+    """Compute every example's reference log-probs (and those of its mismatched KL pairing) in one pass before
+    training, so training runs no reference forward."""
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ConfigError(f"kto.beta must be positive; got {self.beta}")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"kto.{name} must be positive; got {getattr(self, name)}")
+
+
+@dataclass
+class KTORunConfig(RunConfig):
+    """Kahneman-Tversky optimisation from an SFT run on unpaired data, the SFT policy frozen as the reference
+    (``recipes/kto.py``)."""
+
+    output_dir: str = "runs/kto"
+    """Where the run writes config, metrics, checkpoints and the final policy adapter."""
+    init: str | None = None
+    """The SFT run to start from (required), e.g. ``runs/sft``: the policy is a trainable copy of its adapter and the
+    reference the same adapter frozen, both on one base. A full-weights SFT run becomes the base instead, with a new
+    LoRA adapter as the policy."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: UnpairedDataConfig = field(default_factory=UnpairedDataConfig)
+    train: KTOTrainConfig = field(default_factory=KTOTrainConfig)
+    kto: KTOParams = field(default_factory=KTOParams)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if not self.init:
+            raise ConfigError("kto needs --init DIR: the SFT run to start from (e.g. --init runs/sft)")
+        if self.adapter.method == "full":
+            raise ConfigError("kto trains a LoRA adapter on one shared base; set adapter.method to lora or qlora")
+        if self.adapter.method == "qlora" and self.model.dtype == "float16":
+            raise ConfigError("adapter.method=qlora trains in bf16 or fp32 compute; set model.dtype to auto or bfloat16")
+        if self.train.per_device_batch_size < 2:
+            raise ConfigError("train.per_device_batch_size must be at least 2 for kto: its reference point pairs each "
+                              f"prompt with another example's completion in the micro-batch (got "
+                              f"{self.train.per_device_batch_size})")
         self.eval.verifier = resolve_verifier(self.eval.verifier, self.data.eval)
 
 
@@ -1058,6 +1146,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "sft": SFTRunConfig,
     "reward": RewardRunConfig,
     "dpo": DPORunConfig,
+    "kto": KTORunConfig,
     "rejection_sampling": RejectionSamplingRunConfig,
     "ppo": PPORunConfig,
 }
