@@ -133,7 +133,7 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
         "input", help="a .jsonl/.json/.parquet/.csv file, a save_to_disk directory, a hub dataset id or bundled:FILE"
     )
     parser.add_argument("output", help="the .jsonl file to write")
-    parser.add_argument("--to", required=True, help="output format: messages, sharegpt, alpaca or preference")
+    parser.add_argument("--to", required=True, help="output format: messages, sharegpt, alpaca, preference or unpaired")
     parser.add_argument("--from", dest="from_format", default="auto", help="input format (default: auto-detect)")
     parser.add_argument("--split", default=None, help="split of a DatasetDict directory or hub dataset (default train)")
     parser.add_argument("--limit", type=_count, default=None, metavar="N", help="convert only the first N records")
