@@ -113,6 +113,9 @@ def table(result: dict) -> str:
         lines.append(f"| {name} | {', '.join(pct(v) for v in acc['values'])} | {pct(acc['mean'])} | "
                      f"{pct(acc['spread'])} | {reward} |")
     lines.append("")
+    lines.append("Reward accuracy is the fraction of the held-out pairs whose chosen reply scores above the rejected one: "
+                 "for DPO by its implicit reward (log-ratio to the reference), for ORPO and SimPO by the mean per-token "
+                 "log-likelihood (they have no reference); KTO's examples are unpaired.")
     if "dpo" in result:
         lines.append(f"DPO: kl_gap to the reference {result['dpo']['eval_kl_gap']['mean']:.2f} nats per reply.")
     if "kto" in result:
