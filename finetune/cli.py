@@ -2,7 +2,7 @@
 
 Every subcommand is a :class:`Command` listed in :data:`COMMANDS`: a name, a one-line help, a function that adds its
 arguments and a function that runs it and returns the exit status. The training stages (``sft``, ``reward``,
-``rejection-sampling``, ``dpo``, ``ppo``) are commands too, running ``finetune.launch.STAGES``: the same code as
+``rejection-sampling``, ``dpo``, ``kto``, ``ppo``) are commands too, running ``finetune.launch.STAGES``: the same code as
 ``recipes/NAME.py``, with the same options (``finetune sft --help``); on several processes
 ``accelerate launch -m finetune.cli sft ...``. Adding one (``export``, ``chat``, ``eval``,
 ``bench``) is writing those two functions and appending a line to :data:`COMMANDS`; nothing else changes.

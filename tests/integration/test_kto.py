@@ -28,10 +28,11 @@ def sft_run(tmp_path_factory):
     return make_sft_run(tmp_path_factory.mktemp("sft"))
 
 
-def make_trainer(sft_run, tmp_path, tokenizer, num_pairs=4, **params):
+def make_trainer(sft_run, tmp_path, tokenizer, num_pairs=4, method="lora", **params):
     cfg = parse_args(KTORunConfig, ["--init", str(sft_run), "--output_dir", str(tmp_path / "run"),
                                     "--train.per_device_batch_size=4", "--train.max_steps=2",
-                                    "--train.logging_steps=1", "--train.save_steps=100", "--eval.verifier=null"])
+                                    "--train.logging_steps=1", "--train.save_steps=100", "--eval.verifier=null",
+                                    f"--adapter.method={method}"])
     cfg = dataclasses.replace(cfg, kto=KTOParams(**params)) if params else cfg
     cfg, init, _ = resolve_init(cfg)
     template = get_template(cfg.data.template, tokenizer)
@@ -113,6 +114,22 @@ def test_trl_kto_loss_equals_ours(sft_run, tokenizer, tmp_path):
     assert batch["label"].tolist().count(True) == 2
     assert (policy - reference).abs().max() > 0.1, "the perturbation should move the policy"
     assert_close(trl_loss, losses.mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_qlora_policy_and_reference_share_one_4bit_base(sft_run, tokenizer, tmp_path):
+    """adapter.method=qlora (llama3_8b/kto_qlora.yaml): policy and frozen reference adapters on one 4-bit NF4 base;
+    two optimizer steps move the policy and leave the reference as the SFT adapter."""
+    from bitsandbytes.nn import Linear4bit
+
+    trainer, _, _ = make_trainer(sft_run, tmp_path, tokenizer, method="qlora")
+    layer = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, Linear4bit) and set(layer.lora_A) == {"default", "ref"}
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert trainer.state.global_step == 2
+    assert any(not torch.equal(before[n], after[n]) for n in before if ".default." in n)
+    assert all(torch.equal(before[n], after[n]) for n in before if ".ref." in n)
 
 
 def test_kto_config_checks(sft_run):

@@ -29,10 +29,11 @@ def sft_run(tmp_path_factory):
     return make_sft_run(tmp_path_factory.mktemp("sft"))
 
 
-def make_trainer(sft_run, tmp_path, tokenizer, num_pairs=4, **params):
+def make_trainer(sft_run, tmp_path, tokenizer, num_pairs=4, method="lora", **params):
     cfg = parse_args(DPORunConfig, ["--init", str(sft_run), "--output_dir", str(tmp_path / "run"),
                                     "--train.per_device_batch_size=2", "--train.max_steps=2",
-                                    "--train.logging_steps=1", "--train.save_steps=100", "--eval.verifier=null"])
+                                    "--train.logging_steps=1", "--train.save_steps=100", "--eval.verifier=null",
+                                    f"--adapter.method={method}"])
     cfg = dataclasses.replace(cfg, dpo=DPOParams(**params))
     cfg, init, _ = resolve_init(cfg)
     template = get_template(cfg.data.template, tokenizer)
@@ -106,6 +107,23 @@ def test_trl_simpo_loss_equals_ours(nll_weight, sft_run, tokenizer, tmp_path):
     losses, _, _ = simpo_loss(chosen, rejected, beta=2.0, gamma=1.0)
     expected = losses.mean() + nll_weight * sft_loss(chosen_logits, batch["chosen_labels"])[0]
     assert_close(trl_loss, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["orpo", "simpo"])
+def test_qlora_policy_trains_on_a_4bit_base_alone(loss, sft_run, tokenizer, tmp_path):
+    """adapter.method=qlora (the llama3_8b configs): the SFT adapter on a 4-bit NF4 base is the only adapter, and two
+    optimizer steps move it."""
+    from bitsandbytes.nn import Linear4bit
+
+    params = dict(loss=loss, nll_weight=1.0) if loss == "orpo" else dict(loss=loss, beta=2.0, simpo_gamma=1.0)
+    trainer, _, _ = make_trainer(sft_run, tmp_path, tokenizer, method="qlora", **params)
+    layer = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, Linear4bit) and set(layer.lora_A) == {dpo.POLICY_ADAPTER}
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert trainer.state.global_step == 2
+    assert any(not torch.equal(before[n], after[n]) for n in before)
 
 
 def test_reference_free_config_checks():
