@@ -116,6 +116,22 @@ def test_trl_kto_loss_equals_ours(sft_run, tokenizer, tmp_path):
     assert_close(trl_loss, losses.mean(), rtol=1e-4, atol=1e-5)
 
 
+def test_precomputed_reference_logps_equal_the_reference_adapter(sft_run, tokenizer, tmp_path):
+    """kto.precompute_ref_log_probs: the stored log-probs (matched and mismatched) are the ref adapter's, as we
+    compute them from the full logits."""
+    from trl.trainer.utils import use_adapter
+
+    trainer, _, batch = make_trainer(sft_run, tmp_path, tokenizer, precompute_ref_log_probs=True)
+    stored = trainer.train_dataset
+    assert {"ref_logps", "ref_KL_logps"} <= set(stored.column_names)
+    trainer.model.eval()
+    with use_adapter(trainer.model, dpo.REFERENCE_ADAPTER):
+        ref = logps(trainer.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        ref_kl = logps(trainer.model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])
+    assert_close(torch.tensor(stored["ref_logps"][:4]), ref, rtol=1e-4, atol=1e-4)
+    assert_close(torch.tensor(stored["ref_KL_logps"][:4]), ref_kl, rtol=1e-4, atol=1e-4)
+
+
 def test_qlora_policy_and_reference_share_one_4bit_base(sft_run, tokenizer, tmp_path):
     """adapter.method=qlora (llama3_8b/kto_qlora.yaml): policy and frozen reference adapters on one 4-bit NF4 base;
     two optimizer steps move the policy and leave the reference as the SFT adapter."""
