@@ -47,7 +47,7 @@ lint: install
 # CPU benchmarks, then the GPU one (which prints a line and exits 0 where there is no CUDA GPU); see docs/performance.md,
 # docs/rl.md and docs/preference.md. The accuracy benchmark is last because it is long: SFT, then rejection sampling,
 # PPO and DPO for 3 seeds each, about 35 minutes on a 2-core CPU (`python benchmarks/loop_accuracy.py --smoke` checks it
-# in minutes).
+# in minutes); then DPO, KTO, ORPO and SimPO from that same SFT run, 3 seeds each, about 15 minutes.
 bench: install
 	$(PY) benchmarks/sft_throughput.py
 	$(PY) benchmarks/sft_throughput.py --shape 52m --datasets multiturn --epochs 2
@@ -59,6 +59,7 @@ bench: install
 	$(PY) benchmarks/dpo_memory.py --shape llama-3.2-1b
 	$(PY) benchmarks/gpu_sft.py
 	$(PY) benchmarks/loop_accuracy.py
+	$(PY) benchmarks/preference_accuracy.py --sft runs/bench-loop/sft
 
 clean:
 	rm -rf runs build *.egg-info

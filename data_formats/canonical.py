@@ -126,6 +126,32 @@ class PreferencePair:
     meta: dict = field(default_factory=dict)
 
 
+@dataclass
+class UnpairedExample:
+    """One completion judged on its own, desirable or not (KTO's data; TRL's unpaired preference format).
+
+    Attributes:
+        prompt: Optional system message, then alternating turns, ending on a user turn.
+        completion: The reply, as a list holding one assistant message.
+        desirable: ``True`` for a desirable completion (TRL's ``label: true``), ``False`` for an undesirable one.
+        origin: Where it came from, as for :class:`Conversation`; the two examples of a split pair share it.
+        meta: Fields of the source record that are not part of the example.
+    """
+
+    prompt: list[dict[str, str]]
+    completion: list[dict[str, str]]
+    desirable: bool
+    origin: str = "<memory>"
+    meta: dict = field(default_factory=dict)
+
+
+def unpair(pair: PreferencePair) -> tuple[UnpairedExample, UnpairedExample]:
+    """A preference pair as two unpaired examples: the chosen reply desirable, the rejected one undesirable (as TRL's
+    ``unpair_preference_dataset`` does)."""
+    return (UnpairedExample(pair.prompt, pair.chosen, True, pair.origin, dict(pair.meta)),
+            UnpairedExample(pair.prompt, pair.rejected, False, pair.origin, dict(pair.meta)))
+
+
 @dataclass(frozen=True)
 class Where:
     """A record's position, so that deep validation code can raise a fully located error.
@@ -300,6 +326,6 @@ def validate_messages(
         if messages[-1]["role"] != "user":
             raise where.error(
                 turns[-1].role_field,
-                f"the prompt to end on a '{user}' turn (the reply comes in chosen/rejected)",
+                f"the prompt to end on a '{user}' turn (the reply comes in its own field)",
                 turns[-1].raw_role,
             )

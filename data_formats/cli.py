@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .canonical import DataFormatError
+from .canonical import DataFormatError, PreferencePair, unpair
 from .loading import iter_records
-from .readers import CONVERSATION_FORMATS, FORMATS, PREFERENCE_FORMATS
+from .readers import CONVERSATION_FORMATS, FORMATS, PREFERENCE_FORMATS, UNPAIRED_FORMATS
 from .report import LoadReport, write_rejects
 from .writers import WRITERS, write
 
@@ -28,8 +28,9 @@ def convert(
     Args:
         in_path: Anything :func:`data_formats.load_conversations` accepts.
         out_path: The JSON Lines file to write (atomically).
-        to: ``"messages"``, ``"sharegpt"``, ``"alpaca"`` or ``"preference"``; preference output needs preference
-            input, the others conversation input.
+        to: ``"messages"``, ``"sharegpt"``, ``"alpaca"``, ``"preference"`` or ``"unpaired"``; preference output
+            needs preference input, unpaired output unpaired or preference input (each pair becomes its chosen
+            reply, ``label: true``, then its rejected reply, ``label: false``), the others conversation input.
         from_format: The input format, or ``"auto"`` to detect it from the first record.
         split: Split of a ``DatasetDict`` directory or hub dataset.
         limit: Convert only the first N accepted records.
@@ -47,10 +48,16 @@ def convert(
     if to == "preference":
         hint = "preference output needs preference input; convert conversations with --to messages, sharegpt or alpaca"
         formats = PREFERENCE_FORMATS
+    elif to == "unpaired":
+        hint = "unpaired output needs unpaired or preference input"
+        formats = UNPAIRED_FORMATS + PREFERENCE_FORMATS
     else:
         hint = "convert preference data with --to preference"
         formats = CONVERSATION_FORMATS
     records = iter_records(in_path, from_format, split, formats, hint, limit, skip_invalid, report)
+    if to == "unpaired":
+        records = (example for record in records
+                   for example in (unpair(record) if isinstance(record, PreferencePair) else (record,)))
     return write(records, out_path, to=to)
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from .canonical import Conversation, DataFormatError, Found, PreferencePair, Where, describe
+from .canonical import Conversation, DataFormatError, Found, PreferencePair, UnpairedExample, Where, describe, unpair
 from .readers import (
     CONVERSATION_FORMATS,
     FORMATS,
     PREFERENCE_FORMATS,
     READERS,
     REQUIRED_FIELDS,
+    UNPAIRED_FORMATS,
     article,
     detect_format,
     guess_format,
@@ -82,9 +83,44 @@ def load_preferences(
         One :class:`PreferencePair` per accepted record, in order.
 
     Raises:
-        DataFormatError: On the first problem, naming file, record and field; also for conversation data.
+        DataFormatError: On the first problem, naming file, record and field; also for conversation data and for
+            unpaired data (which has no pairs to give).
     """
     return _load(source, format, split, PREFERENCE_FORMATS, USE_CONVERSATIONS, limit, skip_invalid, report)
+
+
+def load_unpaired(
+    source,
+    format: str = "auto",
+    split: str | None = None,
+    *,
+    limit: int | None = None,
+    skip_invalid: bool = False,
+    report: LoadReport | None = None,
+) -> list[UnpairedExample]:
+    """Read unpaired preference data (KTO's) into canonical examples; preference pairs are accepted and split.
+
+    Args:
+        source: As for :func:`load_conversations`.
+        format: ``"auto"``, ``"unpaired"`` (prompt/completion/label, TRL's unpaired preference format), or a pair
+            format, ``"preference"`` or ``"hh"``: each pair becomes its chosen reply, desirable, then its rejected
+            reply, undesirable (both with the pair's origin).
+        split: As for :func:`load_conversations`.
+        limit: As for :func:`load_conversations`, counted in records read (a pair is one record, two examples).
+        skip_invalid: As for :func:`load_conversations`.
+        report: As for :func:`load_conversations`.
+
+    Returns:
+        The :class:`UnpairedExample` objects, in order.
+
+    Raises:
+        DataFormatError: On the first problem, naming file, record and field; also for conversation data.
+    """
+    examples = []
+    for record in iter_records(source, format, split, UNPAIRED_FORMATS + PREFERENCE_FORMATS, USE_CONVERSATIONS,
+                               limit, skip_invalid, report):
+        examples.extend(unpair(record) if isinstance(record, PreferencePair) else (record,))
+    return examples
 
 
 def _display(source) -> str:
@@ -97,7 +133,9 @@ def _display(source) -> str:
 def _data_kind(formats: tuple[str, ...]) -> str:
     if formats == CONVERSATION_FORMATS:
         return "conversation data (alpaca, sharegpt or messages)"
-    return "preference data (preference or hh)"
+    if formats == PREFERENCE_FORMATS:
+        return "preference data (preference or hh)"
+    return "unpaired preference data (unpaired), or pairs to split (preference or hh)"
 
 
 def _load(

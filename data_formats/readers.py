@@ -12,6 +12,7 @@ from .canonical import (
     Found,
     PreferencePair,
     Turn,
+    UnpairedExample,
     Where,
     describe,
     validate_messages,
@@ -19,7 +20,8 @@ from .canonical import (
 
 CONVERSATION_FORMATS = ("alpaca", "sharegpt", "messages")
 PREFERENCE_FORMATS = ("preference", "hh")
-FORMATS = CONVERSATION_FORMATS + PREFERENCE_FORMATS
+UNPAIRED_FORMATS = ("unpaired",)
+FORMATS = CONVERSATION_FORMATS + PREFERENCE_FORMATS + UNPAIRED_FORMATS
 
 # Fields a record of each format cannot do without (checked against a CSV header before reading rows).
 REQUIRED_FIELDS = {
@@ -28,6 +30,7 @@ REQUIRED_FIELDS = {
     "messages": ("messages",),
     "preference": ("chosen", "rejected"),
     "hh": ("chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
 }
 
 MISSING = Found("nothing (the field is missing)")
@@ -52,7 +55,7 @@ HH_ASSISTANT = "\n\nAssistant:"
 
 def article(fmt: str) -> str:
     """``an alpaca`` / ``a sharegpt``: format names in running text."""
-    return f"an {fmt}" if fmt in ("alpaca", "hh") else f"a {fmt}"
+    return f"an {fmt}" if fmt in ("alpaca", "hh", "unpaired") else f"a {fmt}"
 
 
 def guess_format(record) -> str | None:
@@ -63,6 +66,8 @@ def guess_format(record) -> str | None:
         return "sharegpt"
     if "messages" in record:
         return "messages"
+    if "completion" in record:
+        return "unpaired"
     if "chosen" in record or "rejected" in record:
         if record.get("prompt") is not None:
             return "preference"
@@ -77,15 +82,16 @@ def guess_format(record) -> str | None:
 def detect_format(record: dict, where: Where | None = None) -> str:
     """Name the format of one record from its keys.
 
-    ``conversations`` -> sharegpt, ``messages`` -> messages, ``chosen``/``rejected`` with a ``prompt`` or with
-    message lists -> preference, ``chosen``/``rejected`` strings without a prompt -> hh, ``instruction`` -> alpaca.
+    ``conversations`` -> sharegpt, ``messages`` -> messages, ``completion`` -> unpaired, ``chosen``/``rejected``
+    with a ``prompt`` or with message lists -> preference, ``chosen``/``rejected`` strings without a prompt -> hh,
+    ``instruction`` -> alpaca.
 
     Args:
         record: One source record.
         where: Its position, for the error; defaults to an anonymous ``<record>``.
 
     Returns:
-        One of ``alpaca``, ``sharegpt``, ``messages``, ``preference``, ``hh``.
+        One of ``alpaca``, ``sharegpt``, ``messages``, ``preference``, ``hh``, ``unpaired``.
 
     Raises:
         DataFormatError: When the record is not an object or its keys match no format.
@@ -98,7 +104,8 @@ def detect_format(record: dict, where: Where | None = None) -> str:
         raise where.error(
             None,
             "a record in a known format: alpaca (instruction, input, output), sharegpt (conversations), "
-            "messages (messages), preference (prompt, chosen, rejected) or hh (chosen, rejected transcripts)",
+            "messages (messages), preference (prompt, chosen, rejected), hh (chosen, rejected transcripts) or "
+            "unpaired (prompt, completion, label)",
             record,
         )
     return fmt
@@ -349,6 +356,23 @@ def _different(chosen, rejected, where: Where) -> None:
         raise where.error("rejected", "a reply different from chosen", Found("the same text as chosen"))
 
 
+def _prompt(record: dict, where: Where) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """A record's ``prompt`` (a string or a message list ending on a user turn) with any record-level ``system``
+    message in front, and the prompt as written (what a side that repeats the prompt repeats)."""
+    value = record["prompt"]
+    if isinstance(value, str):
+        prompt, prompt_turns = [{"role": "user", "content": value}], [Turn("prompt", "prompt", "user")]
+    elif isinstance(value, list):
+        prompt, prompt_turns = parse_message_list(value, where, "prompt")
+    else:
+        raise where.error("prompt", "a string or a list of messages", value)
+    # Sides that repeat the prompt repeat it as written, without a record-level system message.
+    prompt_body = list(prompt)
+    _record_system(record, where, prompt, prompt_turns, "prompt")
+    validate_messages(prompt, where, ends_on="user", container="prompt", turns=prompt_turns)
+    return prompt, prompt_body
+
+
 def read_preference(record: dict, where: Where) -> PreferencePair:
     """Preference: ``prompt`` + ``chosen`` + ``rejected``, each a string or a list of messages.
 
@@ -361,17 +385,7 @@ def read_preference(record: dict, where: Where) -> PreferencePair:
     consumed = ("prompt", "chosen", "rejected", "system")
 
     if record.get("prompt") is not None:
-        value = record["prompt"]
-        if isinstance(value, str):
-            prompt, prompt_turns = [{"role": "user", "content": value}], [Turn("prompt", "prompt", "user")]
-        elif isinstance(value, list):
-            prompt, prompt_turns = parse_message_list(value, where, "prompt")
-        else:
-            raise where.error("prompt", "a string or a list of messages", value)
-        # Sides that repeat the prompt repeat it as written, without a record-level system message.
-        prompt_body = list(prompt)
-        _record_system(record, where, prompt, prompt_turns, "prompt")
-        validate_messages(prompt, where, ends_on="user", container="prompt", turns=prompt_turns)
+        prompt, prompt_body = _prompt(record, where)
         n = len(prompt_body)
         # A side that repeats the prompt before its reply is the "full conversation" shape: cut the prompt off.
         if len(chosen) > n and chosen[:n] == prompt_body:
@@ -496,10 +510,44 @@ def read_hh(record: dict, where: Where) -> PreferencePair:
     return PreferencePair(prompt, chosen, rejected, where.origin, _meta(record, ("prompt", "chosen", "rejected", "system")))
 
 
+def read_unpaired(record: dict, where: Where) -> UnpairedExample:
+    """Unpaired preference (KTO's data, TRL's unpaired format): ``prompt`` + ``completion`` + ``label``.
+
+    ``prompt`` is a string or a message list ending on a user turn; ``completion`` a string or one assistant message
+    (or the whole conversation, repeating the prompt); ``label`` ``true`` for a desirable completion, ``false`` for an
+    undesirable one. Anything else in ``label`` (a string, 0/1, null) is refused rather than guessed at.
+    """
+    if record.get("prompt") is None:
+        raise where.error("prompt", "a string or a list of messages (unpaired records need prompt, completion, label)",
+                          MISSING)
+    prompt, prompt_body = _prompt(record, where)
+    if record.get("completion") is None:
+        raise where.error("completion", "a string or a list of messages (the reply being judged)", MISSING)
+    value = record["completion"]
+    if isinstance(value, str):
+        completion, turns = [{"role": "assistant", "content": value}], [Turn("completion", "completion", "assistant")]
+    elif isinstance(value, list):
+        completion, turns = parse_message_list(value, where, "completion")
+        n = len(prompt_body)
+        if len(completion) > n and completion[:n] == prompt_body:  # the whole conversation: cut the prompt off
+            completion, turns = completion[n:], turns[n:]
+    else:
+        raise where.error("completion", "a string or a list of messages", value)
+    completion = _reply(completion, turns, "completion", where)
+    if "label" not in record:
+        raise where.error("label", "true (a desirable completion) or false (an undesirable one)", MISSING)
+    label = record["label"]
+    if not isinstance(label, bool):
+        raise where.error("label", "true (a desirable completion) or false (an undesirable one)", label)
+    return UnpairedExample(prompt, completion, label, where.origin,
+                           _meta(record, ("prompt", "completion", "label", "system")))
+
+
 READERS = {
     "alpaca": read_alpaca,
     "sharegpt": read_sharegpt,
     "messages": read_messages,
     "preference": read_preference,
     "hh": read_hh,
+    "unpaired": read_unpaired,
 }

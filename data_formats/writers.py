@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
-from .canonical import Conversation, DataFormatError, Found, PreferencePair, Where, validate_messages
+from .canonical import Conversation, DataFormatError, Found, PreferencePair, UnpairedExample, Where, validate_messages
 
 SHAREGPT_FROM = {"system": "system", "user": "human", "assistant": "gpt"}
 
@@ -103,11 +103,29 @@ def _preference_row(record, where: Where) -> dict:
     return {"prompt": record.prompt, "chosen": record.chosen, "rejected": record.rejected}
 
 
+def _unpaired_row(record, where: Where) -> dict:
+    if not isinstance(record, UnpairedExample):
+        hint = "split pairs with data_formats.unpair first" if isinstance(record, PreferencePair) else None
+        raise where.error(None, "an UnpairedExample for to='unpaired'", Found(f"a {type(record).__name__}"), hint=hint)
+    validate_messages(record.prompt, where, ends_on="user", container="prompt")
+    side = record.completion
+    if not isinstance(side, list | tuple) or len(side) != 1 or not isinstance(side[0], dict):
+        raise where.error("completion", "a list holding one assistant message", side)
+    if side[0].get("role") != "assistant":
+        raise where.error("completion[0].role", "'assistant'", side[0].get("role"))
+    if not isinstance(side[0].get("content"), str) or not side[0]["content"].strip():
+        raise where.error("completion[0].content", "a non-empty assistant reply", side[0].get("content"))
+    if not isinstance(record.desirable, bool):
+        raise where.error("label", "true or false", record.desirable)
+    return {"prompt": record.prompt, "completion": record.completion, "label": record.desirable}
+
+
 WRITERS = {
     "messages": _messages_row,
     "sharegpt": _sharegpt_row,
     "alpaca": _alpaca_row,
     "preference": _preference_row,
+    "unpaired": _unpaired_row,
 }
 
 
@@ -136,7 +154,7 @@ def _discard(tmp: Path) -> None:
         tmp.unlink()
 
 
-def write(records: Iterable[Conversation | PreferencePair], path, to: str = "messages") -> int:
+def write(records: Iterable[Conversation | PreferencePair | UnpairedExample], path, to: str = "messages") -> int:
     """Write canonical records as JSON Lines in the format ``to``.
 
     The file appears complete or not at all: rows go to a temporary file beside ``path`` that replaces it at the
@@ -144,9 +162,11 @@ def write(records: Iterable[Conversation | PreferencePair], path, to: str = "mes
 
     Args:
         records: :class:`Conversation` objects (for ``messages``, ``sharegpt``, ``alpaca``) or
-            :class:`PreferencePair` objects (for ``preference``: TRL's conversational prompt/chosen/rejected).
+            :class:`PreferencePair` objects (for ``preference``: TRL's conversational prompt/chosen/rejected) or
+            :class:`UnpairedExample` objects (for ``unpaired``: TRL's conversational prompt/completion/label).
         path: Output file; parent directories are created.
-        to: ``"messages"``, ``"sharegpt"``, ``"alpaca"`` (single-turn conversations only) or ``"preference"``.
+        to: ``"messages"``, ``"sharegpt"``, ``"alpaca"`` (single-turn conversations only), ``"preference"`` or
+            ``"unpaired"``.
 
     Returns:
         The number of records written.

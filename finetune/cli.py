@@ -2,7 +2,7 @@
 
 Every subcommand is a :class:`Command` listed in :data:`COMMANDS`: a name, a one-line help, a function that adds its
 arguments and a function that runs it and returns the exit status. The training stages (``sft``, ``reward``,
-``rejection-sampling``, ``dpo``, ``ppo``) are commands too, running ``finetune.launch.STAGES``: the same code as
+``rejection-sampling``, ``dpo``, ``kto``, ``ppo``) are commands too, running ``finetune.launch.STAGES``: the same code as
 ``recipes/NAME.py``, with the same options (``finetune sft --help``); on several processes
 ``accelerate launch -m finetune.cli sft ...``. Adding one (``export``, ``chat``, ``eval``,
 ``bench``) is writing those two functions and appending a line to :data:`COMMANDS`; nothing else changes.
@@ -136,7 +136,7 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
         "input", help="a .jsonl/.json/.parquet/.csv file, a save_to_disk directory, a hub dataset id or bundled:FILE"
     )
     parser.add_argument("output", help="the .jsonl file to write")
-    parser.add_argument("--to", required=True, help="output format: messages, sharegpt, alpaca or preference")
+    parser.add_argument("--to", required=True, help="output format: messages, sharegpt, alpaca, preference or unpaired")
     parser.add_argument("--from", dest="from_format", default="auto", help="input format (default: auto-detect)")
     parser.add_argument("--split", default=None, help="split of a DatasetDict directory or hub dataset (default train)")
     parser.add_argument("--limit", type=_count, default=None, metavar="N", help="convert only the first N records")

@@ -236,8 +236,10 @@ class DataConfig:
 
 
 def data_formats_names(kind: str = "all") -> tuple[str, ...]:
-    from data_formats import FORMATS, PREFERENCE_FORMATS
+    from data_formats import FORMATS, PREFERENCE_FORMATS, UNPAIRED_FORMATS
 
+    if kind == "unpaired":
+        return UNPAIRED_FORMATS + PREFERENCE_FORMATS
     return PREFERENCE_FORMATS if kind == "preference" else FORMATS
 
 
@@ -471,26 +473,38 @@ class RewardRunConfig(RunConfig):
             raise ConfigError("adapter.method=qlora trains in bf16 or fp32 compute; set model.dtype to auto or bfloat16")
 
 
-DPO_LOSSES = ("sigmoid", "ipo", "hinge", "label_smoothed")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "label_smoothed", "orpo", "simpo")
+REFERENCE_FREE_LOSSES = ("orpo", "simpo")
+"""Losses of the DPO stage that score the policy alone: no reference adapter is built for them."""
 
 
 @dataclass
 class DPOParams:
-    """The DPO objective and its reference."""
+    """The preference objective on pairs, and its reference (none for ``orpo`` and ``simpo``)."""
 
     loss: str = "sigmoid"
     """``sigmoid`` (DPO, Rafailov et al. 2023), ``ipo`` (Azar et al. 2023, on per-token mean log-probs), ``hinge``
-    (SLiC-HF, Zhao et al. 2023), or ``label_smoothed`` (cDPO: DPO with labels assumed flipped with probability
-    ``label_smoothing``)."""
+    (SLiC-HF, Zhao et al. 2023), ``label_smoothed`` (cDPO: DPO with labels assumed flipped with probability
+    ``label_smoothing``); or, with no reference model, ``orpo`` (Hong et al. 2024: an SFT term plus an odds-ratio
+    term, TRL's ``ORPOTrainer``) and ``simpo`` (Meng et al. 2024: length-normalised log-likelihood margin against a
+    target ``simpo_gamma``, TRL's ``CPOTrainer``)."""
     beta: float = 0.1
-    """Strength of the pull towards the reference (the SFT policy): smaller lets the policy move further."""
+    """Strength of the pull towards the reference (the SFT policy): smaller lets the policy move further. For
+    ``orpo`` the odds-ratio term's weight lambda (0.1 in the paper); for ``simpo`` the reward scale (2 to 2.5 in the
+    paper)."""
     label_smoothing: float = 0.0
     """Assumed label-flip probability for ``loss: label_smoothed``, in (0, 0.5); 0 for the other losses."""
+    simpo_gamma: float = 0.0
+    """SimPO's target reward margin gamma (``loss: simpo`` only; the paper uses 0.5 to 1.5, the shipped SimPO configs
+    1.0); 0 for the other losses."""
     precompute_ref_log_probs: bool = False
-    """Compute every pair's reference log-probs in one pass before training, so training runs no reference forward."""
+    """Compute every pair's reference log-probs in one pass before training, so training runs no reference forward
+    (not for ``orpo``/``simpo``, which have no reference)."""
     nll_weight: float = 0.2
     """Add this times the chosen replies' token-mean negative log-likelihood to the loss (RPO, Pang et al. 2024;
-    Llama 3 uses 0.2), so the chosen reply's likelihood does not fall while the margin grows; 0 for plain DPO."""
+    Llama 3 uses 0.2), so the chosen reply's likelihood does not fall while the margin grows; 0 for plain DPO. For
+    ``simpo`` the same term (CPO-SimPO; 0 is the paper's SimPO). ``orpo`` has its own SFT term of weight 1, over the
+    whole chosen sequence, prompt included, as the ORPO authors' code and TRL compute it: set 1."""
 
     def __post_init__(self):
         if self.nll_weight < 0:
@@ -503,18 +517,33 @@ class DPOParams:
             raise ConfigError(f"dpo.loss=label_smoothed needs dpo.label_smoothing in (0, 0.5); got {self.label_smoothing}")
         if self.loss != "label_smoothed" and self.label_smoothing != 0.0:
             raise ConfigError(f"dpo.label_smoothing applies only to dpo.loss=label_smoothed (loss is {self.loss!r})")
+        if self.simpo_gamma < 0:
+            raise ConfigError(f"dpo.simpo_gamma must be >= 0; got {self.simpo_gamma}")
+        if self.loss != "simpo" and self.simpo_gamma != 0.0:
+            raise ConfigError(f"dpo.simpo_gamma applies only to dpo.loss=simpo (loss is {self.loss!r})")
+        if self.loss in REFERENCE_FREE_LOSSES and self.precompute_ref_log_probs:
+            raise ConfigError(f"dpo.precompute_ref_log_probs: dpo.loss={self.loss} has no reference model")
+        if self.loss == "orpo" and self.nll_weight != 1.0:
+            raise ConfigError("dpo.loss=orpo has its own SFT term of weight 1 (over the whole chosen sequence, as TRL's "
+                              f"ORPOTrainer computes it): set dpo.nll_weight=1 (got {self.nll_weight})")
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss compares the policy with a frozen reference (the SFT adapter)."""
+        return self.loss not in REFERENCE_FREE_LOSSES
 
 
 @dataclass
 class DPORunConfig(RunConfig):
-    """Direct preference optimisation from an SFT run, the SFT policy frozen as the reference (``recipes/dpo.py``)."""
+    """Preference optimisation on pairs from an SFT run (``recipes/dpo.py``): DPO and its variants with the SFT
+    policy frozen as the reference, or ORPO and SimPO with no reference."""
 
     output_dir: str = "runs/dpo"
     """Where the run writes config, metrics, checkpoints and the final policy adapter."""
     init: str | None = None
     """The SFT run to start from (required), e.g. ``runs/sft``: the policy is a trainable copy of its adapter and the
-    reference the same adapter frozen, both on one base. A full-weights SFT run becomes the base instead, with a new
-    LoRA adapter as the policy."""
+    reference the same adapter frozen, both on one base (``orpo`` and ``simpo`` build no reference). A full-weights SFT
+    run becomes the base instead, with a new LoRA adapter as the policy."""
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
@@ -534,6 +563,92 @@ class DPORunConfig(RunConfig):
             raise ConfigError("dpo trains a LoRA adapter on one shared base; set adapter.method to lora or qlora")
         if self.adapter.method == "qlora" and self.model.dtype == "float16":
             raise ConfigError("adapter.method=qlora trains in bf16 or fp32 compute; set model.dtype to auto or bfloat16")
+        self.eval.verifier = resolve_verifier(self.eval.verifier, self.data.eval)
+
+
+@dataclass
+class UnpairedDataConfig(PreferenceDataConfig):
+    """KTO's data: completions each labelled desirable or not, or preference pairs split into one of each."""
+
+    format: str = "auto"
+    """``auto`` (detected), ``unpaired`` (prompt/completion/label, TRL's unpaired preference format), or a pair
+    format, ``preference`` or ``hh``, whose pairs each become a desirable (chosen) and an undesirable (rejected)
+    example."""
+    max_length: int = 256
+    """Longest prompt + completion in tokens. An example whose prompt alone leaves no room is skipped; a longer
+    completion is cut to fit. Both are counted and reported."""
+    max_train_samples: int | None = None
+    """Use only the first N training records (a pair is one record, two examples); at least 1, or ``null``."""
+
+    def __post_init__(self):
+        check_data_sources(self)
+        check_choice("data.format", self.format, ("auto", *data_formats_names("unpaired")))
+        check_template(self.template)
+        check_at_least("data.max_length", self.max_length, 2)
+
+
+@dataclass
+class KTOTrainConfig(DPOTrainConfig):
+    """Training settings with KTO's defaults: DPO's, with twice the rows per micro-batch, since a row is one
+    sequence, not a pair (the same sequences per step as DPO on the same pairs)."""
+
+    per_device_batch_size: int = 8
+    """Examples per device per micro-batch; at least 2: KTO's reference point pairs each prompt with another
+    example's completion of the same micro-batch."""
+
+
+@dataclass
+class KTOParams:
+    """The KTO objective (Ethayarajh et al. 2024) and its reference."""
+
+    beta: float = 0.1
+    """Sharpness of the value function, and the strength of the pull towards the reference (the SFT policy)."""
+    desirable_weight: float = 1.0
+    """lambda_D: weight of the desirable examples' loss. With unbalanced data the paper keeps
+    ``desirable_weight * n_desirable / (undesirable_weight * n_undesirable)`` in [1, 4/3]."""
+    undesirable_weight: float = 1.0
+    """lambda_U: weight of the undesirable examples' loss."""
+    precompute_ref_log_probs: bool = False
+    """Compute every example's reference log-probs (and those of its mismatched KL pairing) in one pass before
+    training, so training runs no reference forward."""
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ConfigError(f"kto.beta must be positive; got {self.beta}")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"kto.{name} must be positive; got {getattr(self, name)}")
+
+
+@dataclass
+class KTORunConfig(RunConfig):
+    """Kahneman-Tversky optimisation from an SFT run on unpaired data, the SFT policy frozen as the reference
+    (``recipes/kto.py``)."""
+
+    output_dir: str = "runs/kto"
+    """Where the run writes config, metrics, checkpoints and the final policy adapter."""
+    init: str | None = None
+    """The SFT run to start from (required), e.g. ``runs/sft``: the policy is a trainable copy of its adapter and the
+    reference the same adapter frozen, both on one base. A full-weights SFT run becomes the base instead, with a new
+    LoRA adapter as the policy."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: UnpairedDataConfig = field(default_factory=UnpairedDataConfig)
+    train: KTOTrainConfig = field(default_factory=KTOTrainConfig)
+    kto: KTOParams = field(default_factory=KTOParams)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if not self.init:
+            raise ConfigError("kto needs --init DIR: the SFT run to start from (e.g. --init runs/sft)")
+        if self.adapter.method == "full":
+            raise ConfigError("kto trains a LoRA adapter on one shared base; set adapter.method to lora or qlora")
+        if self.adapter.method == "qlora" and self.model.dtype == "float16":
+            raise ConfigError("adapter.method=qlora trains in bf16 or fp32 compute; set model.dtype to auto or bfloat16")
+        if self.train.per_device_batch_size < 2:
+            raise ConfigError("train.per_device_batch_size must be at least 2 for kto: its reference point pairs each "
+                              f"prompt with another example's completion in the micro-batch (got "
+                              f"{self.train.per_device_batch_size})")
         self.eval.verifier = resolve_verifier(self.eval.verifier, self.data.eval)
 
 
@@ -1090,6 +1205,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "sft": SFTRunConfig,
     "reward": RewardRunConfig,
     "dpo": DPORunConfig,
+    "kto": KTORunConfig,
     "rejection_sampling": RejectionSamplingRunConfig,
     "ppo": PPORunConfig,
 }

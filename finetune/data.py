@@ -84,6 +84,26 @@ def load_preferences(
     return pairs
 
 
+def load_unpaired(
+    source: str,
+    format: str = "auto",
+    split: str | None = None,
+    limit: int | None = None,
+    *,
+    skip_invalid: bool = False,
+    reports: list | None = None,
+    name: str = "data",
+):
+    """Unpaired examples (KTO's data) from any source the config accepts, pairs split into one desirable and one
+    undesirable example; arguments as for :func:`load_conversations`."""
+    report = data_formats.LoadReport()
+    examples = data_formats.load_unpaired(
+        resolve_source(source), format=format, split=split, limit=limit, skip_invalid=skip_invalid, report=report
+    )
+    _report(report, name, reports)
+    return examples
+
+
 def _report(report, name: str, reports: list | None) -> None:
     # Only a load that changed or skipped something needs a line; the token report counts the rest.
     if report.changes or report.skipped:

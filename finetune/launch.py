@@ -2,7 +2,7 @@
 one line on stderr with exit status 2 instead of a stack trace. Under ``accelerate launch`` or ``torchrun`` the
 launcher's own report of the failed process is kept to that line too (``finetune.launcher_exit``).
 
-The five stages' ``main`` functions live here, so ``recipes/NAME.py`` (in a checkout) and ``finetune NAME`` (the
+The stages' ``main`` functions live here, so ``recipes/NAME.py`` (in a checkout) and ``finetune NAME`` (the
 installed console script, also ``accelerate launch -m finetune.cli NAME``) run the same code: see :data:`STAGES`.
 Each imports its stage inside, so a config error is reported before torch loads."""
 
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from .config import (
     ConfigError,
     DPORunConfig,
+    KTORunConfig,
     PPORunConfig,
     RejectionSamplingRunConfig,
     RewardRunConfig,
@@ -152,6 +153,20 @@ def dpo_main(cfg: DPORunConfig) -> dict:
     return summary
 
 
+def kto_main(cfg: KTORunConfig) -> dict:
+    """Config -> SFT run -> tokenizer and template -> unpaired examples -> base + policy/reference adapters -> train
+    -> save."""
+    from .runs import process_state
+    from .stages import kto
+
+    summary = kto.run(cfg)
+    if process_state().is_main_process:
+        for key in ("eval_loss", "eval_reward_margin", "eval_kl", "init_eval_accuracy", "eval_accuracy"):
+            if summary.get(key) is not None:
+                print(f"{key}: {summary[key]:.4f}")
+    return summary
+
+
 def ppo_main(cfg: PPORunConfig) -> dict:
     """Config -> base + policy/reference/value/reward adapters -> rollouts, scores, GAE, clipped updates -> save."""
     from .runs import process_state
@@ -169,7 +184,8 @@ STAGES: dict[str, tuple[type, Callable, str]] = {
     "reward": (RewardRunConfig, reward_main, "Bradley-Terry reward model on preference pairs"),
     "rejection-sampling": (RejectionSamplingRunConfig, rejection_sampling_main,
                            "K samples per prompt from an SFT run, scored; the best fine-tuned on"),
-    "dpo": (DPORunConfig, dpo_main, "direct preference optimisation from an SFT run"),
+    "dpo": (DPORunConfig, dpo_main, "preference optimisation on pairs from an SFT run (DPO and variants, ORPO, SimPO)"),
+    "kto": (KTORunConfig, kto_main, "KTO on unpaired desirable/undesirable examples from an SFT run"),
     "ppo": (PPORunConfig, ppo_main, "PPO with a critic from an SFT run"),
 }
 

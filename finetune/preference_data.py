@@ -1,4 +1,5 @@
-"""Preference pairs to token ids for the reward model and DPO, counting everything that is cut or skipped.
+"""Preference pairs (reward model, DPO) and unpaired examples (KTO) to token ids, counting everything that is cut or
+skipped.
 
 Reading and validation are ``data_formats``' job (an empty chosen or rejected reply is a located ``DataFormatError``
 there); this module renders each pair through the chat template, exactly as SFT rendered its conversations, and
@@ -116,6 +117,24 @@ def tokenize_pairs_for_dpo(pairs, template, tokenizer, max_length: int) -> tuple
     return rows, report
 
 
+def reference_free_rows(rows: list[dict]) -> list[dict]:
+    """DPO rows (``tokenize_pairs_for_dpo``) in the tokenised layout of TRL's ``ORPOTrainer`` and ``CPOTrainer``:
+    ``prompt_input_ids``, and per side ``{side}_input_ids`` (prompt + reply), ``{side}_attention_mask`` and
+    ``{side}_labels`` (``-100`` on the prompt). The same tokens as DPO scores, so every loss of the DPO stage sees the
+    same sequences."""
+    out = []
+    for row in rows:
+        prompt = row["prompt_ids"]
+        new = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+        for side in ("chosen", "rejected"):
+            reply = row[f"{side}_ids"]
+            new[f"{side}_input_ids"] = prompt + reply
+            new[f"{side}_attention_mask"] = [1] * (len(prompt) + len(reply))
+            new[f"{side}_labels"] = [-100] * len(prompt) + reply
+        out.append(new)
+    return out
+
+
 def tokenize_pairs_for_reward(pairs, template, tokenizer, max_length: int) -> tuple[list[dict], PairReport]:
     """Rows of ``{"chosen_ids", "rejected_ids"}``, each the whole rendered conversation (TRL's ``RewardTrainer``
     format), and a report. The score is read at the last token, so a conversation is never cut: a pair that does
@@ -139,6 +158,103 @@ def tokenize_pairs_for_reward(pairs, template, tokenizer, max_length: int) -> tu
         report.kept += 1
         report.tokens += len(chosen) + len(rejected)
     return rows, report
+
+
+@dataclass
+class ExampleReport:
+    """What tokenisation kept, cut and skipped of an unpaired (KTO) set; printed by the recipe, kept in
+    ``summary.json``."""
+
+    records: int = 0
+    """Examples read (a split pair counts twice)."""
+    kept: int = 0
+    """Examples that became training rows."""
+    desirable: int = 0
+    """Kept examples labelled desirable."""
+    undesirable: int = 0
+    """Kept examples labelled undesirable."""
+    tokens: int = 0
+    """Tokens kept (prompt plus completion)."""
+    truncated_records: int = 0
+    """Examples with the completion cut so that prompt + completion fit ``max_length``."""
+    truncated_tokens: int = 0
+    """Completion tokens removed by those cuts."""
+    skipped_long: int = 0
+    """Examples whose prompt alone leaves no room for a completion."""
+    skipped_boundary: int = 0
+    """Examples whose rendered prompt is not a token prefix of prompt + completion (see
+    :attr:`PairReport.skipped_boundary`)."""
+    skipped_origins: list[str] = field(default_factory=list)
+    """Where the skipped examples came from (file:line), the first 20."""
+
+    @property
+    def skipped_records(self) -> int:
+        return self.skipped_long + self.skipped_boundary
+
+    def describe(self, name: str) -> str:
+        text = (
+            f"{name}: {self.kept}/{self.records} examples ({self.desirable} desirable, {self.undesirable} undesirable), "
+            f"{self.tokens} tokens; {self.truncated_records} with the completion cut (-{self.truncated_tokens} tokens); "
+            f"skipped {self.skipped_long} too long for max_length"
+        )
+        if self.skipped_boundary:
+            text += f", {self.skipped_boundary} whose prompt tokens merge into the completion's"
+        if self.skipped_origins:
+            text += f" ({', '.join(self.skipped_origins[:5])}" + (", ...)" if self.skipped_records > 5 else ")")
+        return text
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "skipped_origins"}
+        out["skipped_records"] = self.skipped_records
+        return out
+
+
+def tokenize_unpaired_for_kto(examples, template, tokenizer, max_length: int) -> tuple[list[dict], ExampleReport]:
+    """Rows of ``{"prompt_ids", "completion_ids", "label"}`` (TRL's ``KTOTrainer`` format) and a report.
+
+    Rendered as :func:`split_pair` renders a pair's sides: the prompt for generation, the completion as the tokens
+    that follow it, so that prompt + completion is token for token what SFT trained on. A completion longer than the
+    room the prompt leaves is cut at the end; a prompt that leaves no room is skipped, as is one whose tokens merge
+    into the completion's. All counted.
+    """
+    from .templates import render, render_prompt
+
+    rows: list[dict] = []
+    report = ExampleReport(records=len(examples))
+    for example in examples:
+        prompt_ids = render_prompt(template, example.prompt, tokenizer)
+        full_ids, _ = render(template, example.prompt + example.completion, tokenizer)
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            report.skipped_boundary += 1
+            _note_skip(report, example.origin)
+            continue
+        completion_ids = full_ids[len(prompt_ids) :]
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            report.skipped_long += 1
+            _note_skip(report, example.origin)
+            continue
+        if len(completion_ids) > room:
+            report.truncated_records += 1
+            report.truncated_tokens += len(completion_ids) - room
+            completion_ids = completion_ids[:room]
+        rows.append({"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": bool(example.desirable)})
+        report.kept += 1
+        report.desirable += bool(example.desirable)
+        report.undesirable += not example.desirable
+        report.tokens += len(prompt_ids) + len(completion_ids)
+    return rows, report
+
+
+def _note_skip(report, origin: str) -> None:
+    if len(report.skipped_origins) < 20:
+        report.skipped_origins.append(origin)
+
+
+def desirable_conversations(examples) -> list[Conversation]:
+    """Each desirable example's prompt and completion: the conversations verifier accuracy asks the prompts of (for
+    split pairs, exactly :func:`chosen_conversations` of the pairs, so KTO and DPO are measured on the same prompts)."""
+    return [Conversation(e.prompt + e.completion, e.origin, dict(e.meta)) for e in examples if e.desirable]
 
 
 def chosen_conversations(pairs) -> list[Conversation]:

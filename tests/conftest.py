@@ -24,6 +24,8 @@ SLOW_TESTS = (
     "test_distributed.py::test_dpo_two_processes_equal_one",
     "test_distributed.py::test_reward_runs_under_two_processes_and_writes_once",
     "test_dpo_recipe.py::test_resume_after_kill_reproduces_the_uninterrupted_loss_curve",
+    "test_preference_recipes.py",
+    "test_preference_resume.py",
     "test_ppo_distributed.py",
     "test_ppo_resume.py::test_resume_after_kill_reproduces_the_uninterrupted_run",
     "test_rejection_sampling.py::test_fine_tune_is_the_sft_stage_continuing_the_sft_adapter",

@@ -1,6 +1,7 @@
-"""Oracles: the SFT and DPO losses as the papers write them, to check that TRL computes them.
+"""Oracles: the SFT, DPO, KTO, ORPO and SimPO losses as the papers write them, to check that TRL computes them.
 
-Nothing in ``finetune`` calls these. TRL's ``SFTTrainer`` and ``DPOTrainer`` compute the SFT and DPO losses at run
+Nothing in ``finetune`` calls these. TRL's ``SFTTrainer``, ``DPOTrainer``, ``KTOTrainer``, ``ORPOTrainer`` and
+``CPOTrainer`` (SimPO) compute these losses at run
 time (through their fused, chunked LM head, which never builds the full logits), and ``finetune.stages.dpo.trl_loss``
 only maps our loss names onto TRL's ``loss_type``/``loss_weights``. Keeping a second, library copy of the same maths
 would give two sources of truth, one of which changes nothing about training. So the paper's formulas live here, as
@@ -8,7 +9,9 @@ pure functions over log-probs:
 
 - ``tests/unit/test_losses.py`` pins each one with three-element examples worked out by hand;
 - ``tests/integration/test_dpo.py`` checks that TRL's loss on a real batch equals the oracle over log-probs we compute ourselves
-  (each ``dpo.loss`` variant, and the ``dpo.nll_weight`` term against ``sft_loss``).
+  (each ``dpo.loss`` variant, and the ``dpo.nll_weight`` term against ``sft_loss``);
+- ``tests/integration/test_reference_free_losses.py`` does the same for ``dpo.loss: orpo`` and ``simpo``, and
+  ``tests/integration/test_kto.py`` for the KTO stage.
 
 The losses the toolkit computes itself (Bradley-Terry for the reward model's eval figures, PPO's GAE, clipped
 policy and value losses, KL penalty) are in ``finetune.losses``.
@@ -211,3 +214,121 @@ def dpo_hinge_loss(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta
     )
     return torch.relu(1 - beta * h), chosen_rewards, rejected_rewards
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reference-free preference losses on per-token mean log-probs (TRL: ORPOTrainer, CPOTrainer loss_type="simpo")
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, computed without cancellation on either side of ``-ln 2`` (Maechler 2012)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_odds_ratio_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    lam: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ORPO's odds-ratio term: ``-lam * log sigmoid(log odds(y_c|x) - log odds(y_r|x))``.
+
+    Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model",
+    https://arxiv.org/abs/2403.07691 (Eqs. 4-7): ``odds(y|x) = P(y|x) / (1 - P(y|x))`` with ``P`` the per-token mean
+    likelihood, so ``log odds = logp - log(1 - exp(logp))``. The whole ORPO loss is an SFT term plus this term's mean;
+    the SFT term of TRL's ``ORPOTrainer`` (as in the ORPO authors' code) is the token mean of ``-log pi`` over the
+    whole chosen sequence, prompt included: ``sft_loss`` with every non-padding token as a label.
+
+    Args:
+        policy_chosen_logps: ``[B]`` per-token MEAN log-probs of the chosen replies (``average=True``), each < 0.
+        policy_rejected_logps: ``[B]`` same for the rejected replies.
+        lam: weight of the odds-ratio term (TRL's ``beta``; 0.1 in the paper).
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are ``lam * logp`` (what TRL logs),
+        detached.
+    """
+    log_odds = (policy_chosen_logps - policy_rejected_logps) - (
+        log1mexp(policy_chosen_logps) - log1mexp(policy_rejected_logps)
+    )
+    losses = -lam * F.logsigmoid(log_odds)
+    return losses, lam * policy_chosen_logps.detach(), lam * policy_rejected_logps.detach()
+
+
+def simpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    beta: float,
+    gamma: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SimPO: ``-log sigmoid(beta * (logp_c - logp_r) - gamma)`` on per-token mean log-probs, no reference model.
+
+    Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward",
+    https://arxiv.org/abs/2405.14734 (Eq. 6): the implicit reward is the length-normalised log-likelihood scaled by
+    ``beta``, and ``gamma`` is the target reward margin. TRL's ``CPOTrainer`` with ``loss_type="simpo"`` and
+    ``cpo_alpha=0`` (with ``cpo_alpha > 0`` it adds that times the chosen replies' token-mean NLL, ``sft_loss``).
+
+    Args:
+        policy_chosen_logps: ``[B]`` per-token MEAN log-probs of the chosen replies under the policy.
+        policy_rejected_logps: ``[B]`` same for the rejected replies.
+        beta: reward scale (2.0 to 2.5 in the paper).
+        gamma: target reward margin (0.5 to 1.5 in the paper).
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards ``beta * logp``, detached.
+    """
+    losses = -F.logsigmoid(beta * (policy_chosen_logps - policy_rejected_logps) - gamma)
+    return losses, beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# KTO on unpaired examples (TRL: KTOTrainer, loss_type="kto")
+
+
+def kto_reference_point(policy_kl_logps: Tensor, reference_kl_logps: Tensor) -> Tensor:
+    """KTO's reference point ``z_0``: the batch's mean ``log pi - log ref`` on MISMATCHED (prompt, completion)
+    pairs, clamped at 0 and detached (an estimate of ``KL(pi || ref)``; Ethayarajh et al. 2024, Sec. 4.1).
+
+    Args:
+        policy_kl_logps: ``[B]`` summed log-probs of each prompt paired with another example's completion.
+        reference_kl_logps: ``[B]`` same under the reference.
+
+    Returns:
+        Scalar ``z_0 >= 0``.
+    """
+    return (policy_kl_logps - reference_kl_logps).mean().detach().clamp(min=0)
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    desirable: Tensor,
+    reference_point: Tensor | float,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Kahneman-Tversky Optimisation: each completion alone is pushed above (desirable) or below (undesirable) the
+    reference point, through a sigmoid value function.
+
+    Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
+    https://arxiv.org/abs/2402.01306 (Eq. 8): with ``r = log pi(y|x) - log ref(y|x)``, the loss of a desirable
+    completion is ``lambda_D * (1 - sigmoid(beta * (r - z_0)))`` and of an undesirable one
+    ``lambda_U * (1 - sigmoid(beta * (z_0 - r)))``; the batch loss is the mean over all examples.
+
+    Args:
+        policy_logps: ``[B]`` summed log-probs of each completion under the policy.
+        reference_logps: ``[B]`` same under the reference.
+        desirable: ``[B]`` bool, the example's label.
+        reference_point: ``z_0`` (``kto_reference_point``), a scalar.
+        beta: value-function sharpness (0.1 in the paper).
+        desirable_weight: ``lambda_D``.
+        undesirable_weight: ``lambda_U``.
+
+    Returns:
+        ``(losses, rewards)``, each ``[B]``; rewards ``beta * r``, detached.
+    """
+    logratios = policy_logps - reference_logps
+    desirable = desirable.bool()
+    chosen = desirable_weight * (1 - torch.sigmoid(beta * (logratios - reference_point)))
+    rejected = undesirable_weight * (1 - torch.sigmoid(beta * (reference_point - logratios)))
+    return torch.where(desirable, chosen, rejected), beta * logratios.detach()

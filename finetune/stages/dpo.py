@@ -1,4 +1,5 @@
-"""Direct preference optimisation from an SFT run, on TRL's ``DPOTrainer``: one base, a policy and a reference adapter.
+"""Preference optimisation on pairs from an SFT run: DPO on TRL's ``DPOTrainer`` (one base, a policy and a reference
+adapter), or ORPO and SimPO on TRL's ``ORPOTrainer`` and ``CPOTrainer`` (the policy alone).
 
 The base is loaded once. The SFT adapter is loaded onto it as PEFT's ``default`` adapter, trainable: that is the
 policy. Given a ``PeftModel`` whose adapter is already trained, TRL's ``DPOTrainer`` adds a frozen copy of it named
@@ -9,8 +10,14 @@ again the SFT model.)
 
 We hand TRL pairs already rendered with our chat template (prompt ids, then each reply's ids), so what DPO scores is
 token for token what SFT trained on. TRL computes the per-sequence log-probs summed over the reply tokens (the
-prompt masked) and the loss; ``finetune.losses`` holds the same maths as pure functions and the tests check that
-TRL's loss equals ours on the same batch for every loss offered here.
+prompt masked) and the loss; ``tests/loss_oracles.py`` holds the same maths as pure functions and the tests check
+that TRL's loss equals ours on the same batch for every loss offered here.
+
+``dpo.loss: orpo`` and ``simpo`` are reference-free: they score the policy's per-token mean log-probs alone, so no
+``ref`` adapter is added and no reference forward runs. They stay in this stage, not stages of their own, because
+everything but the trainer class is DPO's: the same pairs, rendered the same way, the same policy continuing the SFT
+adapter, the same eval figures (LLaMA-Factory's ``pref_loss`` makes the same cut; KTO, whose data is unpaired, is its
+own stage, ``finetune.stages.kto``).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from ..config import DPOParams, DPORunConfig
 from ..data import load_preferences
 from ..evaluate import load_callable
 from ..models import load_adapter, load_base_model, lora_config, resolve_model
-from ..preference_data import chosen_conversations, tokenize_pairs_for_dpo
+from ..preference_data import chosen_conversations, reference_free_rows, tokenize_pairs_for_dpo
 from ..runs import trainer_arguments
 from ..trainer_config import trainer_config
 from . import scaffold
@@ -79,6 +86,46 @@ def trl_arguments(cfg: DPORunConfig, output_dir: Path, has_eval: bool):
         activation_offloading=False,
     )
     return trainer_config(TRLDPOConfig, ours, cfg.trainer)
+
+
+def reference_free_arguments(cfg: DPORunConfig, output_dir: Path, has_eval: bool):
+    """TRL's ``ORPOConfig`` (``dpo.loss: orpo``) or ``CPOConfig`` with ``loss_type="simpo"`` (``dpo.loss: simpo``).
+
+    ORPO: ``beta`` is the odds-ratio weight lambda; the SFT term's weight is fixed at 1 (``DPOParams`` checks
+    ``nll_weight`` says so). SimPO: ``beta`` and ``simpo_gamma`` as in the paper, ``cpo_alpha`` our ``nll_weight``
+    (the token mean NLL of the chosen replies, the same term as DPO's), no label smoothing, no AlphaPO reshaping.
+    """
+    common = {**trainer_arguments(cfg, output_dir, has_eval),
+              "remove_unused_columns": False,  # TRL's pair collator needs every column (it would turn it off itself)
+              "beta": cfg.dpo.beta, "disable_dropout": True, "max_completion_length": None,
+              "generate_during_eval": False, "is_encoder_decoder": False}
+    if cfg.dpo.loss == "orpo":
+        from trl.experimental.orpo import ORPOConfig
+
+        return ORPOConfig(**common)
+    from trl.experimental.cpo import CPOConfig
+
+    return CPOConfig(**common, loss_type="simpo", simpo_gamma=cfg.dpo.simpo_gamma, cpo_alpha=cfg.dpo.nll_weight,
+                     label_smoothing=0.0, alpha=0.0)
+
+
+def _reference_free_trainer_class(loss: str):
+    """TRL's ``ORPOTrainer`` or ``CPOTrainer`` given rows already rendered with our chat template.
+
+    The one hook changed: ``tokenize_row`` would render text columns; our rows are already TRL's tokenised layout
+    (``finetune.preference_data.reference_free_rows``), so each passes through as it is.
+    """
+    if loss == "orpo":
+        from trl.experimental.orpo import ORPOTrainer as base
+    else:
+        from trl.experimental.cpo import CPOTrainer as base
+
+    class PreTokenized(base):
+        def tokenize_row(self, feature, model=None):
+            return feature
+
+    PreTokenized.__name__ = PreTokenized.__qualname__ = f"PreTokenized{base.__name__}"
+    return PreTokenized
 
 
 def _trainer_class():
@@ -142,6 +189,18 @@ def build_trainer(cfg: DPORunConfig, model, peft_config, tokenizer, train_rows, 
     """
     from datasets import Dataset
 
+    if not cfg.dpo.uses_reference:
+        if ref_model is not None:
+            raise ValueError(f"dpo.loss={cfg.dpo.loss} has no reference model")
+        return _reference_free_trainer_class(cfg.dpo.loss)(
+            model=model,
+            args=reference_free_arguments(cfg, Path(output_dir), bool(eval_rows)),
+            train_dataset=Dataset.from_list(reference_free_rows(train_rows)),
+            eval_dataset=Dataset.from_list(reference_free_rows(eval_rows)) if eval_rows else None,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=list(callbacks),
+        )
     trainer = _trainer_class()(
         model=model,
         ref_model=ref_model,
@@ -175,10 +234,11 @@ def train(run: StageRun) -> Trained:
         summary["init_eval_accuracy"] = scaffold.verifier_accuracy_of(run, model, generation_convs, verifier,
                                                              "the SFT init").accuracy
 
+    # The log-ratio figures exist only where there is a reference: ORPO's and SimPO's "rewards" are beta * log pi.
+    own_callbacks = [ReferenceGapCallback(cfg.dpo.beta)] if cfg.dpo.uses_reference else []
     trainer, figures = scaffold.train_with_trainer(run, lambda callbacks: build_trainer(
-        cfg, model, peft_config, run.tokenizer, rows.train, rows.eval, run.output_dir,
-        [ReferenceGapCallback(cfg.dpo.beta), *callbacks]))
-    summary.update(loss=cfg.dpo.loss, beta=cfg.dpo.beta, **figures)
+        cfg, model, peft_config, run.tokenizer, rows.train, rows.eval, run.output_dir, [*own_callbacks, *callbacks]))
+    summary.update(loss=cfg.dpo.loss, beta=cfg.dpo.beta, reference=cfg.dpo.uses_reference, **figures)
     if rows.eval:
         metrics = trainer.evaluate()
         summary.update(
@@ -187,9 +247,10 @@ def train(run: StageRun) -> Trained:
             eval_rewards_chosen=metrics["eval_rewards/chosen"],
             eval_rewards_rejected=metrics["eval_rewards/rejected"],
             eval_reward_margin=metrics["eval_rewards/margins"],
-            eval_kl_gap=(metrics["eval_rewards/chosen"] + metrics["eval_rewards/rejected"]) / (2 * cfg.dpo.beta),
             eval_data=rows.eval_report.as_dict(),
         )
+        if cfg.dpo.uses_reference:
+            summary["eval_kl_gap"] = (metrics["eval_rewards/chosen"] + metrics["eval_rewards/rejected"]) / (2 * cfg.dpo.beta)
     if verifier:
         after = scaffold.verifier_accuracy_of(run, trainer.model, generation_convs, verifier)
         summary["eval_accuracy"] = after.accuracy

@@ -20,6 +20,7 @@ QUICKSTART = [
     "accelerate launch recipes/reward.py --init runs/sft",
     "accelerate launch recipes/rejection_sampling.py --init runs/sft",
     "accelerate launch recipes/dpo.py --init runs/sft",
+    "accelerate launch recipes/kto.py --init runs/sft",
     "accelerate launch recipes/ppo.py --init runs/sft",
 ]
 EVAL = ["--data.max_eval_samples=4", "--eval.num_samples=4", "--eval.max_new_tokens=8"]
@@ -30,12 +31,13 @@ BUDGET = {
     "rejection_sampling": ["--data.max_train_samples=8", "--sampling.num_samples=2", "--sampling.max_new_tokens=8",
                            "--rejection.keep_unverified=true", "--train.max_steps=2", *EVAL],
     "dpo": ["--train.max_steps=2", "--data.max_train_samples=16", *EVAL],
+    "kto": ["--train.max_steps=2", "--data.max_train_samples=16", *EVAL],
     "ppo": ["--ppo.num_iterations=2", "--ppo.rollout_batch_size=4", "--ppo.mini_batch_size=4", "--ppo.ppo_epochs=1",
             *EVAL],
 }
 # Where each stage's bare run writes what the next one needs.
 OUTPUTS = {"sft": "runs/sft", "reward": "runs/reward", "rejection_sampling": "runs/rejection_sampling/sft",
-           "dpo": "runs/dpo", "ppo": "runs/ppo"}
+           "dpo": "runs/dpo", "kto": "runs/kto", "ppo": "runs/ppo"}
 
 
 def stage_of(command: str) -> str:

@@ -79,8 +79,8 @@ def test_installed_package_trains_from_outside_the_checkout(venv, tmp_path):
 
     listed = subprocess.run([str(venv / "bin" / "finetune"), "--help"], cwd=work, env=env, check=True,
                             capture_output=True, text=True).stdout
-    for verb in ("sft", "reward", "rejection-sampling", "dpo", "ppo", "render", "convert", "export", "chat", "eval", "serve",
-                 "push"):
+    for verb in ("sft", "reward", "rejection-sampling", "dpo", "kto", "ppo", "render", "convert", "export", "chat",
+                 "eval", "serve", "push"):
         assert f"    {verb}" in listed, verb
 
     accelerate = [str(venv / "bin" / "python"), str(Path(sys.executable).with_name("accelerate")), "launch",

@@ -29,6 +29,7 @@ BARE_AND_TINY = [
     ("reward", ["--init", "runs/sft"], "tiny/reward_lora.yaml"),
     ("rejection_sampling", ["--init", "runs/sft"], "tiny/rejection_sampling.yaml"),
     ("dpo", ["--init", "runs/sft"], "tiny/dpo_lora.yaml"),
+    ("kto", ["--init", "runs/sft"], "tiny/kto_lora.yaml"),
     ("ppo", ["--init", "runs/sft"], "tiny/ppo_lora.yaml"),
 ]
 
