@@ -637,6 +637,10 @@ class KTORunConfig(RunConfig):
     train: KTOTrainConfig = field(default_factory=KTOTrainConfig)
     kto: KTOParams = field(default_factory=KTOParams)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    """Pass-through: any other field of the TRL trainer's own arguments (``trl.KTOConfig``, which extends
+    transformers' ``TrainingArguments``), checked against that dataclass before the run starts; a field this config
+    already sets is refused, naming ours (table in docs/configs.md)."""
 
     def __post_init__(self):
         if not self.init:

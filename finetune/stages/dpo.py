@@ -102,11 +102,11 @@ def reference_free_arguments(cfg: DPORunConfig, output_dir: Path, has_eval: bool
     if cfg.dpo.loss == "orpo":
         from trl.experimental.orpo import ORPOConfig
 
-        return ORPOConfig(**common)
+        return trainer_config(ORPOConfig, common, cfg.trainer)
     from trl.experimental.cpo import CPOConfig
 
-    return CPOConfig(**common, loss_type="simpo", simpo_gamma=cfg.dpo.simpo_gamma, cpo_alpha=cfg.dpo.nll_weight,
-                     label_smoothing=0.0, alpha=0.0)
+    return trainer_config(CPOConfig, dict(**common, loss_type="simpo", simpo_gamma=cfg.dpo.simpo_gamma,
+                                          cpo_alpha=cfg.dpo.nll_weight, label_smoothing=0.0, alpha=0.0), cfg.trainer)
 
 
 def _reference_free_trainer_class(loss: str):
@@ -265,7 +265,8 @@ def train(run: StageRun) -> Trained:
 
 def check(cfg: DPORunConfig) -> None:
     """The trainer's arguments, pass-through included, build (before the output directory is touched)."""
-    trl_arguments(cfg, Path(cfg.output_dir), cfg.data.eval is not None)
+    arguments = reference_free_arguments if cfg.dpo.loss in ("orpo", "simpo") else trl_arguments
+    arguments(cfg, Path(cfg.output_dir), cfg.data.eval is not None)
 
 
 STAGE = Stage("dpo", load_data, train, check=check)

@@ -23,6 +23,7 @@ from ..evaluate import load_callable
 from ..models import resolve_model
 from ..preference_data import desirable_conversations, tokenize_unpaired_for_kto
 from ..runs import trainer_arguments
+from ..trainer_config import trainer_config
 from . import scaffold
 from .dpo import REFERENCE_ADAPTER, ReferenceGapCallback, load_policy
 from .scaffold import Stage, StageRun, Trained
@@ -34,7 +35,7 @@ def trl_arguments(cfg: KTORunConfig, output_dir: Path, has_eval: bool):
     the dataset is prepared); the rows are shuffled once in :func:`load_data` instead."""
     from trl import KTOConfig
 
-    return KTOConfig(
+    return trainer_config(KTOConfig, dict(
         **trainer_arguments(cfg, output_dir, has_eval),
         train_sampling_strategy="sequential",
         loss_type="kto",
@@ -46,7 +47,7 @@ def trl_arguments(cfg: KTORunConfig, output_dir: Path, has_eval: bool):
         disable_dropout=True,  # policy and reference must score alike at step 0
         sync_ref_model=False,
         activation_offloading=False,
-    )
+    ), cfg.trainer)
 
 
 def _trainer_class():
@@ -143,7 +144,12 @@ def train(run: StageRun) -> Trained:
     return Trained(summary, lambda directory: trainer.save_model(str(directory)), unwrapped.config, trainer.model)
 
 
-STAGE = Stage("kto", load_data, train)
+def check(cfg: KTORunConfig) -> None:
+    """The trainer's arguments, pass-through included, build (before the output directory is touched)."""
+    trl_arguments(cfg, Path(cfg.output_dir), cfg.data.eval is not None)
+
+
+STAGE = Stage("kto", load_data, train, check=check)
 
 
 def run(cfg: KTORunConfig) -> dict:

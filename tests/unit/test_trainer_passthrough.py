@@ -50,6 +50,24 @@ def test_pass_through_reaches_every_trl_stage(tmp_path):
     assert sft.trl_arguments(sft_config(cfg, tmp_path), tmp_path, True).save_strategy == "no"  # YAML's no, as text
 
 
+def test_pass_through_reaches_kto_orpo_and_simpo_and_is_checked_there(tmp_path):
+    from finetune.config import KTORunConfig
+    from finetune.stages import dpo, kto
+
+    cfg = parse_args(KTORunConfig, ["--init", "runs/sft", "--trainer.save_strategy=no"])
+    assert kto.trl_arguments(cfg, tmp_path, True).save_strategy == "no"
+    for loss, config_name in (("orpo", "ORPOConfig"), ("simpo", "CPOConfig")):
+        overrides = ["--dpo.nll_weight=1"] if loss == "orpo" else []
+        cfg = parse_args(DPORunConfig, ["--init", "runs/sft", f"--dpo.loss={loss}", *overrides,
+                                        "--trainer.save_strategy=no"])
+        args = dpo.reference_free_arguments(cfg, tmp_path, True)
+        assert (type(args).__name__, args.save_strategy) == (config_name, "no")
+        cfg = parse_args(DPORunConfig, ["--init", "runs/sft", f"--dpo.loss={loss}", *overrides,
+                                        "--trainer.save_stratgy=no"])
+        with pytest.raises(ConfigError, match=f"not a field of trl.{config_name}; did you mean 'trainer.save_strategy'"):
+            dpo.check(cfg)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--trainer.save_stratgy=epoch"], "unknown config key 'trainer.save_stratgy': not a field of trl.SFTConfig; "
                                        "did you mean 'trainer.save_strategy'?"),
