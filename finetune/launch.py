@@ -2,7 +2,7 @@
 one line on stderr with exit status 2 instead of a stack trace. Under ``accelerate launch`` or ``torchrun`` the
 launcher's own report of the failed process is kept to that line too (``finetune.launcher_exit``).
 
-The five stages' ``main`` functions live here, so ``recipes/NAME.py`` (in a checkout) and ``finetune NAME`` (the
+The stages' ``main`` functions live here, so ``recipes/NAME.py`` (in a checkout) and ``finetune NAME`` (the
 installed console script, also ``accelerate launch -m finetune.cli NAME``) run the same code: see :data:`STAGES`.
 Each imports its stage inside, so a config error is reported before torch loads."""
 
@@ -14,9 +14,11 @@ from collections.abc import Callable
 from .config import (
     ConfigError,
     DPORunConfig,
+    GRPORunConfig,
     PPORunConfig,
     RejectionSamplingRunConfig,
     RewardRunConfig,
+    RLOORunConfig,
     SFTRunConfig,
     parse_args,
     unmatched_target_modules,
@@ -163,6 +165,18 @@ def ppo_main(cfg: PPORunConfig) -> dict:
     return summary
 
 
+def grpo_main(cfg: GRPORunConfig) -> dict:
+    """Config -> base + policy/reference/reward adapters -> G samples per prompt, group advantages, clipped updates
+    -> save (GRPO, or RLOO with ``grpo.advantage=leave_one_out``)."""
+    from .runs import process_state
+    from .stages import grpo
+
+    summary = grpo.run(cfg)
+    if process_state().is_main_process:
+        print(grpo.results_table(summary))
+    return summary
+
+
 # Command name (``finetune NAME``) -> (config class, main, one line for --help), in the order of the loop.
 STAGES: dict[str, tuple[type, Callable, str]] = {
     "sft": (SFTRunConfig, sft_main, "supervised fine-tuning (LoRA, QLoRA or full); the tiny model by default"),
@@ -171,6 +185,8 @@ STAGES: dict[str, tuple[type, Callable, str]] = {
                            "K samples per prompt from an SFT run, scored; the best fine-tuned on"),
     "dpo": (DPORunConfig, dpo_main, "direct preference optimisation from an SFT run"),
     "ppo": (PPORunConfig, ppo_main, "PPO with a critic from an SFT run"),
+    "grpo": (GRPORunConfig, grpo_main, "GRPO (group-relative advantages, no critic) from an SFT run"),
+    "rloo": (RLOORunConfig, grpo_main, "RLOO (leave-one-out baseline, no critic) from an SFT run"),
 }
 
 

@@ -30,6 +30,8 @@ BARE_AND_TINY = [
     ("rejection_sampling", ["--init", "runs/sft"], "tiny/rejection_sampling.yaml"),
     ("dpo", ["--init", "runs/sft"], "tiny/dpo_lora.yaml"),
     ("ppo", ["--init", "runs/sft"], "tiny/ppo_lora.yaml"),
+    ("grpo", ["--init", "runs/sft"], "tiny/grpo_lora.yaml"),
+    ("rloo", ["--init", "runs/sft"], "tiny/rloo_lora.yaml"),
 ]
 
 

@@ -52,12 +52,11 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, PPOParams, PPORunConfig
-from ..data import load_conversations
 from ..evaluate import load_callable, verifier_accuracy
 from ..logprobs import masked_whiten
 from ..losses import AdaptiveKLController, FixedKLController, gae, per_token_rewards, ppo_policy_loss, ppo_value_loss
 from ..models import backbone_hidden_states, resolve_model, save_adapter
-from ..prompts import Prompt, load_prompts, prompt_schedule
+from ..prompts import Prompt, load_rl_data, prompt_schedule
 from ..roles import POLICY, REFERENCE, REWARD, VALUE, AdapterRewardModel, Roles, load_roles, scalar_head  # noqa: F401
 from ..rollout import (  # noqa: F401  (score_rollout, policy_logprobs, response_entropy: PPO's names too)
     Rollout,
@@ -272,21 +271,10 @@ def resolve_init(cfg: PPORunConfig) -> PPORunConfig:
 
 
 def load_data(cfg: PPORunConfig, tokenizer, template) -> StageData:
-    """The prompts and (with a verifier) the eval conversations: ``(prompts, skipped, eval_convs)``."""
-    loads: list = []  # what each load skipped, for OUTPUT_DIR/rejects.jsonl
-    conversations = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples,
-                                       skip_invalid=cfg.data.skip_invalid, reports=loads, name="train data")
-    prompts, skipped = load_prompts(conversations, template, tokenizer, cfg.data.max_prompt_length)
-    if not prompts:
-        raise ConfigError(f"no prompt of {cfg.data.train} fits data.max_prompt_length={cfg.data.max_prompt_length}")
-    eval_convs = []
-    if cfg.data.eval and cfg.eval.verifier:
-        eval_convs = load_conversations(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples,
-                                        skip_invalid=cfg.data.skip_invalid, reports=loads, name="eval data")
-        eval_convs = eval_convs[: cfg.eval.num_samples] if cfg.eval.num_samples else eval_convs
-    report = [f"prompts: {len(prompts)} from {cfg.data.train}, {len(skipped)} skipped (longer than "
-              f"data.max_prompt_length)"]
-    return StageData((prompts, skipped, eval_convs), report, loads)
+    """The prompts and (with a verifier) the eval conversations (``finetune.prompts.load_rl_data``):
+    ``(prompts, skipped, eval_convs)``."""
+    data = load_rl_data(cfg, tokenizer, template)
+    return StageData((data.prompts, data.skipped, data.eval_conversations), data.report, data.loads)
 
 
 def run(cfg: PPORunConfig) -> dict:
