@@ -846,16 +846,17 @@ class GRPOParams:
     advantage (the per-token penalty of RLOO and PPO)."""
     kl_coef: float = 0.04
     """KL coefficient (beta; 0 for none)."""
-    num_iterations: int = 60
-    """Rollout-and-update iterations (60 are about 0.6 passes over the suite's 1,635 prompts, 16 a time)."""
+    num_iterations: int = 30
+    """Rollout-and-update iterations (30 are about 0.3 passes over the suite's 1,635 prompts, 16 a time; on the tiny
+    suite 60 at learning rate 5e-5 gained no more than 30 at 1e-4: docs/results/rl.md)."""
     rollout_batch_size: int = 16
     """Prompts per iteration over all processes (each process samples its share, ``sampling.num_samples`` each;
     a prompt's whole group on one process)."""
-    mini_batch_size: int = 32
+    mini_batch_size: int = 16
     """Responses per process per optimizer step."""
-    epochs: int = 1
+    epochs: int = 2
     """Passes over each iteration's responses (1: every update is on-policy up to the iteration's earlier steps)."""
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-4
     """AdamW learning rate of the policy adapter (constant after warm-up)."""
     warmup_ratio: float = 0.0
     """Fraction of optimizer steps with a linear warm-up."""
