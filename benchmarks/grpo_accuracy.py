@@ -42,10 +42,11 @@ METHODS = {"grpo": ("grpo", "grpo_lora.yaml"), "rloo": ("rloo", "rloo_lora.yaml"
 SIDE = {"ppo": ("ppo", "ppo_lora.yaml"), **METHODS}
 SMOKE = ["--grpo.num_iterations=2", "--data.max_eval_samples=8", "--eval.num_samples=8", "--eval.max_new_tokens=8"]
 WINDOW = 10  # iterations averaged for the first and last rollout score (one iteration's 16 prompts are noisy)
-# Runs a recipe in this process and writes its peak resident memory (KiB on Linux) to argv[1] at exit.
-PEAK_WRAPPER = ("import atexit, resource, runpy, sys; out = sys.argv.pop(1); "
+# ``python -c PEAK_WRAPPER RECIPE PEAK_FILE ARGS...``: runs RECIPE with ARGS in this process and writes its peak
+# resident memory (KiB on Linux) to PEAK_FILE at exit.
+PEAK_WRAPPER = ("import atexit, resource, runpy, sys; recipe, out = sys.argv.pop(1), sys.argv.pop(1); sys.argv[0] = recipe; "
                 "atexit.register(lambda: open(out, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))); "
-                "runpy.run_path(sys.argv[0], run_name='__main__')")
+                "runpy.run_path(recipe, run_name='__main__')")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,8 +138,9 @@ def table(result: dict) -> str:
             lines.append(f"{key.upper()}: KL to the reference at the last iteration {r['final_kl']['mean']:.3f} nats per "
                          f"response (largest over the runs {r['max_kl']['max']:.3f}); rollout score "
                          f"{r['first_score']['mean']:.3f} over the first {WINDOW} iterations, "
-                         f"{r['last_score']['mean']:.3f} over the last {WINDOW}; wall time "
-                         f"{sum(r['wall_seconds']) / len(r['wall_seconds']):.0f} s per run.")
+                         f"{r['last_score']['mean']:.3f} over the last {WINDOW}; training loop "
+                         f"{r['train_seconds']['mean']:.0f} s per run (median iteration "
+                         f"{r['iteration_seconds']['mean']:.2f} s).")
     side = result.get("side_by_side")
     if side:
         ppo = side["ppo"]
@@ -149,6 +151,8 @@ def table(result: dict) -> str:
             lines.append(f"| {key.upper()} | {arm['median_iteration_seconds']:.2f} | "
                          f"{arm['median_iteration_seconds'] / ppo['median_iteration_seconds']:.2f}x | "
                          f"{arm['peak_rss_mb']:.0f} | {arm['peak_rss_mb'] / ppo['peak_rss_mb']:.2f}x |")
+        lines += ["", "GRPO and RLOO do the same work per iteration (their advantages differ by a line of arithmetic): "
+                  "the gap between their times is the shared machine's load, a measure of how loose these times are."]
     return "\n".join(lines).rstrip()
 
 
@@ -180,9 +184,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['final_kl']:.3f}, score {r['first_score']:.3f} -> {r['last_score']:.3f})", flush=True)
         result[method] = {key: stats([s[key] for s in summaries])
                           for key in ("eval_accuracy", "final_kl", "max_kl", "first_score", "last_score",
-                                      "iteration_seconds")}
+                                      "iteration_seconds", "train_seconds")}
         result[method]["iterations"] = summaries[0]["iterations"]
-        result[method]["wall_seconds"] = [s["wall_seconds"] for s in summaries if "wall_seconds" in s] or [0.0]
     if args.side_iterations:
         result["side_by_side"] = {}
         for method in SIDE:

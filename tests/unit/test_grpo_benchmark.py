@@ -41,7 +41,7 @@ def test_table_shows_each_method_against_sft_ppo_and_side_by_side(bench):
 
     arm = {"eval_accuracy": s(0.84, 0.85, 0.845), "final_kl": s(0.1, 0.2, 0.3), "max_kl": s(0.2, 0.4, 0.3),
            "first_score": s(0.6, 0.6, 0.6), "last_score": s(0.7, 0.7, 0.7), "iterations": 60,
-           "wall_seconds": [100.0, 110.0, 120.0]}
+           "train_seconds": s(100.0, 110.0, 120.0), "iteration_seconds": s(2.0, 2.0, 2.0)}
     result = {"date": "2026-12-02", "seeds": [0, 1, 2], "eval_prompts": 200, "sft": {"eval_accuracy": 0.835},
               "ppo_reference": s(0.845, 0.845, 0.85), "grpo": arm, "rloo": arm,
               "side_by_side": {"ppo": {"iterations": 6, "median_iteration_seconds": 4.0, "peak_rss_mb": 800.0},
@@ -52,3 +52,4 @@ def test_table_shows_each_method_against_sft_ppo_and_side_by_side(bench):
     assert "| GRPO (`grpo_lora.yaml`), 60 iterations | 84.0%, 85.0%, 84.5% | 84.5% | 1.0% |" in text
     assert "84.5%, 84.5%, 85.0%" in text and "shared 2-core machine" in text
     assert "| GRPO | 3.00 | 0.75x | 760 | 0.95x |" in text
+    assert "training loop 110 s per run (median iteration 2.00 s)" in text
