@@ -229,3 +229,26 @@ def test_recipe_chains_from_the_sft_run_and_resumes_after_a_kill(tmp_path, monke
     run_to_end([sys.executable, ROOT / "recipes" / "rloo.py", "--init", straight, "--output_dir", chained, *QUICK,
                 "--data.eval=null", "--grpo.num_iterations=1"])
     assert json.loads((chained / "summary.json").read_text())["init"] == str(straight)
+
+
+def test_two_processes_roll_out_every_prompt_once_with_its_whole_group(tmp_path, monkeypatch):
+    """Under 2 CPU processes (DDP over the policy adapter) each process samples its share of the prompts, G samples
+    each: the gathered rollouts hold every (prompt, sample) of the iteration's schedule exactly once."""
+    from factories import launch_recipe
+
+    from finetune.prompts import prompt_schedule
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    sft = make_sft_run(tmp_path / "sft")
+    out = tmp_path / "grpo"
+    proc = launch_recipe("grpo.py", 2, ["--init", str(sft), "--output_dir", str(out), *QUICK, "--data.max_train_samples=10",
+                                        "--grpo.rollout_batch_size=6", "--grpo.mini_batch_size=6",
+                                        "--grpo.num_iterations=2"])
+    rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    for iteration in (1, 2):
+        mine = [(r["prompt_index"], r["sample"]) for r in rollouts if r["iteration"] == iteration]
+        assert sorted(mine) == sorted((p, k) for p in prompt_schedule(10, iteration - 1, 6, seed=42) for k in range(4))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert json.loads((out / "summary.json").read_text())["num_processes"] == 2
+    assert proc.stdout.count("KL to reference") == 1, "the results table comes from the main process only"
