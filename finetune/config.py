@@ -984,6 +984,155 @@ class PPORunConfig(RunConfig):
         self.eval.verifier = resolve_verifier(self.eval.verifier, self.data.eval)
 
 
+@dataclass
+class GRPOSamplingParams(PPOSamplingParams):
+    """Sampling with GRPO's defaults: PPO's (on-policy over the top 3 tokens, 16 tokens per response) with a group of
+    8 responses per prompt, so a prompt the model answers right half the time gives both signs of advantage."""
+
+    num_samples: int = 8
+    """Responses sampled per prompt: the group (G, at least 2) each response's advantage is taken against."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_at_least("sampling.num_samples (the group size)", self.num_samples, 2)
+
+
+ADVANTAGES = ("group", "leave_one_out")
+KL_MODES = ("loss", "reward")
+
+
+@dataclass
+class GRPOParams:
+    """The critic-free loop (``finetune.stages.grpo``): G responses per prompt, an advantage from the rest of the
+    group instead of a value head, the clipped policy loss and a KL to the reference (``finetune.losses``)."""
+
+    advantage: str = "group"
+    """``group``: GRPO's, the score minus the group's mean (divided by its std with ``scale_advantages``; Shao et al.
+    2024); ``leave_one_out``: RLOO's, the score minus the mean of the group's other scores (Ahmadian et al. 2024)."""
+    scale_advantages: bool = True
+    """Divide ``group`` advantages by the group's std (GRPO); false keeps only the mean (Dr. GRPO). Must be false
+    with ``leave_one_out`` (RLOO's advantage is unscaled)."""
+    kl_mode: str = "loss"
+    """Where the KL to the reference goes: ``loss``: ``kl_coef`` times the per-token ``k3`` estimate added to the
+    loss (GRPO); ``reward``: ``kl_coef`` times the response's summed per-token ``k1`` taken off its score before the
+    advantage (the per-token penalty of RLOO and PPO)."""
+    kl_coef: float = 0.04
+    """KL coefficient (beta; 0 for none)."""
+    num_iterations: int = 30
+    """Rollout-and-update iterations (30 are about 0.3 passes over the suite's 1,635 prompts, 16 a time; on the tiny
+    suite 60 at learning rate 5e-5 gained no more than 30 at 1e-4: docs/results/rl.md)."""
+    rollout_batch_size: int = 16
+    """Prompts per iteration over all processes (each process samples its share, ``sampling.num_samples`` each;
+    a prompt's whole group on one process)."""
+    mini_batch_size: int = 16
+    """Responses per process per optimizer step."""
+    epochs: int = 2
+    """Passes over each iteration's responses (1: every update is on-policy up to the iteration's earlier steps)."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate of the policy adapter (constant after warm-up)."""
+    warmup_ratio: float = 0.0
+    """Fraction of optimizer steps with a linear warm-up."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    clip_range: float = 0.2
+    """Ratio clip epsilon of the policy loss."""
+    missing_stop_penalty: float | None = None
+    """Subtracted from the score of a response that never produced an end-of-turn token; ``null`` for none."""
+    seed: int = 42
+    """Seed for the prompt order and minibatch shuffling."""
+    save_every: int = 10
+    """Write ``checkpoint-N/`` (the policy adapter, optimizer, RNG states; ``--resume`` continues from the newest)
+    every N iterations and after the last; 0 for none."""
+    save_total_limit: int | None = 2
+    """Keep at most this many checkpoints (the newest); ``null`` keeps all."""
+
+    def __post_init__(self):
+        check_choice("grpo.advantage", self.advantage, ADVANTAGES)
+        check_choice("grpo.kl_mode", self.kl_mode, KL_MODES)
+        if self.advantage == "leave_one_out" and self.scale_advantages:
+            raise ConfigError("grpo.scale_advantages divides by the group's std (GRPO's advantage); RLOO's "
+                              "leave-one-out advantage is unscaled: set grpo.scale_advantages=false")
+        for key in ("num_iterations", "rollout_batch_size", "mini_batch_size", "epochs"):
+            check_at_least(f"grpo.{key}", getattr(self, key), 1)
+        check_positive("grpo.learning_rate", self.learning_rate)
+        check_positive("grpo.clip_range", self.clip_range)
+        check_positive("grpo.max_grad_norm", self.max_grad_norm)
+        check_at_least("grpo.kl_coef", self.kl_coef, 0)
+        check_at_least("grpo.weight_decay", self.weight_decay, 0)
+        check_interval("grpo.warmup_ratio", self.warmup_ratio, 0.0, 1.0, closed_high=False)
+        check_at_least("grpo.missing_stop_penalty", self.missing_stop_penalty, 0, optional=True)
+        check_at_least("grpo.save_every", self.save_every, 0)
+        check_at_least("grpo.save_total_limit", self.save_total_limit, 1, optional=True)
+
+
+@dataclass
+class GRPORunConfig(RunConfig):
+    """GRPO (or RLOO) from an SFT run, without a critic: policy, reference and (optionally) reward as adapters on one
+    base (``recipes/grpo.py``)."""
+
+    output_dir: str = "runs/grpo"
+    """Where the run writes config, metrics, rollouts, summary and the policy adapter."""
+    init: str | None = None
+    """The SFT run to start from (required), e.g. ``runs/sft``: the policy is a trainable copy of its adapter, the
+    reference the same adapter frozen (never the base with adapters off)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    sampling: GRPOSamplingParams = field(default_factory=GRPOSamplingParams)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    grpo: GRPOParams = field(default_factory=GRPOParams)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        stage = "rloo" if isinstance(self, RLOORunConfig) else "grpo"
+        if not self.init:
+            raise ConfigError(f"{stage} needs --init DIR: the SFT run to start from (e.g. --init runs/sft)")
+        if self.adapter.method == "full":
+            raise ConfigError(f"{stage} trains an adapter on one shared base; set adapter.method to lora or qlora")
+        if self.adapter.method == "qlora" and self.model.dtype == "float16":
+            raise ConfigError("adapter.method=qlora trains in bf16 or fp32 compute; set model.dtype to auto or bfloat16")
+        if self.sampling.temperature <= 0 or self.sampling.top_p != 1.0:
+            raise ConfigError(
+                f"{stage} samples from the policy itself: set sampling.temperature > 0 and sampling.top_p=1 (top_k "
+                "works: the policy is then the softmax over the k largest logits; nucleus sampling is not supported)"
+            )
+        if self.resume and not self.grpo.save_every:
+            raise ConfigError("--resume needs checkpoints; grpo.save_every=0 writes none")
+        self.score.resolve(self.data.train)
+        self.eval.verifier = resolve_verifier(self.eval.verifier, self.data.eval)
+
+
+@dataclass
+class RLOOParams(GRPOParams):
+    """GRPO's loop with RLOO's defaults (Ahmadian et al. 2024): the leave-one-out baseline, unscaled, and the KL as
+    a per-token penalty in the reward."""
+
+    advantage: str = "leave_one_out"
+    """``group``: GRPO's, the score minus the group's mean (divided by its std with ``scale_advantages``; Shao et al.
+    2024); ``leave_one_out``: RLOO's, the score minus the mean of the group's other scores (Ahmadian et al. 2024)."""
+    scale_advantages: bool = False
+    """Divide ``group`` advantages by the group's std (GRPO); false keeps only the mean (Dr. GRPO). Must be false
+    with ``leave_one_out`` (RLOO's advantage is unscaled)."""
+    kl_mode: str = "reward"
+    """Where the KL to the reference goes: ``loss``: ``kl_coef`` times the per-token ``k3`` estimate added to the
+    loss (GRPO); ``reward``: ``kl_coef`` times the response's summed per-token ``k1`` taken off its score before the
+    advantage (the per-token penalty of RLOO and PPO)."""
+    kl_coef: float = 0.05
+    """KL coefficient (beta; 0 for none)."""
+
+
+@dataclass
+class RLOORunConfig(GRPORunConfig):
+    """RLOO from an SFT run: the GRPO stage with RLOO's defaults (``recipes/rloo.py``, or ``recipes/grpo.py
+    --grpo.advantage=leave_one_out --grpo.scale_advantages=false --grpo.kl_mode=reward``)."""
+
+    output_dir: str = "runs/rloo"
+    """Where the run writes config, metrics, rollouts, summary and the policy adapter."""
+    grpo: RLOOParams = field(default_factory=RLOOParams)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -1212,6 +1361,8 @@ STAGE_CONFIGS: dict[str, type] = {
     "kto": KTORunConfig,
     "rejection_sampling": RejectionSamplingRunConfig,
     "ppo": PPORunConfig,
+    "grpo": GRPORunConfig,
+    "rloo": RLOORunConfig,
 }
 
 

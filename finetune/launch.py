@@ -14,10 +14,12 @@ from collections.abc import Callable
 from .config import (
     ConfigError,
     DPORunConfig,
+    GRPORunConfig,
     KTORunConfig,
     PPORunConfig,
     RejectionSamplingRunConfig,
     RewardRunConfig,
+    RLOORunConfig,
     SFTRunConfig,
     parse_args,
     unmatched_target_modules,
@@ -178,6 +180,18 @@ def ppo_main(cfg: PPORunConfig) -> dict:
     return summary
 
 
+def grpo_main(cfg: GRPORunConfig) -> dict:
+    """Config -> base + policy/reference/reward adapters -> G samples per prompt, group advantages, clipped updates
+    -> save (GRPO, or RLOO with ``grpo.advantage=leave_one_out``)."""
+    from .runs import process_state
+    from .stages import grpo
+
+    summary = grpo.run(cfg)
+    if process_state().is_main_process:
+        print(grpo.results_table(summary))
+    return summary
+
+
 # Command name (``finetune NAME``) -> (config class, main, one line for --help), in the order of the loop.
 STAGES: dict[str, tuple[type, Callable, str]] = {
     "sft": (SFTRunConfig, sft_main, "supervised fine-tuning (LoRA, QLoRA or full); the tiny model by default"),
@@ -187,6 +201,8 @@ STAGES: dict[str, tuple[type, Callable, str]] = {
     "dpo": (DPORunConfig, dpo_main, "preference optimisation on pairs from an SFT run (DPO and variants, ORPO, SimPO)"),
     "kto": (KTORunConfig, kto_main, "KTO on unpaired desirable/undesirable examples from an SFT run"),
     "ppo": (PPORunConfig, ppo_main, "PPO with a critic from an SFT run"),
+    "grpo": (GRPORunConfig, grpo_main, "GRPO (group-relative advantages, no critic) from an SFT run"),
+    "rloo": (RLOORunConfig, grpo_main, "RLOO (leave-one-out baseline, no critic) from an SFT run"),
 }
 
 

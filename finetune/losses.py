@@ -2,7 +2,9 @@
 
 No model, trainer or config object goes in. Each has a runtime caller: ``bradley_terry_loss`` gives the reward
 model's held-out loss and accuracy (``finetune.reward_model``), and the PPO functions (``gae``, ``ppo_policy_loss``,
-``ppo_value_loss``, ``per_token_rewards``, the KL controllers) are the PPO stage's update. The SFT, DPO and reward
+``ppo_value_loss``, ``per_token_rewards``, the KL controllers) are the PPO stage's update, and the critic-free ones
+(``group_advantages``, ``leave_one_out_advantages``, ``sequence_kl_penalty``, ``grpo_policy_loss``) the GRPO/RLOO
+stage's. The SFT, DPO and reward
 training losses are TRL's (``SFTTrainer``, ``DPOTrainer``, ``RewardTrainer``); the paper formulas that check TRL
 computes them are test oracles in ``tests/loss_oracles.py``, not library code.
 
@@ -25,11 +27,15 @@ __all__ = [
     "FixedKLController",
     "bradley_terry_loss",
     "gae",
+    "group_advantages",
+    "grpo_policy_loss",
+    "leave_one_out_advantages",
     "kl_k1",
     "kl_k3",
     "per_token_rewards",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "sequence_kl_penalty",
 ]
 
 
@@ -121,15 +127,34 @@ def ppo_policy_loss(
         the one used; the detached ``k3`` estimate of ``KL(old || new)`` on the rollout tokens
         (``kl_k3(old_logprobs, logprobs)``, the statistic CleanRL and stable-baselines log).
     """
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_range)
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
-        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+        clip_fraction = masked_mean(clipped.float(), mask)
         approx_kl = masked_mean(kl_k3(old_logprobs, logprobs), mask)
     return loss, clip_fraction, approx_kl
+
+
+def clipped_surrogate(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
+                      clip_range: float) -> tuple[Tensor, Tensor]:
+    """Per-token PPO clipped surrogate, as a loss: ``max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))``.
+
+    The term ``ppo_policy_loss`` (PPO) and ``grpo_policy_loss`` (GRPO, RLOO) average, each with its own normaliser.
+
+    Args:
+        logprobs: ``[B, T]`` log-probs under the current policy (with grad).
+        old_logprobs: ``[B, T]`` log-probs under the rollout policy (detached).
+        advantages: ``[B, T]``, or ``[B, 1]`` for one advantage per sequence (broadcast over its tokens).
+        clip_range: ``eps``.
+
+    Returns:
+        ``(per_token_loss, clipped)``: ``[B, T]`` losses, and the ``[B, T]`` bool of tokens where the clipped term is
+        the one used.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
 def ppo_value_loss(
@@ -264,3 +289,138 @@ class FixedKLController:
     def update(self, current_kl: float | Tensor, n_steps: int) -> float:
         """No-op; returns ``value``."""
         return self.value
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Critic-free policy gradients: GRPO and RLOO
+#
+# G responses are sampled for each prompt, laid out ``i * G + j`` (``finetune.rollout.sample_groups``); the baseline
+# of a response is computed from the other responses to the same prompt instead of a value head. ``valid`` marks the
+# responses that count (a False one, e.g. unscorable, is left out of its group's statistics and gets advantage 0),
+# as TRL's trainers treat a NaN reward.
+
+GROUP_STD_EPS = 1e-4
+"""Added to a group's standard deviation before dividing, as TRL's ``GRPOTrainer`` does: a group of equal scores
+(std 0) gets advantage 0, not NaN."""
+
+
+def _groups(scores: Tensor, group_size: int, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    if scores.ndim != 1 or scores.numel() % group_size:
+        raise ValueError(f"scores must be [num_prompts * group_size]; got shape {tuple(scores.shape)} and group_size "
+                         f"{group_size}")
+    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.bool()
+    return scores.view(-1, group_size), valid.view(-1, group_size)
+
+
+def group_advantages(scores: Tensor, group_size: int, scale: bool = True, valid: Tensor | None = None,
+                     eps: float = GROUP_STD_EPS) -> Tensor:
+    """GRPO's group-relative advantage: each response's score minus its group's mean, divided by the group's std.
+
+    Shao et al. 2024, "DeepSeekMath", https://arxiv.org/abs/2402.03300 (section 4.1.2, outcome supervision):
+    ``A_i = (r_i - mean(r)) / std(r)`` over the ``G`` responses to one prompt, the same for every token of response
+    ``i``. The std is the unbiased one (Bessel's ``G - 1``), plus ``eps``, as TRL computes it; ``scale=False`` keeps
+    only the mean (Dr. GRPO, Liu et al. 2025, https://arxiv.org/abs/2503.20783, TRL's ``scale_rewards="none"``).
+
+    Args:
+        scores: ``[num_prompts * G]`` scores, laid out ``i * G + j``.
+        group_size: ``G``.
+        scale: divide by the group's std.
+        valid: ``[num_prompts * G]`` bool, the responses that count (None: all).
+        eps: added to the std.
+
+    Returns:
+        ``[num_prompts * G]`` advantages; 0 for an invalid response, for a group whose valid scores are all equal,
+        and for a response that is its group's only valid one.
+    """
+    grouped, ok = _groups(scores, group_size, valid)
+    count = ok.sum(dim=1, keepdim=True)
+    zero = torch.zeros_like(grouped)
+    mean = torch.where(ok, grouped, zero).sum(dim=1, keepdim=True) / count.clamp(min=1)
+    advantages = torch.where(ok, grouped - mean, zero)
+    if scale:
+        variance = (advantages ** 2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
+        advantages = advantages / (variance.sqrt() + eps)
+    return torch.where(ok & (count > 1), advantages, zero).view(-1)
+
+
+def leave_one_out_advantages(scores: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
+    """RLOO's advantage: each response's score minus the mean score of the other responses to its prompt.
+
+    Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!", https://openreview.net/forum?id=r1lgTGL5DE;
+    Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
+    Feedback", https://arxiv.org/abs/2402.14740 (Eq. 6): ``A_i = r_i - 1/(G-1) * sum_{j != i} r_j``, which equals
+    ``G/(G-1) * (r_i - mean(r))``. The baseline does not depend on ``r_i``, so the estimate stays unbiased.
+
+    Args:
+        scores: ``[num_prompts * G]`` scores, laid out ``i * G + j``.
+        group_size: ``G``.
+        valid: ``[num_prompts * G]`` bool, the responses that count (None: all); the baseline averages the valid
+            others only.
+
+    Returns:
+        ``[num_prompts * G]`` advantages; 0 for an invalid response and for one with no valid sibling.
+    """
+    grouped, ok = _groups(scores, group_size, valid)
+    zero = torch.zeros_like(grouped)
+    kept = torch.where(ok, grouped, zero)
+    others = ok.sum(dim=1, keepdim=True) - 1
+    baseline = (kept.sum(dim=1, keepdim=True) - kept) / others.clamp(min=1)
+    return torch.where(ok & (others > 0), grouped - baseline, zero).view(-1)
+
+
+def sequence_kl_penalty(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
+                        kl_coef: float) -> tuple[Tensor, Tensor]:
+    """The score less the KL penalty summed over the response's tokens: ``r - kl_coef * sum_t (logp_t - ref_logp_t)``.
+
+    The per-token ``k1`` penalty of ``per_token_rewards`` with nothing to discount it (no critic, ``gamma = 1``):
+    summed over the sequence, it is the reward the group baseline is then taken on (RLOO, Ahmadian et al. 2024,
+    https://arxiv.org/abs/2402.14740, section 3; TRL's ``RLOOTrainer`` with ``beta > 0``).
+
+    Args:
+        scores: ``[B]`` scores.
+        logprobs: ``[B, T]`` rollout policy's log-probs of the response tokens.
+        ref_logprobs: ``[B, T]`` the reference's.
+        mask: ``[B, T]`` 1 on response tokens.
+        kl_coef: ``beta``.
+
+    Returns:
+        ``(rewards, kl)``: ``[B]`` penalised scores, and the ``[B]`` summed ``k1`` KL of each response.
+    """
+    kl = (kl_k1(logprobs, ref_logprobs) * mask).sum(dim=1)
+    return scores - kl_coef * kl, kl
+
+
+def grpo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                     clip_range: float, kl_coef: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """GRPO's objective as a loss: the clipped surrogate plus ``kl_coef`` times the ``k3`` KL to the reference, per
+    token, averaged over each response's tokens and then over the responses.
+
+    Shao et al. 2024, "DeepSeekMath", https://arxiv.org/abs/2402.03300 (Eq. 3 and 4):
+    ``1/G sum_i 1/|o_i| sum_t [min(ratio A_i, clip(ratio) A_i) - beta * D_KL]`` with
+    ``D_KL = ref/pi - log(ref/pi) - 1`` (``kl_k3`` of the current policy, so it is differentiated). TRL's
+    ``GRPOTrainer`` with ``loss_type="grpo"``. With ``kl_coef = 0`` it is the loss of RLOO with the KL in the
+    reward (``sequence_kl_penalty``), a per-token ratio clipped as in PPO.
+
+    Args:
+        logprobs: ``[B, T]`` current policy's log-probs (with grad).
+        old_logprobs: ``[B, T]`` rollout policy's (detached).
+        ref_logprobs: ``[B, T]`` the reference's (detached); unused when ``kl_coef`` is 0.
+        advantages: ``[B]`` one advantage per response (``group_advantages`` / ``leave_one_out_advantages``).
+        mask: ``[B, T]`` 1 on response tokens.
+        clip_range: ``eps``.
+        kl_coef: ``beta`` (0 for no KL term).
+
+    Returns:
+        ``(loss, clip_fraction, kl, approx_kl)``: the scalar loss; detached: the fraction of response tokens where the
+        clip acts, the mean per-token ``k3`` KL to the reference, and ``k3`` of the rollout policy to the current one.
+    """
+    mask = mask.to(logprobs.dtype)
+    per_token, clipped = clipped_surrogate(logprobs, old_logprobs, advantages.unsqueeze(1), clip_range)
+    kl = kl_k3(logprobs, ref_logprobs) if kl_coef else torch.zeros_like(logprobs)
+    per_token = per_token + kl_coef * kl
+    loss = masked_mean(per_token, mask, dim=1).mean()
+    with torch.no_grad():
+        clip_fraction = masked_mean(clipped.float(), mask)
+        approx_kl = masked_mean(kl_k3(old_logprobs, logprobs), mask)
+        mean_kl = masked_mean(kl.detach(), mask)
+    return loss, clip_fraction, mean_kl, approx_kl

@@ -1,6 +1,6 @@
-"""Prompts to sample from, for every stage that samples its own training data (rejection sampling, PPO; GRPO and
-RLOO next): each conversation up to its last user turn, rendered for generation, and the order an online loop
-takes them in.
+"""Prompts to sample from, for every stage that samples its own training data (rejection sampling, PPO, GRPO and
+RLOO): each conversation up to its last user turn, rendered for generation, and the order an online loop takes them
+in; :func:`load_rl_data` is the online loops' (PPO, GRPO/RLOO) whole data load.
 """
 
 from __future__ import annotations
@@ -52,3 +52,39 @@ def prompt_schedule(num_prompts: int, iteration: int, batch: int, seed: int) -> 
         epoch += 1
     offset = start % num_prompts
     return order[offset : offset + batch]
+
+
+@dataclass
+class RLData:
+    """What an online loop (PPO, GRPO/RLOO) trains and evaluates on."""
+
+    prompts: list[Prompt]
+    skipped: list[str]
+    """The prompts left out for being longer than ``data.max_prompt_length``."""
+    eval_conversations: list
+    """Held-out conversations for verifier accuracy (empty without ``data.eval`` and ``eval.verifier``)."""
+    report: list[str]
+    loads: list
+    """Each load's ``data_formats.LoadReport`` (for ``OUTPUT_DIR/rejects.jsonl``)."""
+
+
+def load_rl_data(cfg, tokenizer, template) -> RLData:
+    """The prompts of ``cfg.data.train`` and (with a verifier) the eval conversations of ``cfg.data.eval``; ``cfg`` is
+    a PPO or GRPO run config (a ``PromptDataConfig`` and an ``EvalConfig``). No prompt that fits is an error."""
+    from .config import ConfigError
+    from .data import load_conversations
+
+    loads: list = []
+    conversations = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples,
+                                       skip_invalid=cfg.data.skip_invalid, reports=loads, name="train data")
+    prompts, skipped = load_prompts(conversations, template, tokenizer, cfg.data.max_prompt_length)
+    if not prompts:
+        raise ConfigError(f"no prompt of {cfg.data.train} fits data.max_prompt_length={cfg.data.max_prompt_length}")
+    eval_convs = []
+    if cfg.data.eval and cfg.eval.verifier:
+        eval_convs = load_conversations(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples,
+                                        skip_invalid=cfg.data.skip_invalid, reports=loads, name="eval data")
+        eval_convs = eval_convs[: cfg.eval.num_samples] if cfg.eval.num_samples else eval_convs
+    report = [f"prompts: {len(prompts)} from {cfg.data.train}, {len(skipped)} skipped (longer than "
+              f"data.max_prompt_length)"]
+    return RLData(prompts, skipped, eval_convs, report, loads)

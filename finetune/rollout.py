@@ -1,17 +1,29 @@
 """Rollouts: a group of G sampled responses per prompt, scored, and laid out as token tensors for a policy-gradient
-update. Rejection sampling ranks each prompt's group; PPO trains on the rollout with a critic; a group-relative
-method (GRPO, RLOO) would compare each response with the rest of its group. Every caller sees the same layout:
-sample ``j`` of the ``i``-th prompt is at ``i * G + j``.
+update. Rejection sampling ranks each prompt's group; PPO trains on the rollout with a critic; the group-relative
+methods (GRPO, RLOO) compare each response with the rest of its group. Every caller sees the same layout: sample
+``j`` of the ``i``-th prompt is at ``i * G + j``.
+
+The RL stages' rollout phase is :func:`generate_trajectory`: each process samples and scores its share of the
+iteration's prompts (whole groups: a prompt's G samples stay on one process), then the rollout policy's, the
+reference's and (with a critic) the value head's per-token figures are computed without gradients
+(:func:`score_rollout`), from the last hidden states a chunk of positions at a time (the ``[N, T, V]`` float32
+logits never exist). Each iteration's responses go to ``rollouts.jsonl`` (:func:`write_rollouts`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import torch
 
 from .generation import Completion, Decoding, generate
+from .logprobs import auto_chunk_size, chunked_entropy, chunked_token_logprobs, top_k_support
+from .models import backbone_hidden_states
 from .prompts import Prompt
+from .roles import POLICY, REFERENCE, VALUE, Roles, scalar_head
+from .runs import process_state
 from .scorers import Sample, WeightedSum
 
 
@@ -92,3 +104,123 @@ def rollout_of(samples: list[ScoredSample], scores: list[float], pad_id: int) ->
     rollout = build_rollout([s.prompt.ids for s in samples], responses, pad_id)
     rollout.scores = torch.tensor(scores, dtype=torch.float32)
     return rollout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rollout phase of PPO and GRPO/RLOO
+
+
+def policy_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, temperature: float,
+                    support: torch.Tensor | None = None):
+    """``[N, T]`` log-probs of the sampled tokens at the sampling temperature, from the last hidden states (never
+    materialising the ``[N, T, V]`` logits: ``chunked_token_logprobs``, chunks of 64 MiB of float32 logits). With
+    ``support`` (top-k sampling) each position's distribution is the softmax over its ``k`` rollout tokens."""
+    return chunked_token_logprobs(hidden[:, :-1] / temperature, lm_head_weight, labels,
+                                  auto_chunk_size(lm_head_weight.shape[0]), support=support)
+
+
+def response_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, mask: torch.Tensor, temperature: float,
+                     support: torch.Tensor | None = None):
+    """Mean entropy of the tempered policy (over ``support`` where given) over the response tokens (``mask``
+    ``[N, T]``), 0 when there are none; from the response positions' last hidden states, a chunk at a time."""
+    response = mask.bool()
+    response_hidden = hidden[:, :-1][response]  # [tokens, H]
+    if not len(response_hidden):
+        return torch.zeros((), device=hidden.device)
+    return chunked_entropy(response_hidden / temperature, lm_head_weight, auto_chunk_size(lm_head_weight.shape[0]),
+                           support=None if support is None else support[response]).mean()
+
+
+@torch.no_grad()
+def score_rollout(roles: Roles, rollout: Rollout, lm_head_weight, temperature: float, batch_size: int,
+                  top_k: int = 0) -> None:
+    """Fill in the rollout policy's and the reference's log-probs and, with a value role, the value head's values
+    (no gradients).
+
+    With top-k sampling (``top_k > 0``) the policy is what was sampled from: at each position the softmax over the
+    policy's ``top_k`` largest logits (``rollout.support``). The policy's log-probs, now and in the updates, are
+    taken over that support, and so are the reference's: the KL penalty compares the two on the tokens the rollout
+    could have drawn, and is 0 where they agree."""
+    device = next(roles.model.parameters()).device
+    was_training = roles.model.training
+    roles.model.eval()
+    logprobs, ref_logprobs, values, supports = [], [], [], []
+    for start in range(0, len(rollout.scores), batch_size):
+        ids = rollout.input_ids[start : start + batch_size].to(device)
+        mask = rollout.attention_mask[start : start + batch_size].to(device)
+        labels = rollout.labels[start : start + batch_size].to(device)
+        roles.use(POLICY)
+        hidden = backbone_hidden_states(roles.model, ids, mask)
+        support = top_k_support(hidden[:, :-1], lm_head_weight, top_k, labels) if top_k else None
+        logprobs.append(policy_logprobs(hidden, lm_head_weight, labels, temperature, support))
+        roles.use(REFERENCE)
+        ref_logprobs.append(policy_logprobs(backbone_hidden_states(roles.model, ids, mask), lm_head_weight, labels,
+                                            temperature, support))
+        if roles.value_head is not None:
+            roles.use(VALUE)
+            values.append(scalar_head(roles, roles.value_head, ids, mask)[:, :-1].float())
+        supports.append(support)
+    roles.use(POLICY)
+    roles.model.train(was_training)
+    rollout.logprobs = torch.cat(logprobs).cpu()
+    rollout.ref_logprobs = torch.cat(ref_logprobs).cpu()
+    rollout.values = torch.cat(values).cpu() if values else None
+    rollout.support = torch.cat(supports).cpu() if top_k else None
+
+
+def sample_rollout(roles: Roles, tokenizer, prompts: list[Prompt], stop_ids, sampling, scorer, seed: int,
+                   missing_stop_penalty: float | None = None) -> Rollout:
+    """Sample ``sampling.num_samples`` responses per prompt with the policy (``sampling``: a
+    ``finetune.config.SamplingParams``), score them (minus ``missing_stop_penalty`` for a response that never ended
+    its turn), and lay them out, with one record per response for ``rollouts.jsonl``."""
+    roles.use(POLICY)
+    decoding = Decoding(sampling.max_new_tokens, sampling.temperature, top_k=sampling.top_k, seed=seed)
+    samples = sample_groups(roles.model, tokenizer, prompts, sampling.num_samples, stop_ids, decoding,
+                            sampling.batch_size, scorer, progress="rollout")
+    scores = [s.score for s in samples]
+    if missing_stop_penalty is not None:
+        scores = [score - missing_stop_penalty * (not s.completion.stopped) for score, s in zip(scores, samples)]
+    rollout = rollout_of(samples, scores, tokenizer.pad_token_id)
+    rollout.records = [
+        {"prompt_index": s.prompt.index, "sample": s.sample, "prompt": s.question, "response": s.completion.text,
+         "score": score, "stopped": s.completion.stopped, **{f"score/{name}": part for name, part in s.scores.items()}}
+        for s, score in zip(samples, scores)
+    ]
+    return rollout
+
+
+def generate_trajectory(roles: Roles, tokenizer, prompts: list[Prompt], stop_ids, sampling, scorer, seed: int,
+                        lm_head_weight, batch_size: int, missing_stop_penalty: float | None = None) -> Rollout:
+    """The rollout phase: this process's share of the iteration's ``prompts`` sampled and scored
+    (:func:`sample_rollout`), then the rollout policy's and the reference's log-probs and any values
+    (:func:`score_rollout`, ``batch_size`` sequences at a time)."""
+    with process_state().split_between_processes(prompts) as share:
+        rollout = sample_rollout(roles, tokenizer, share, stop_ids, sampling, scorer, seed, missing_stop_penalty)
+    score_rollout(roles, rollout, lm_head_weight, sampling.temperature, batch_size, sampling.top_k)
+    return rollout
+
+
+ROLLOUTS_FILE = "rollouts.jsonl"
+
+
+def write_rollouts(output_dir: Path, iteration: int, records: list[dict]) -> None:
+    """Append one iteration's responses (every process's, gathered) to ``rollouts.jsonl`` in (prompt, sample) order
+    (main process)."""
+    with open(Path(output_dir) / ROLLOUTS_FILE, "a") as f:
+        for record in sorted(records, key=lambda r: (r["prompt_index"], r["sample"])):
+            f.write(json.dumps({"iteration": iteration, **record}) + "\n")
+
+
+def rollouts_size(output_dir: Path) -> int:
+    """The size of ``rollouts.jsonl`` in bytes (0 when absent), kept in a checkpoint's progress."""
+    path = Path(output_dir) / ROLLOUTS_FILE
+    return path.stat().st_size if path.exists() else 0
+
+
+def rewind_rollouts(output_dir: Path, size: int) -> None:
+    """Roll ``rollouts.jsonl`` back to ``size`` bytes, its size at the checkpoint being resumed (main process), so
+    the rows of the iterations run after it, which the resumed run repeats, are not written twice."""
+    path = Path(output_dir) / ROLLOUTS_FILE
+    if path.exists():
+        with open(path, "r+b") as f:
+            f.truncate(size)

@@ -97,6 +97,15 @@ class MetricsLog:
             self.accelerator = None
 
 
+def process_sum(accelerator):
+    """``tensor -> its sum over every process`` (an all-reduce), for statistics that must not depend on the number
+    of processes (``finetune.logprobs.masked_whiten``'s); None with one process. Tensors go to the accelerator's
+    device for the collective (NCCL needs CUDA tensors) and come back."""
+    if accelerator.num_processes == 1:
+        return None
+    return lambda t: accelerator.reduce(t.to(accelerator.device), "sum").to(t.device)
+
+
 def _trainable_tensors(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 

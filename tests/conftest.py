@@ -28,6 +28,8 @@ SLOW_TESTS = (
     "test_preference_resume.py",
     "test_ppo_distributed.py",
     "test_ppo_resume.py::test_resume_after_kill_reproduces_the_uninterrupted_run",
+    "test_grpo.py::test_recipe_chains_from_the_sft_run_and_resumes_after_a_kill",
+    "test_grpo.py::test_two_processes_roll_out_every_prompt_once_with_its_whole_group",
     "test_rejection_sampling.py::test_fine_tune_is_the_sft_stage_continuing_the_sft_adapter",
     "test_rejection_sampling.py::test_resume_after_kill_in_the_fine_tune_matches_an_uninterrupted_run",
     "test_rejection_sampling_distributed.py",

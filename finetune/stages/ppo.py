@@ -1,7 +1,8 @@
 """PPO from an SFT run with a critic, on accelerate: policy, reference, value and reward as adapters on one base.
 
-The base (bf16/fp32, or 4-bit NF4 for QLoRA) is loaded once. Every role is a named PEFT adapter on it, and switching
-roles is ``activate_adapter`` (PEFT's ``set_adapter``, keeping the trainable set fixed):
+The base (bf16/fp32, or 4-bit NF4 for QLoRA) is loaded once. Every role is a named PEFT adapter on it
+(``finetune.roles``, shared with GRPO/RLOO), and switching roles is ``activate_adapter`` (PEFT's ``set_adapter``,
+keeping the trainable set fixed):
 
 - ``policy``: the SFT adapter, trainable;
 - ``reference``: the same SFT adapter, frozen (the KL anchor is the SFT model, never the raw base);
@@ -16,7 +17,8 @@ Details of RLHF with PPO", Huang et al. 2024) is five named phases, as torchtune
 1. :func:`generate_trajectory`, the rollout: each process samples ``sampling.num_samples`` responses for each of
    its share of the iteration's prompts (``finetune.prompts.prompt_schedule``, ``finetune.rollout.sample_groups``)
    and scores them; then, without gradients, the rollout policy's, the reference's and the value head's per-token
-   log-probs and values are computed (:func:`score_rollout`).
+   log-probs and values are computed (``finetune.rollout.score_rollout``; the phase is the library's
+   ``finetune.rollout.generate_trajectory``, which GRPO/RLOO run too).
 2. :func:`rewards_and_advantages`: per-token KL penalty against the reference plus the score at the last token
    (``per_token_rewards``), ``gae`` advantages and returns, advantages whitened (``masked_whiten``) with the mean
    and variance of every process's response tokens together, so N processes whiten as one process would.
@@ -50,24 +52,23 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, PPOParams, PPORunConfig, to_dict
-from ..data import load_conversations
 from ..evaluate import load_callable, verifier_accuracy
-from ..generation import Decoding
-from ..logprobs import auto_chunk_size, chunked_entropy, chunked_token_logprobs, masked_whiten, top_k_support
+from ..logprobs import masked_whiten
 from ..losses import AdaptiveKLController, FixedKLController, gae, per_token_rewards, ppo_policy_loss, ppo_value_loss
-from ..models import (
-    activate_adapter,
-    backbone_hidden_states,
-    load_adapter,
-    load_base_model,
-    load_scalar_head_adapter,
-    lora_config,
-    resolve_model,
-    save_adapter,
+from ..models import backbone_hidden_states, resolve_model, save_adapter
+from ..prompts import Prompt, load_rl_data, prompt_schedule
+from ..roles import POLICY, REFERENCE, REWARD, VALUE, AdapterRewardModel, Roles, load_roles, scalar_head  # noqa: F401
+from ..rollout import (  # noqa: F401  (score_rollout, policy_logprobs, response_entropy: PPO's names too)
+    Rollout,
+    policy_logprobs,
+    response_entropy,
+    rewind_rollouts,
+    rollouts_size,
+    score_rollout,
+    write_rollouts,
 )
-from ..prompts import Prompt, load_prompts, prompt_schedule
-from ..rollout import Rollout, rollout_of, sample_groups
-from ..run_dir import open_reward_run, run_kind
+from ..rollout import generate_trajectory as shared_generate_trajectory
+from ..run_dir import open_reward_run
 from ..run_dir import resolve_init as resolve_adapter_init
 from ..runs import (
     NonFiniteLossError,
@@ -76,75 +77,16 @@ from ..runs import (
     two_column_table,
 )
 from ..scorers import build_scorer
-from ..templates import render, stop_token_ids
-from ..training_loop import MetricsLog, accelerate_trackers, load_checkpoint, save_checkpoint
+from ..templates import stop_token_ids
+from ..training_loop import MetricsLog, accelerate_trackers, load_checkpoint, process_sum, save_checkpoint
 from .scaffold import Stage, StageData, StageRun, Trained, run_stage
 
-POLICY, REFERENCE, VALUE, REWARD = "policy", "reference", "value", "reward"
 TRAINABLE = (POLICY, VALUE)
 """The adapters the optimizer holds; ``reference`` and ``reward`` never train."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The roles on one base
-
-
-@dataclasses.dataclass
-class Roles:
-    """The shared base with its adapters, and the scalar heads of the value and reward roles."""
-
-    model: object
-    """``peft.PeftModel`` holding the ``policy``, ``reference``, ``value`` and (optionally) ``reward`` adapters."""
-    value_head: torch.nn.Linear
-    reward_head: torch.nn.Linear | None
-
-    def use(self, role: str) -> None:
-        """Switch the base to ``role``'s adapter (the trainable set stays ``policy`` and ``value``)."""
-        activate_adapter(self.model, role, TRAINABLE)
-
-
-def load_roles(cfg: PPORunConfig, device=None) -> Roles:
-    """Load the base once and put the four roles on it (see the module docstring), on ``device`` when given (the
-    accelerator's: the reward head is not part of the module accelerate prepares, so everything is placed here)."""
-    from peft import get_peft_model
-
-    base = load_base_model(cfg.model, cfg.adapter.method)
-    if run_kind(cfg.init) == "full":  # the full-weights SFT run is the base (resolve made it model.name)
-        model = get_peft_model(base, lora_config(cfg.adapter), adapter_name=POLICY)
-        model.add_adapter(REFERENCE, lora_config(cfg.adapter))  # lora_B = 0: exactly the SFT model
-        model.set_requires_grad([REFERENCE], False)
-        sft_adapter = None
-    else:
-        model = load_adapter(base, cfg.init, POLICY, trainable=True)
-        load_adapter(model, cfg.init, REFERENCE, trainable=False)
-        sft_adapter = cfg.init
-    reward_head = None
-    if cfg.score.reward_model:
-        reward_head = load_scalar_head_adapter(model, cfg.score.reward_model, REWARD, trainable=False)
-        value_head = load_scalar_head_adapter(model, cfg.score.reward_model, VALUE, trainable=True)
-    else:
-        if sft_adapter:
-            load_adapter(model, sft_adapter, VALUE, trainable=True)
-        else:
-            model.add_adapter(VALUE, lora_config(cfg.adapter))
-            model.set_requires_grad([VALUE], True)
-        value_head = torch.nn.Linear(base.config.hidden_size, 1, bias=False)
-        torch.nn.init.zeros_(value_head.weight)
-    for module in model.modules():  # no dropout anywhere: rollout and update log-probs must agree
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    if device is not None:
-        model.to(device)
-    device = next(model.parameters()).device
-    roles = Roles(model, value_head.to(device), reward_head.to(device) if reward_head is not None else None)
-    roles.use(POLICY)
-    return roles
-
-
-def scalar_head(roles: Roles, head: torch.nn.Linear, input_ids, attention_mask) -> torch.Tensor:
-    """``[B, T]`` head outputs at every position with the active adapter."""
-    hidden = backbone_hidden_states(roles.model, input_ids, attention_mask)
-    return head(hidden.to(head.weight.dtype)).squeeze(-1)
+# The roles on one base (``finetune.roles``: ``load_roles`` with the value role)
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -167,128 +109,17 @@ class PolicyAndValue(torch.nn.Module):
         return policy_hidden, values
 
 
-class AdapterRewardModel:
-    """The ``reward`` role as a reward model for ``finetune.scorers.RewardModelScorer``: conversations rendered with
-    the template (as the reward run trained), scored at their last token by the reward adapter and head."""
-
-    def __init__(self, roles: Roles, tokenizer, template):
-        self.roles, self.tokenizer, self.template = roles, tokenizer, template
-
-    @torch.no_grad()
-    def score(self, conversations, batch_size: int = 16) -> list[float]:
-        from ..generation import left_pad
-
-        device = next(self.roles.model.parameters()).device
-        scores: list[float] = []
-        self.roles.use(REWARD)
-        try:
-            for start in range(0, len(conversations), batch_size):
-                ids = [render(self.template, list(c), self.tokenizer)[0] for c in conversations[start : start + batch_size]]
-                input_ids, mask = left_pad(ids, self.tokenizer.pad_token_id)  # left: the last token is at T-1
-                values = scalar_head(self.roles, self.roles.reward_head, input_ids.to(device), mask.to(device))
-                scores.extend(values[:, -1].float().cpu().tolist())
-        finally:
-            self.roles.use(POLICY)
-        return scores
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Rollouts
-
-
-def policy_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, temperature: float,
-                    support: torch.Tensor | None = None):
-    """``[N, T]`` log-probs of the sampled tokens at the sampling temperature, from the last hidden states (never
-    materialising the ``[N, T, V]`` logits: ``chunked_token_logprobs``, chunks of 64 MiB of float32 logits). With
-    ``support`` (top-k sampling) each position's distribution is the softmax over its ``k`` rollout tokens."""
-    return chunked_token_logprobs(hidden[:, :-1] / temperature, lm_head_weight, labels,
-                                  auto_chunk_size(lm_head_weight.shape[0]), support=support)
-
-
-def response_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, mask: torch.Tensor, temperature: float,
-                     support: torch.Tensor | None = None):
-    """Mean entropy of the tempered policy (over ``support`` where given) over the response tokens (``mask``
-    ``[N, T]``), 0 when there are none; from the response positions' last hidden states, a chunk at a time."""
-    response = mask.bool()
-    response_hidden = hidden[:, :-1][response]  # [tokens, H]
-    if not len(response_hidden):
-        return torch.zeros((), device=hidden.device)
-    return chunked_entropy(response_hidden / temperature, lm_head_weight, auto_chunk_size(lm_head_weight.shape[0]),
-                           support=None if support is None else support[response]).mean()
-
-
-def process_sum(accelerator):
-    """``tensor -> its sum over every process`` (an all-reduce), for ``masked_whiten``'s statistics; None with one
-    process. Tensors go to the accelerator's device for the collective (NCCL needs CUDA tensors) and come back."""
-    if accelerator.num_processes == 1:
-        return None
-    return lambda t: accelerator.reduce(t.to(accelerator.device), "sum").to(t.device)
-
-
-@torch.no_grad()
-def score_rollout(roles: Roles, rollout: Rollout, lm_head_weight, temperature: float, batch_size: int,
-                  top_k: int = 0) -> None:
-    """Fill in the rollout policy's and the reference's log-probs and the value head's values (no gradients).
-
-    With top-k sampling (``top_k > 0``) the policy is what was sampled from: at each position the softmax over the
-    policy's ``top_k`` largest logits (``rollout.support``). The policy's log-probs, now and in the updates, are
-    taken over that support, and so are the reference's: the KL penalty compares the two on the tokens the rollout
-    could have drawn, and is 0 where they agree."""
-    device = next(roles.model.parameters()).device
-    was_training = roles.model.training
-    roles.model.eval()
-    logprobs, ref_logprobs, values, supports = [], [], [], []
-    for start in range(0, len(rollout.scores), batch_size):
-        ids = rollout.input_ids[start : start + batch_size].to(device)
-        mask = rollout.attention_mask[start : start + batch_size].to(device)
-        labels = rollout.labels[start : start + batch_size].to(device)
-        roles.use(POLICY)
-        hidden = backbone_hidden_states(roles.model, ids, mask)
-        support = top_k_support(hidden[:, :-1], lm_head_weight, top_k, labels) if top_k else None
-        logprobs.append(policy_logprobs(hidden, lm_head_weight, labels, temperature, support))
-        roles.use(REFERENCE)
-        ref_logprobs.append(policy_logprobs(backbone_hidden_states(roles.model, ids, mask), lm_head_weight, labels,
-                                            temperature, support))
-        roles.use(VALUE)
-        values.append(scalar_head(roles, roles.value_head, ids, mask)[:, :-1].float())
-        supports.append(support)
-    roles.use(POLICY)
-    roles.model.train(was_training)
-    rollout.logprobs = torch.cat(logprobs).cpu()
-    rollout.ref_logprobs = torch.cat(ref_logprobs).cpu()
-    rollout.values = torch.cat(values).cpu()
-    rollout.support = torch.cat(supports).cpu() if top_k else None
-
-
-def sample_rollout(roles: Roles, tokenizer, prompts: list[Prompt], stop_ids, cfg: PPORunConfig, scorer, seed: int) -> Rollout:
-    """Sample ``sampling.num_samples`` responses per prompt with the policy, score them (minus
-    ``ppo.missing_stop_penalty`` for a response that never ended its turn), and lay them out."""
-    roles.use(POLICY)
-    sampling = Decoding(cfg.sampling.max_new_tokens, cfg.sampling.temperature, top_k=cfg.sampling.top_k,
-                              seed=seed)
-    samples = sample_groups(roles.model, tokenizer, prompts, cfg.sampling.num_samples, stop_ids, sampling,
-                            cfg.sampling.batch_size, scorer, progress="PPO rollout")
-    scores = [s.score for s in samples]
-    if cfg.ppo.missing_stop_penalty is not None:
-        scores = [score - cfg.ppo.missing_stop_penalty * (not s.completion.stopped) for score, s in zip(scores, samples)]
-    rollout = rollout_of(samples, scores, tokenizer.pad_token_id)
-    rollout.records = [
-        {"prompt_index": s.prompt.index, "sample": s.sample, "prompt": s.question, "response": s.completion.text,
-         "score": score, "stopped": s.completion.stopped, **{f"score/{name}": part for name, part in s.scores.items()}}
-        for s, score in zip(samples, scores)
-    ]
-    return rollout
+# Rollouts: ``finetune.rollout.generate_trajectory`` (shared with GRPO/RLOO)
 
 
 def generate_trajectory(roles: Roles, tokenizer, prompts: list[Prompt], stop_ids, cfg: PPORunConfig, scorer, seed: int,
                         lm_head_weight) -> Rollout:
-    """Phase 1, the rollout: this process's share of the iteration's ``prompts`` sampled and scored
-    (:func:`sample_rollout`), then the rollout policy's and the reference's log-probs and the values
-    (:func:`score_rollout`)."""
-    with process_state().split_between_processes(prompts) as share:
-        rollout = sample_rollout(roles, tokenizer, share, stop_ids, cfg, scorer, seed)
-    score_rollout(roles, rollout, lm_head_weight, cfg.sampling.temperature, cfg.ppo.mini_batch_size, cfg.sampling.top_k)
-    return rollout
+    """Phase 1, the rollout (``finetune.rollout.generate_trajectory``): this process's share of the iteration's
+    ``prompts`` sampled and scored (minus ``ppo.missing_stop_penalty`` for a response that never ended its turn),
+    then the rollout policy's and the reference's log-probs and the values."""
+    return shared_generate_trajectory(roles, tokenizer, prompts, stop_ids, cfg.sampling, scorer, seed, lm_head_weight,
+                                      cfg.ppo.mini_batch_size, cfg.ppo.missing_stop_penalty)
 
 
 @dataclasses.dataclass
@@ -399,9 +230,7 @@ def log_iteration(log: MetricsLog, output_dir: Path, row: dict, records: list[di
     """Phase 4's output (main process): the row to ``metrics.jsonl`` and TensorBoard, the responses to
     ``rollouts.jsonl`` in (prompt, sample) order, and one printed line."""
     log.log(row)
-    with open(output_dir / "rollouts.jsonl", "a") as f:
-        for record in sorted(records, key=lambda r: (r["prompt_index"], r["sample"])):
-            f.write(json.dumps({"iteration": row["step"], **record}) + "\n")
+    write_rollouts(output_dir, row["step"], records)
     print(f"iteration {row['step']}/{num_iterations}: score {row['score']:.3f} kl {row['kl']:.3f} "
           f"policy loss {row['policy_loss']:.4f} value loss {row['value_loss']:.4f} "
           f"clip {row['clip_fraction']:.3f} entropy {row['entropy']:.3f} length {row['response_length']:.1f}")
@@ -415,10 +244,7 @@ def restore_logs(output_dir: Path, checkpoint: Path, progress: dict) -> None:
     """Roll ``rollouts.jsonl`` back to the checkpoint (main process), so the rows of the iterations run after it,
     which the resumed run repeats, are not written twice; the scaffold has already rewound ``metrics.jsonl`` to the
     checkpoint's step (``finetune.runs.rewind_metrics``: a row's step is its iteration)."""
-    rollouts = output_dir / "rollouts.jsonl"
-    if rollouts.exists():
-        with open(rollouts, "r+b") as f:
-            f.truncate(progress["rollouts_bytes"])
+    rewind_rollouts(output_dir, progress["rollouts_bytes"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -445,21 +271,10 @@ def resolve_init(cfg: PPORunConfig) -> PPORunConfig:
 
 
 def load_data(cfg: PPORunConfig, tokenizer, template) -> StageData:
-    """The prompts and (with a verifier) the eval conversations: ``(prompts, skipped, eval_convs)``."""
-    loads: list = []  # what each load skipped, for OUTPUT_DIR/rejects.jsonl
-    conversations = load_conversations(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_train_samples,
-                                       skip_invalid=cfg.data.skip_invalid, reports=loads, name="train data")
-    prompts, skipped = load_prompts(conversations, template, tokenizer, cfg.data.max_prompt_length)
-    if not prompts:
-        raise ConfigError(f"no prompt of {cfg.data.train} fits data.max_prompt_length={cfg.data.max_prompt_length}")
-    eval_convs = []
-    if cfg.data.eval and cfg.eval.verifier:
-        eval_convs = load_conversations(cfg.data.eval, cfg.data.format, cfg.data.eval_split, cfg.data.max_eval_samples,
-                                        skip_invalid=cfg.data.skip_invalid, reports=loads, name="eval data")
-        eval_convs = eval_convs[: cfg.eval.num_samples] if cfg.eval.num_samples else eval_convs
-    report = [f"prompts: {len(prompts)} from {cfg.data.train}, {len(skipped)} skipped (longer than "
-              f"data.max_prompt_length)"]
-    return StageData((prompts, skipped, eval_convs), report, loads)
+    """The prompts and (with a verifier) the eval conversations (``finetune.prompts.load_rl_data``):
+    ``(prompts, skipped, eval_convs)``."""
+    data = load_rl_data(cfg, tokenizer, template)
+    return StageData((data.prompts, data.skipped, data.eval_conversations), data.report, data.loads)
 
 
 def run(cfg: PPORunConfig) -> dict:
@@ -486,7 +301,7 @@ def train_policy(run: StageRun) -> Trained:
     scorer_needs_rm = bool(cfg.score.reward_model)
     resume_from = latest_complete_checkpoint(output_dir) if cfg.resume else None
     if cfg.resume and not resume_from and main:  # nothing to resume: start afresh (metrics.jsonl is rewound)
-        (output_dir / "rollouts.jsonl").unlink(missing_ok=True)
+        rewind_rollouts(output_dir, 0)
 
     roles = load_roles(cfg, accelerator.device)
     scorer = build_scorer(cfg.score, AdapterRewardModel(roles, tokenizer, template) if scorer_needs_rm else None)
@@ -557,7 +372,7 @@ def train_policy(run: StageRun) -> Trained:
             progress = {"iteration": done, "optimizer_steps": opt.steps, "kl_coef": kl_ctl.value,
                         "train_seconds": previous_seconds + time.perf_counter() - started,
                         "summary": {k: summary[k] for k in ("init_eval_accuracy",) if k in summary},
-                        "rollouts_bytes": (output_dir / "rollouts.jsonl").stat().st_size if main else 0}
+                        "rollouts_bytes": rollouts_size(output_dir) if main else 0}
             save_checkpoint(output_dir, done, accelerator, trainable, shuffle, progress, cfg.ppo.save_total_limit)
     train_seconds = previous_seconds + time.perf_counter() - started
     optimizer_steps = opt.steps

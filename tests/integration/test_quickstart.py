@@ -22,6 +22,8 @@ QUICKSTART = [
     "accelerate launch recipes/dpo.py --init runs/sft",
     "accelerate launch recipes/kto.py --init runs/sft",
     "accelerate launch recipes/ppo.py --init runs/sft",
+    "accelerate launch recipes/grpo.py --init runs/sft",
+    "accelerate launch recipes/rloo.py --init runs/sft",
 ]
 EVAL = ["--data.max_eval_samples=4", "--eval.num_samples=4", "--eval.max_new_tokens=8"]
 BUDGET = {
@@ -34,10 +36,12 @@ BUDGET = {
     "kto": ["--train.max_steps=2", "--data.max_train_samples=16", *EVAL],
     "ppo": ["--ppo.num_iterations=2", "--ppo.rollout_batch_size=4", "--ppo.mini_batch_size=4", "--ppo.ppo_epochs=1",
             *EVAL],
+    "grpo": ["--grpo.num_iterations=2", "--grpo.rollout_batch_size=2", "--sampling.num_samples=2", *EVAL],
+    "rloo": ["--grpo.num_iterations=2", "--grpo.rollout_batch_size=2", "--sampling.num_samples=2", *EVAL],
 }
 # Where each stage's bare run writes what the next one needs.
 OUTPUTS = {"sft": "runs/sft", "reward": "runs/reward", "rejection_sampling": "runs/rejection_sampling/sft",
-           "dpo": "runs/dpo", "kto": "runs/kto", "ppo": "runs/ppo"}
+           "dpo": "runs/dpo", "kto": "runs/kto", "ppo": "runs/ppo", "grpo": "runs/grpo", "rloo": "runs/rloo"}
 
 
 def stage_of(command: str) -> str:
@@ -70,5 +74,5 @@ def test_quickstart_chain_runs_in_order_from_a_fresh_directory(tmp_path):
         assert result.returncode == 0, f"{command}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         out = tmp_path / OUTPUTS[stage]
         assert (out / "adapter_model.safetensors").is_file(), (command, sorted(p.name for p in out.parent.iterdir()))
-    summary = json.loads((tmp_path / "runs" / "ppo" / "summary.json").read_text())
-    assert summary["init"] == "runs/sft"
+    for stage in ("ppo", "grpo", "rloo"):
+        assert json.loads((tmp_path / "runs" / stage / "summary.json").read_text())["init"] == "runs/sft", stage

@@ -106,6 +106,15 @@ MISUSES = [
     ("ppo", ["--init", "{init}", "--ppo.lam=-0.1"], "ppo.lam must be in [0.0, 1.0]; got -0.1"),
     ("ppo", ["--init", "{init}", "--ppo.mini_batch_size=0"], "ppo.num_iterations, rollout_batch_size, mini_batch_size"),
     ("ppo", ["--init", "{init:rank}"], "has rank 8 but adapter_config.json says r=4"),
+    ("grpo", [], "grpo needs --init DIR"),
+    ("grpo", ["--init", "{init}", "--sampling.num_samples=1"], "sampling.num_samples (the group size) must be >= 2"),
+    ("grpo", ["--init", "{init}", "--grpo.advantage=mean"], "grpo.advantage must be group or leave_one_out"),
+    ("grpo", ["--init", "{init}", "--grpo.kl_mode=both"], "grpo.kl_mode must be loss or reward"),
+    ("grpo", ["--init", "{init}", "--grpo.advantage=leave_one_out"], "set grpo.scale_advantages=false"),
+    ("grpo", ["--init", "{init}", "--grpo.kl_coef=-1"], "grpo.kl_coef must be >= 0"),
+    ("grpo", ["--init", "{init}", "--grpo.epochs=0"], "grpo.epochs must be >= 1"),
+    ("rloo", ["--init", "{init}", "--sampling.top_p=0.9"], "rloo samples from the policy itself"),
+    ("rloo", ["--init", "{init:rank}"], "has rank 8 but adapter_config.json says r=4"),
 ]
 
 

@@ -31,6 +31,8 @@ BARE_AND_TINY = [
     ("dpo", ["--init", "runs/sft"], "tiny/dpo_lora.yaml"),
     ("kto", ["--init", "runs/sft"], "tiny/kto_lora.yaml"),
     ("ppo", ["--init", "runs/sft"], "tiny/ppo_lora.yaml"),
+    ("grpo", ["--init", "runs/sft"], "tiny/grpo_lora.yaml"),
+    ("rloo", ["--init", "runs/sft"], "tiny/rloo_lora.yaml"),
 ]
 
 
