@@ -437,7 +437,13 @@ class Pipeline:
 
         last = "dpo" if cfg.style == "llama3" else "ppo"
         run_dirs = []
-        for i in range(cfg.average.runs):
+        runs = cfg.average.runs
+        if last == "dpo" and not summary.get("preference_pairs"):
+            # Every prompt's samples scored alike: there is nothing to prefer, and the round's model is the SFT one.
+            manifest["stages"]["dpo"] = {"skipped": "rejection sampling wrote no preference pairs (every prompt's "
+                                                    "samples scored alike)"}
+            runs = 0
+        for i in range(runs):
             run_seed = stage_seed(cfg.seed, n, i)
             run_dir = rdir / last / f"seed-{run_seed}"
             if last == "dpo":
@@ -452,7 +458,7 @@ class Pipeline:
             manifest["stages"].setdefault(last, []).append({"run_dir": str(run_dir), "seed": run_seed})
             self.write_manifest(manifest)
 
-        candidate = run_dirs[0]
+        candidate = run_dirs[0] if run_dirs else sft_dir
         if len(run_dirs) > 1:
             candidate = rdir / "average"
             if stage_state(candidate) != "finished":
@@ -473,7 +479,8 @@ class Pipeline:
             return {name: cached_measure(out, path, cfg.gate) for name, path in models.items()}
 
         measured = self.timed(manifest, "gate", measure_all)
-        candidate_figures = dict(measured["average" if len(run_dirs) > 1 else f"{last}_1"])
+        candidate_figures = dict(measured["average" if len(run_dirs) > 1 else f"{last}_1" if run_dirs else
+                                          "rejection_sampling"])
         if reward_dir is not None:
             candidate_figures["win_rate"] = reward_win_rate(reward_dir, candidate_figures, measured["incumbent"])
         promoted, reason = gate_decision(candidate_figures, measured["incumbent"], cfg.gate.metric, cfg.gate.margin)
