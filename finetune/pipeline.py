@@ -32,7 +32,6 @@ from pathlib import Path
 
 from .config import ConfigError, PipelineRunConfig, PipelineStageConfig, parse_args
 from .run_dir import RUN_STATE, RunDir, is_run_directory, write_run_state
-from .runs import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
@@ -329,6 +328,12 @@ def reward_win_rate(reward_dir: Path, candidate: dict, incumbent: dict) -> float
     del reward
     gc.collect()
     return rate
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    from .runs import atomic_write_text as write  # finetune.runs imports transformers: not for the pure parts
+
+    write(path, text)
 
 
 def public(figures: dict) -> dict:
