@@ -84,8 +84,9 @@ SEED_ARGS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                        help="what to run from the SFT model: rs (rejection sampling), ppo, dpo (default: all)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["rs", "ppo", "dpo"],
+                        help="what to run from the SFT model: rs (rejection sampling), ppo, dpo (the default "
+                             "three), pipeline (Llama 3 rounds), llama2 (a Llama 2 round)")
     parser.add_argument("--sft", help="an existing SFT run to start from (default: train one with sft_lora.yaml)")
     parser.add_argument("--runs", help="where the runs go (default runs/bench-loop, with --smoke runs/bench-loop-smoke)")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs under --runs instead of rerunning")

@@ -20,7 +20,12 @@ def test_shipped_config_loads(path):
     header = path.read_text().split("\n\n")[0]
     stage = stage_of(path)
     assert f"recipes/{stage}.py --config recipes/configs/{path.relative_to(CONFIG_DIR)}" in header
-    assert cfg.model.name
+    if stage == "pipeline":  # a pipeline names stage configs: each loads with the pipeline's overrides
+        from finetune.pipeline import check_stage_configs
+
+        check_stage_configs(cfg, Path("runs/pipeline"))
+    else:
+        assert cfg.model.name
 
 
 # Each stage's bare command (README) and the tiny YAML whose results it must give: the defaults are those values.
@@ -30,6 +35,7 @@ BARE_AND_TINY = [
     ("rejection_sampling", ["--init", "runs/sft"], "tiny/rejection_sampling.yaml"),
     ("dpo", ["--init", "runs/sft"], "tiny/dpo_lora.yaml"),
     ("ppo", ["--init", "runs/sft"], "tiny/ppo_lora.yaml"),
+    ("pipeline", [], "tiny/pipeline.yaml"),
 ]
 
 
