@@ -40,9 +40,17 @@ RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ROOT / "recipes" / "configs" / "tiny"
 METHODS = ("rs", "ppo", "dpo", "pipeline", "llama2")
 PIPELINE_METHODS = ["pipeline", "llama2", "dpo"]
-LLAMA2_PPO_ITERATIONS = 60
-"""PPO iterations of the Llama 2 round (the shipped 240 take ~8 minutes a seed here; 60 is ~1.2 passes over the
-prompts)."""
+LLAMA2_PPO_ITERATIONS = 40
+"""PPO iterations of the Llama 2 round (the shipped 240 take ~8 minutes a seed on an idle machine; 40 are ~0.8
+passes over the prompts, what 2 shared cores allow)."""
+RS_PROMPTS = 800
+"""Prompts rejection sampling samples each round (of the suite's 1,635): half, so 3 seeds x 2 rounds fit ~30 min."""
+PIPELINE_BUDGET = [
+    f"--rejection_sampling.overrides=[--data.max_train_samples={RS_PROMPTS}, --eval.verifier=null]",
+    "--dpo.overrides=[--eval.verifier=null]",
+]
+"""The pipeline's budget here: the stages' own before/after accuracy is off (the gate measures every model of a
+round on the same 200 prompts) and rejection sampling takes :data:`RS_PROMPTS` prompts."""
 EVAL_PROMPTS, SMOKE_EVAL_PROMPTS = 200, 8
 # --smoke: each recipe a few steps on a few prompts, so the whole loop (and this script) is checked in minutes.
 SMOKE_EVAL = [f"--data.max_eval_samples={SMOKE_EVAL_PROMPTS}", f"--eval.num_samples={SMOKE_EVAL_PROMPTS}",
@@ -75,9 +83,9 @@ SEED_ARGS = {
     "rejection_sampling": ["--sampling.seed={seed}", "--train.seed={seed}"],
     "ppo": ["--sampling.seed={seed}", "--ppo.seed={seed}"],
     "dpo": ["--train.seed={seed}"],
-    "pipeline": ["--seed={seed}"],
-    "llama2": ["--seed={seed}", "--style=llama2", "--rounds=1", "--average.runs=1",
-               f"--ppo.overrides=[--ppo.num_iterations={LLAMA2_PPO_ITERATIONS}]"],
+    "pipeline": ["--seed={seed}", *PIPELINE_BUDGET],
+    "llama2": ["--seed={seed}", *PIPELINE_BUDGET, "--style=llama2", "--rounds=1", "--average.runs=1",
+               f"--ppo.overrides=[--ppo.num_iterations={LLAMA2_PPO_ITERATIONS}, --eval.verifier=null]"],
 }
 
 

@@ -370,6 +370,7 @@ class Pipeline:
         from .runs import process_state
 
         self.cfg, self.out, self.state = cfg, output_dir, process_state()
+        self.recorded: dict[int, dict] = {}
 
     @property
     def main(self) -> bool:
@@ -382,16 +383,27 @@ class Pipeline:
             atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
         self.state.wait_for_everyone()
 
+    def recorded_seconds(self, round_index: int) -> dict:
+        """The seconds the round's manifest held when this process first looked (before it rewrote it)."""
+        if round_index not in self.recorded:
+            path = self.out / f"round-{round_index}" / MANIFEST
+            self.recorded[round_index] = json.loads(path.read_text()).get("seconds", {}) if path.is_file() else {}
+        return self.recorded[round_index]
+
     def timed(self, manifest: dict, step: str, work):
+        """``work()``, its wall seconds added to ``manifest["seconds"][step]`` on top of what a run before a resume
+        recorded there (a skipped step then keeps its first run's seconds)."""
+        before = self.recorded_seconds(manifest["round"]).get(step, 0.0)
         started = time.perf_counter()
         result = work()
-        manifest.setdefault("seconds", {})[step] = round(time.perf_counter() - started, 2)
+        manifest.setdefault("seconds", {})[step] = round(before + time.perf_counter() - started, 2)
         return result
 
     def round_zero(self) -> dict:
         """The starting model (``init``, or an SFT run of ``sft``), and the base's and its figures."""
         cfg, out = self.cfg, self.out
         manifest = {"round": 0, "stages": {}}
+        self.recorded_seconds(0)
         start = Path(cfg.init) if cfg.init else out / "round-0" / "sft"
         if not cfg.init:
             summary = self.timed(manifest, "sft", lambda: run_stage_step("sft", cfg.sft, start))
@@ -411,6 +423,7 @@ class Pipeline:
         rdir = out / f"round-{n}"
         manifest = {"round": n, "style": cfg.style, "incumbent": incumbent, "inputs": {"init": incumbent},
                     "stages": {}, "seconds": {}}
+        self.recorded_seconds(n)  # before this run rewrites the manifest
         if self.main:
             rdir.mkdir(parents=True, exist_ok=True)
         self.state.wait_for_everyone()

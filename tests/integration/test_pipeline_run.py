@@ -97,10 +97,15 @@ def test_rounds_leave_manifests_gate_decisions_and_a_summary(uninterrupted):
 def test_resume_after_finishing_runs_nothing_again(uninterrupted, tmp_path):
     out, _ = uninterrupted
     before = read(out / "summary.json")
+    seconds = read(out / "round-1" / "manifest.json")["seconds"]
     output = run_to_end(command(out, "--resume"), timeout=600)
     assert output.count("finished; skipped") == 1 + 2 * 3  # the SFT run, then per round RS and the two DPO runs
     after = read(out / "summary.json")
     assert after["rounds"] == before["rounds"]
+    # A skipped step keeps the seconds its first run took (plus the moment it took to skip it).
+    again = read(out / "round-1" / "manifest.json")["seconds"]
+    assert again.keys() == seconds.keys() and all(again[k] >= seconds[k] for k in seconds)
+    assert again["rejection_sampling"] < seconds["rejection_sampling"] + 5
 
 
 def test_sigkill_inside_round_two_then_resume_ends_with_the_uninterrupted_figures(uninterrupted, tmp_path):
