@@ -479,11 +479,13 @@ class Pipeline:
         candidate = run_dirs[0] if run_dirs else sft_dir
         if len(run_dirs) > 1:
             candidate = rdir / "average"
-            if stage_state(candidate) != "finished":
-                if self.main:
-                    self.timed(manifest, "average", lambda: average_adapters(
-                        run_dirs, candidate, cfg.average.combination, cfg.average.rank))
+
+            def average():
+                if self.main and stage_state(candidate) != "finished":  # written whole or not at all: redo if absent
+                    average_adapters(run_dirs, candidate, cfg.average.combination, cfg.average.rank)
                 self.state.wait_for_everyone()
+
+            self.timed(manifest, "average", average)
             manifest["stages"]["average"] = json.loads((candidate / "average.json").read_text())
             manifest["stages"]["average"]["run_dir"] = str(candidate)
             self.write_manifest(manifest)
