@@ -3,6 +3,14 @@
     python benchmarks/loop_accuracy.py                         # SFT once, then RS, PPO, DPO for seeds 0 1 2 (CPU: ~35 min)
     python benchmarks/loop_accuracy.py --sft runs/sft --seeds 0 1 2 --methods dpo
     python benchmarks/loop_accuracy.py --smoke                 # every step end to end in minutes, tiny overrides
+    python benchmarks/loop_accuracy.py --pipeline              # the rounds pipeline over seeds 0 1 2 (CPU: ~30 min)
+
+``--pipeline`` (methods ``pipeline``, ``llama2`` and ``dpo``) runs ``recipes/pipeline.py`` with
+``recipes/configs/tiny/pipeline.yaml`` from the one SFT run, ``--seed`` changed: two Llama 3 rounds (rejection
+sampling, SFT on the kept samples, DPO on the model's own pairs over two seeds, their average, the gate), one Llama 2
+round (rejection sampling, SFT, PPO at :data:`LLAMA2_PPO_ITERATIONS` iterations), and DPO on the bundled pairs for
+the comparison. Its results go to ``loop_accuracy_pipeline_cpu.json`` and ``.md``, with each claimed ordering
+checked (:func:`orderings`) and the seconds of each step of a round.
 
 Every run is the shipped recipe with the shipped tiny config (``recipes/configs/tiny/sft_lora.yaml``,
 ``rejection_sampling.yaml``, ``ppo_lora.yaml``, ``dpo_lora.yaml``), all from the same SFT run, the suite's verifier
@@ -30,7 +38,19 @@ from report import write_report
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ROOT / "recipes" / "configs" / "tiny"
-METHODS = ("rs", "ppo", "dpo")
+METHODS = ("rs", "ppo", "dpo", "pipeline", "llama2")
+PIPELINE_METHODS = ["pipeline", "llama2", "dpo"]
+LLAMA2_PPO_ITERATIONS = 40
+"""PPO iterations of the Llama 2 round (the shipped 240 take ~8 minutes a seed on an idle machine; 40 are ~0.8
+passes over the prompts, what 2 shared cores allow)."""
+RS_PROMPTS = 800
+"""Prompts rejection sampling samples each round (of the suite's 1,635): half, so 3 seeds x 2 rounds fit ~30 min."""
+PIPELINE_BUDGET = [
+    f"--rejection_sampling.overrides=[--data.max_train_samples={RS_PROMPTS}, --eval.verifier=null]",
+    "--dpo.overrides=[--eval.verifier=null]",
+]
+"""The pipeline's budget here: the stages' own before/after accuracy is off (the gate measures every model of a
+round on the same 200 prompts) and rejection sampling takes :data:`RS_PROMPTS` prompts."""
 EVAL_PROMPTS, SMOKE_EVAL_PROMPTS = 200, 8
 # --smoke: each recipe a few steps on a few prompts, so the whole loop (and this script) is checked in minutes.
 SMOKE_EVAL = [f"--data.max_eval_samples={SMOKE_EVAL_PROMPTS}", f"--eval.num_samples={SMOKE_EVAL_PROMPTS}",
@@ -46,27 +66,46 @@ SMOKE = {
     "ppo": ["--ppo.num_iterations=2", "--ppo.rollout_batch_size=4", "--ppo.mini_batch_size=4", "--ppo.ppo_epochs=1",
             *SMOKE_EVAL],
     "dpo": ["--train.max_steps=2", "--data.max_train_samples=16", *SMOKE_EVAL],
+    "pipeline": ["--rounds=1", "--gate.max_samples=8", "--gate.max_new_tokens=8",
+                 "--rejection_sampling.overrides=[--data.max_train_samples=16, --sampling.num_samples=2, "
+                 "--rejection.selection=threshold, --rejection.threshold=0.0, --rejection.keep_unverified=true, "
+                 "--train.max_steps=2, " + ", ".join(SMOKE_EVAL) + "]",
+                 "--dpo.overrides=[--train.max_steps=2, " + ", ".join(SMOKE_EVAL) + "]",
+                 "--ppo.overrides=[--ppo.num_iterations=2, --ppo.rollout_batch_size=4, --ppo.mini_batch_size=4, "
+                 "--ppo.ppo_epochs=1, " + ", ".join(SMOKE_EVAL) + "]"],
 }
+SMOKE["llama2"] = SMOKE["pipeline"]
 CONFIG_FILES = {"sft": "sft_lora.yaml", "rejection_sampling": "rejection_sampling.yaml", "ppo": "ppo_lora.yaml",
-                "dpo": "dpo_lora.yaml"}
+                "dpo": "dpo_lora.yaml", "pipeline": "pipeline.yaml", "llama2": "pipeline.yaml"}
+RECIPES = {"llama2": "pipeline"}
+"""The recipe a method runs, where its name is not a recipe's."""
 SEED_ARGS = {
     "rejection_sampling": ["--sampling.seed={seed}", "--train.seed={seed}"],
     "ppo": ["--sampling.seed={seed}", "--ppo.seed={seed}"],
     "dpo": ["--train.seed={seed}"],
+    "pipeline": ["--seed={seed}", *PIPELINE_BUDGET],
+    "llama2": ["--seed={seed}", *PIPELINE_BUDGET, "--style=llama2", "--rounds=1", "--average.runs=1",
+               f"--ppo.overrides=[--ppo.num_iterations={LLAMA2_PPO_ITERATIONS}, --eval.verifier=null]"],
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                        help="what to run from the SFT model: rs (rejection sampling), ppo, dpo (default: all)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["rs", "ppo", "dpo"],
+                        help="what to run from the SFT model: rs (rejection sampling), ppo, dpo (the default "
+                             "three), pipeline (Llama 3 rounds), llama2 (a Llama 2 round)")
     parser.add_argument("--sft", help="an existing SFT run to start from (default: train one with sft_lora.yaml)")
     parser.add_argument("--runs", help="where the runs go (default runs/bench-loop, with --smoke runs/bench-loop-smoke)")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs under --runs instead of rerunning")
     parser.add_argument("--smoke", action="store_true",
                         help="a few steps and prompts per run: checks the loop end to end; results *_smoke.*")
+    parser.add_argument("--pipeline", action="store_true",
+                        help=f"the rounds pipeline: methods {' '.join(PIPELINE_METHODS)}; results "
+                             "loop_accuracy_pipeline_cpu.*")
     args = parser.parse_args(argv)
+    if args.pipeline:
+        args.methods = PIPELINE_METHODS
     args.methods = [m for m in METHODS if m in args.methods]  # fixed order, no repeats
     if args.runs is None:
         args.runs = str(ROOT / "runs" / ("bench-loop-smoke" if args.smoke else "bench-loop"))
@@ -93,11 +132,12 @@ def recipe(name: str, args: list[str], log: Path, reuse: bool = False) -> dict:
         return json.loads((out / "summary.json").read_text())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     started = time.perf_counter()
+    script = RECIPES.get(name, name)
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, str(ROOT / "recipes" / f"{name}.py"), *args], env=env, cwd=ROOT,
+        proc = subprocess.run([sys.executable, str(ROOT / "recipes" / f"{script}.py"), *args], env=env, cwd=ROOT,
                               stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
-        raise SystemExit(f"recipes/{name}.py failed (exit {proc.returncode}); see {log}")
+        raise SystemExit(f"recipes/{script}.py failed (exit {proc.returncode}); see {log}")
     summary = json.loads((out / "summary.json").read_text())
     summary["wall_seconds"] = time.perf_counter() - started
     return summary
@@ -186,6 +226,137 @@ def table(result: dict) -> str:
     return "\n".join(lines).rstrip()
 
 
+def pipeline_result(sft: dict, sft_run: str, seeds: list[int], eval_prompts: int, pipelines: list[Path],
+                    llama2: list[Path], dpo: list[dict]) -> dict:
+    """The pipeline's figures by round over seeds, from each pipeline's round manifests (``round-N/manifest.json``):
+    per round the model it started from, rejection sampling's fine-tune, the DPO (or PPO) runs, their average,
+    the model after the gate, and where the round's seconds went."""
+
+    def read(out: Path) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(out.glob("round-*/manifest.json"),
+                                                            key=lambda p: int(p.parent.name.split("-")[1]))]
+
+    def acc(manifest: dict, name: str) -> float | None:
+        return (manifest.get("figures", {}).get(name) or {}).get("accuracy")
+
+    def by_round(runs: list[list[dict]], last: str) -> list[dict]:
+        rounds = []
+        for index in range(1, len(runs[0])):
+            ms = [run[index] for run in runs]
+            runs_of_last = [[acc(m, name) for name in m["figures"] if name.startswith(f"{last}_")] for m in ms]
+            entry = {
+                "round": index,
+                "start": stats([acc(m, "incumbent") for m in ms]),
+                "rejection_sampling": stats([acc(m, "rejection_sampling") for m in ms]),
+                last: stats([sum(r) / len(r) for r in runs_of_last]) if all(runs_of_last) else None,
+                f"{last}_runs": runs_of_last,
+                "candidate": stats([acc(m, "candidate") for m in ms]),
+                "after_gate": stats([acc(m, "candidate") if m["promoted"] else acc(m, "incumbent") for m in ms]),
+                "promoted": [m["promoted"] for m in ms],
+                "reasons": [m["reason"] for m in ms],
+                "seconds": [m.get("seconds", {}) for m in ms],
+            }
+            if all("average" in m["figures"] for m in ms):
+                entry["average"] = stats([acc(m, "average") for m in ms])
+                entry["average_vs_runs"] = [acc(m, "average") - sum(r) / len(r) for m, r in zip(ms, runs_of_last)]
+            rounds.append(entry)
+        return rounds
+
+    llama3 = [read(out) for out in pipelines]
+    result = {"device": "cpu", "seeds": seeds, "eval_prompts": eval_prompts, "sft_run": sft_run,
+              "base": stats([acc(run[0], "base") for run in llama3]), "sft": stats([acc(run[0], "sft") for run in llama3]),
+              "llama3_rounds": by_round(llama3, "dpo")}
+    if llama2:
+        result["llama2_rounds"] = by_round([read(out) for out in llama2], "ppo")
+    if dpo:
+        result["dpo_bundled"] = stats([r["eval_accuracy"] for r in dpo])
+    result["orderings"] = orderings(result)
+    return result
+
+
+def beats(a: dict, b: dict) -> tuple[bool, str]:
+    """Whether mean ``a`` exceeds mean ``b`` by more than the larger spread, and the figures that say so."""
+    gap, spread = a["mean"] - b["mean"], max(a["spread"], b["spread"])
+    return gap > spread, f"{100 * a['mean']:.1f}% vs {100 * b['mean']:.1f}% (gap {100 * gap:+.1f}, spread {100 * spread:.1f})"
+
+
+def orderings(result: dict) -> list[dict]:
+    """Each ordering the issue claims, whether it held on these runs, and the figures (means over seeds; "by more
+    than the spread" is the gap between means against the larger max - min)."""
+    checks = []
+
+    def check(claim: str, held: bool, detail: str) -> None:
+        checks.append({"claim": claim, "held": bool(held), "detail": detail})
+
+    rounds = result["llama3_rounds"]
+    check("base < SFT", *beats(result["sft"], result["base"]))
+    if rounds:
+        check("round 1 (after the gate) above SFT, by more than the spread", *beats(rounds[0]["after_gate"], result["sft"]))
+    if len(rounds) > 1:
+        held, detail = beats(rounds[1]["after_gate"], rounds[0]["after_gate"])
+        refused = [not p for p in rounds[1]["promoted"]]
+        if not held and all(refused):
+            held, detail = True, f"the gate refused round 2 on every seed ({'; '.join(rounds[1]['reasons'])})"
+        check("round 2 above round 1 by more than the spread, or the gate refused it", held, detail)
+    for r in rounds:
+        n = r["round"]
+        check(f"round {n}: SFT model it started from < rejection sampling", *beats(r["rejection_sampling"], r["start"]))
+        if r.get("dpo"):
+            check(f"round {n}: DPO on own pairs above the SFT model it started from (rejection sampling's)",
+                  *beats(r["dpo"], r["rejection_sampling"]))
+            if "dpo_bundled" in result and n == 1:
+                check("DPO on own pairs (round 1) above DPO on the bundled pairs", *beats(r["dpo"], result["dpo_bundled"]))
+        if "average_vs_runs" in r:
+            gaps = r["average_vs_runs"]
+            check(f"round {n}: averaged model at least as good as the mean of its runs (every seed)",
+                  all(g >= 0 for g in gaps), "average - mean of runs: " + ", ".join(f"{100 * g:+.1f}" for g in gaps))
+    for r in result.get("llama2_rounds", []):
+        if r.get("ppo"):
+            check(f"Llama 2 round {r['round']}: PPO above SFT", *beats(r["ppo"], result["sft"]))
+    return checks
+
+
+def pipeline_table(result: dict) -> str:
+    """The pipeline's figures by round as markdown, the orderings that held or did not, and a round's seconds."""
+    pct = lambda s: f"{100 * s['mean']:.1f}% ± {100 * s['spread'] / 2:.1f}" if s else "-"  # noqa: E731
+    per_seed = lambda s: ", ".join(f"{100 * v:.1f}" for v in s["values"]) if s else "-"  # noqa: E731
+    seeds = ", ".join(str(s) for s in result["seeds"])
+    lines = [f"Verifier accuracy on the {result['eval_prompts']} held-out suite prompts (greedy answers), tiny LLaMA, "
+             f"CPU, pipeline seeds {seeds}: mean ± half the spread (max - min), then each seed's figure.", "",
+             "| round | model | accuracy | per seed |", "|---|---|---:|---|",
+             f"| 0 | base (tiny, no adapter) | {pct(result['base'])} | {per_seed(result['base'])} |",
+             f"| 0 | SFT (`sft_lora.yaml`, one run) | {pct(result['sft'])} | {per_seed(result['sft'])} |"]
+    if "dpo_bundled" in result:
+        lines.append(f"| 1 | DPO on the bundled pairs, from SFT | {pct(result['dpo_bundled'])} | "
+                     f"{per_seed(result['dpo_bundled'])} |")
+    for style, key, last in (("Llama 3", "llama3_rounds", "dpo"), ("Llama 2", "llama2_rounds", "ppo")):
+        for r in result.get(key, []):
+            n = r["round"]
+            lines.append(f"| {n} | {style}: rejection sampling + SFT on the kept samples | "
+                         f"{pct(r['rejection_sampling'])} | {per_seed(r['rejection_sampling'])} |")
+            name = "DPO on its own pairs (mean of the runs)" if last == "dpo" else "PPO"
+            lines.append(f"| {n} | {style}: {name} | {pct(r.get(last))} | {per_seed(r.get(last))} |")
+            if "average" in r:
+                lines.append(f"| {n} | {style}: average of the runs | {pct(r['average'])} | {per_seed(r['average'])} |")
+            promoted = sum(bool(p) for p in r["promoted"])
+            lines.append(f"| {n} | {style}: after the gate ({promoted}/{len(r['promoted'])} promoted) | "
+                         f"{pct(r['after_gate'])} | {per_seed(r['after_gate'])} |")
+    lines += ["", "| claimed ordering | held | figures |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | {'yes' if c['held'] else 'no'} | {c['detail']} |" for c in result["orderings"]]
+    for key, style in (("llama3_rounds", "Llama 3"), ("llama2_rounds", "Llama 2")):
+        for r in result.get(key, []):
+            steps: dict[str, list[float]] = {}
+            for seconds in r["seconds"]:
+                for step, value in seconds.items():
+                    step = " ".join(w for w in step.split() if not w.isdigit() and w != "seed")
+                    steps.setdefault(step, []).append(value)
+            total = sum(sum(v) for v in steps.values()) / len(r["seconds"])
+            parts = ", ".join(f"{step} {sum(v) / len(r['seconds']):.0f} s" for step, v in steps.items())
+            lines.append("")
+            lines.append(f"{style} round {r['round']}: {total:.0f} s a seed ({parts}).")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     runs = Path(args.runs)
@@ -227,7 +398,25 @@ def main(argv: list[str] | None = None) -> None:
             print(f"DPO seed {seed}: {r['init_eval_accuracy']:.3f} -> {r['eval_accuracy']:.3f} "
                   f"(reward accuracy {r['eval_reward_accuracy']:.3f}, kl_gap {r['eval_kl_gap']:.2f})", flush=True)
 
-    result = summarise(sft, str(sft_dir), args.seeds, SMOKE_EVAL_PROMPTS if args.smoke else EVAL_PROMPTS, rs, ppo, dpo)
+    pipelines, llama2 = [], []
+    for seed in args.seeds:
+        for method, outs in (("pipeline", pipelines), ("llama2", llama2)):
+            if method in args.methods:
+                out = runs / f"{method}-seed{seed}"
+                summary = recipe(method, recipe_args(method, out, sft_dir, seed, args.smoke), runs / f"{method}-seed{seed}.log",
+                                 args.reuse)
+                outs.append(out)
+                print(f"{method} seed {seed}: " + "; ".join(
+                    f"round {row['round']} {'promoted' if row['promoted'] else 'kept the incumbent'}"
+                    for row in summary["rounds"][1:]), flush=True)
+    eval_prompts = SMOKE_EVAL_PROMPTS if args.smoke else EVAL_PROMPTS
+    if pipelines:
+        result = pipeline_result(sft, str(sft_dir), args.seeds, eval_prompts, pipelines, llama2, dpo)
+        text = pipeline_table(result)
+        write_report(RESULTS / f"loop_accuracy_pipeline_cpu{'_smoke' if args.smoke else ''}.json", result, text)
+        print(text)
+        return
+    result = summarise(sft, str(sft_dir), args.seeds, eval_prompts, rs, ppo, dpo)
     result["methods"] = args.methods
     text = table(result)
     write_report(RESULTS / f"loop_accuracy_cpu{'_smoke' if args.smoke else ''}.json", result, text)

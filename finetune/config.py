@@ -1134,6 +1134,185 @@ class RLOORunConfig(GRPORunConfig):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The rounds pipeline (``recipes/pipeline.py``)
+
+PIPELINE_STYLES = ("llama3", "llama2")
+GATE_METRICS = ("accuracy", "win_rate", "eval_loss")
+AVERAGE_COMBINATIONS = ("cat", "svd")
+PIPELINE_SET_KEYS = ("output_dir", "init", "resume", "overwrite")
+"""Stage options the pipeline sets itself: a stage's ``overrides`` may not name them."""
+
+
+@dataclass
+class PipelineStageConfig:
+    """One stage of a round: the stage's own YAML and overrides on top of it, run with the stage's own code."""
+
+    config: str = ""
+    """The stage's config file (a path, relative to the current directory or to the checkout), as its own recipe
+    takes with ``--config``."""
+    overrides: list[str] = field(default_factory=list)
+    """``--section.key=value`` overrides applied after ``config`` (``output_dir``, ``init``, ``resume`` and
+    ``overwrite`` are the pipeline's and may not be given)."""
+
+    def check(self, name: str) -> None:
+        if not self.config:
+            raise ConfigError(f"{name}.config must name the stage's config file")
+        for override in self.overrides:
+            key = override.lstrip("-").partition("=")[0]
+            if not override.startswith("--") or "=" not in override:
+                raise ConfigError(f"{name}.overrides: {override!r} must look like --section.key=value")
+            if key in PIPELINE_SET_KEYS:
+                raise ConfigError(f"{name}.overrides: --{key} is set by the pipeline (each stage's run directory and "
+                                  "start point); remove it")
+
+
+@dataclass
+class PipelineSFTStage(PipelineStageConfig):
+    """The SFT run the first round starts from, when ``init`` is not given (``OUTPUT_DIR/round-0/sft``)."""
+
+    config: str = "recipes/configs/tiny/sft_lora.yaml"
+    """The stage's config file (a path, relative to the current directory or to the checkout)."""
+
+
+@dataclass
+class PipelineRewardStage(PipelineStageConfig):
+    """Step 1 of a round: train or refresh the reward model on the preference data gathered so far."""
+
+    enabled: bool = False
+    """Train a reward model each round (``OUTPUT_DIR/round-N/reward``) on ``data.train`` of its config plus every
+    earlier round's best-against-worst pairs; rejection sampling then scores with it (added to the verifier, if
+    any) and the gate can use ``win_rate``. Off: the samples are scored by the rejection-sampling config's
+    verifier alone."""
+    config: str = "recipes/configs/tiny/reward_lora.yaml"
+    """The stage's config file (a path, relative to the current directory or to the checkout)."""
+
+
+@dataclass
+class PipelineRejectionStage(PipelineStageConfig):
+    """Steps 2 and 3 of a round: K samples per prompt from the current model, scored; the kept ones fine-tuned on
+    with the SFT stage (``OUTPUT_DIR/round-N/rejection_sampling/sft``)."""
+
+    config: str = "recipes/configs/tiny/rejection_sampling.yaml"
+    """The stage's config file (a path, relative to the current directory or to the checkout)."""
+
+
+@dataclass
+class PipelineDPOStage(PipelineStageConfig):
+    """Step 4 of a Llama 3 round: DPO on the round's best-against-worst pairs of the model's own samples, the
+    reference being this round's SFT model."""
+
+    config: str = "recipes/configs/tiny/dpo_lora.yaml"
+    """The stage's config file; its ``data.train`` is replaced by the round's ``pairs.jsonl``."""
+
+
+@dataclass
+class PipelinePPOStage(PipelineStageConfig):
+    """Step 4 of a Llama 2 round (``style: llama2``): PPO from this round's SFT model."""
+
+    config: str = "recipes/configs/tiny/ppo_lora.yaml"
+    """The stage's config file."""
+
+
+@dataclass
+class AverageConfig:
+    """Step 5: average several runs of the round's last stage (DPO, or PPO for ``style: llama2``)."""
+
+    runs: int = 2
+    """Runs of the last stage, seeds ``seed``, ``seed + 1``, ...; their LoRA weight deltas are averaged. 1: no
+    averaging, that one run is the round's model."""
+    combination: str = "svd"
+    """How the mean of the merged deltas ``mean_i(B_i A_i alpha/r)`` becomes one adapter (PEFT's
+    ``add_weighted_adapter``): ``cat`` stacks the runs' factors, exact, of rank ``runs x r`` (the rank then grows
+    every round); ``svd`` re-factors the mean delta into rank ``rank`` by SVD (the relative error is recorded).
+    Averaging the A and B factors themselves would not be the mean of the models."""
+    rank: int | None = None
+    """Rank of the ``svd`` adapter; ``null``: the runs' own rank, so every round continues an adapter of one shape."""
+
+    def __post_init__(self):
+        check_at_least("average.runs", self.runs, 1)
+        check_choice("average.combination", self.combination, AVERAGE_COMBINATIONS)
+        check_at_least("average.rank", self.rank, 1, optional=True)
+
+
+@dataclass
+class GateConfig:
+    """Step 6: the round's model replaces the incumbent only if it beats it on held-out figures by ``margin``."""
+
+    metric: str = "accuracy"
+    """What decides: ``accuracy`` (verifier accuracy of greedy answers; needs a verifier), ``win_rate`` (the round's
+    reward model prefers the candidate's greedy answer to the incumbent's on more than half the prompts, plus the
+    margin; needs ``reward.enabled``), or ``eval_loss`` (held-out loss, lower is better). The others are measured
+    and recorded where they can be."""
+    margin: float = 0.0
+    """How much better the candidate must be: accuracy or win rate above the incumbent's (or 0.5) by more than this;
+    eval loss below the incumbent's by more than this."""
+    data: str = "bundled:suite_messages_eval.jsonl"
+    """Held-out conversations (a prompt and its reference reply) the figures are measured on."""
+    split: str | None = None
+    """Split to take from a hub id or a saved ``DatasetDict`` (default ``train``)."""
+    max_samples: int | None = None
+    """Use only the first N conversations; ``null`` for all."""
+    verifier: str | None = AUTO_VERIFIER
+    """``module:function`` checking an answer; ``auto``: the suite's verifier for the bundled suite, else none."""
+    max_new_tokens: int = 32
+    """Longest greedy answer."""
+    batch_size: int = 32
+    """Prompts generated together."""
+
+    def __post_init__(self):
+        check_choice("gate.metric", self.metric, GATE_METRICS)
+        check_at_least("gate.margin", self.margin, 0)
+        if not self.data:
+            raise ConfigError("gate.data must name held-out conversations")
+        check_at_least("gate.max_samples", self.max_samples, 1, optional=True)
+        check_callable_spec("gate.verifier", self.verifier)
+        check_at_least("gate.max_new_tokens", self.max_new_tokens, 1)
+        check_at_least("gate.batch_size", self.batch_size, 1)
+
+
+@dataclass
+class PipelineRunConfig(RunConfig):
+    """Rounds of post-training, Llama 3 style (reward model, rejection sampling, SFT on the kept samples, DPO on
+    the model's own pairs, averaging, an evaluation gate) or Llama 2 style (PPO instead of DPO), each stage run with
+    its own recipe's code into ``OUTPUT_DIR/round-N/STAGE`` (``recipes/pipeline.py``)."""
+
+    output_dir: str = "runs/pipeline"
+    """Where the pipeline writes its rounds (``round-N/``, each with a ``manifest.json``), ``summary.json``,
+    ``summary.md`` and ``figures.png``."""
+    init: str | None = None
+    """A finished SFT run the first round starts from; ``null`` trains one with ``sft`` into
+    ``OUTPUT_DIR/round-0/sft``."""
+    rounds: int = 2
+    """Rounds to run; each starts from the model the previous one promoted."""
+    style: str = "llama3"
+    """``llama3``: rejection sampling, SFT, DPO on the model's own pairs, averaging, gate; ``llama2``: rejection
+    sampling, SFT, PPO, averaging, gate."""
+    seed: int = 0
+    """Seeds of every stage: rejection sampling's ``sampling.seed`` and ``train.seed``, and the averaged runs' seeds
+    (``seed``, ``seed + 1``, ...). Another seed repeats the whole pipeline on other samples and orders."""
+    sft: PipelineSFTStage = field(default_factory=PipelineSFTStage)
+    reward: PipelineRewardStage = field(default_factory=PipelineRewardStage)
+    rejection_sampling: PipelineRejectionStage = field(default_factory=PipelineRejectionStage)
+    dpo: PipelineDPOStage = field(default_factory=PipelineDPOStage)
+    ppo: PipelinePPOStage = field(default_factory=PipelinePPOStage)
+    average: AverageConfig = field(default_factory=AverageConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self):
+        check_at_least("rounds", self.rounds, 1)
+        check_choice("style", self.style, PIPELINE_STYLES)
+        check_at_least("seed", self.seed, 0)
+        for name in ("sft", "reward", "rejection_sampling", "dpo", "ppo"):
+            getattr(self, name).check(name)
+        self.gate.verifier = resolve_verifier(self.gate.verifier, self.gate.data)
+        if self.gate.metric == "accuracy" and not self.gate.verifier:
+            raise ConfigError(f"gate.metric accuracy needs a verifier and {self.gate.data} has none; set "
+                              "gate.verifier, or gate.metric to eval_loss or win_rate")
+        if self.gate.metric == "win_rate" and not self.reward.enabled:
+            raise ConfigError("gate.metric win_rate needs a reward model: set reward.enabled to true")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -1363,6 +1542,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "ppo": PPORunConfig,
     "grpo": GRPORunConfig,
     "rloo": RLOORunConfig,
+    "pipeline": PipelineRunConfig,
 }
 
 

@@ -16,6 +16,7 @@ from .config import (
     DPORunConfig,
     GRPORunConfig,
     KTORunConfig,
+    PipelineRunConfig,
     PPORunConfig,
     RejectionSamplingRunConfig,
     RewardRunConfig,
@@ -67,6 +68,8 @@ def check_before_run(cfg) -> None:
     init) can be found, and a new adapter's ``target_modules`` each match a module of it."""
     from .run_dir import open_run
 
+    if not hasattr(cfg, "adapter"):  # the pipeline: each of its stages is checked when it starts
+        return
     init = getattr(cfg, "init", None)
     kind = open_run(init).kind if init else None  # a missing, unfinished or damaged run is one line here
     source, key = (init, "--init") if kind == "full" else (cfg.model.name, "model.name")
@@ -192,6 +195,18 @@ def grpo_main(cfg: GRPORunConfig) -> dict:
     return summary
 
 
+def pipeline_main(cfg: PipelineRunConfig) -> dict:
+    """Config -> every stage config checked -> rounds of reward, rejection sampling, SFT, DPO or PPO, averaging and
+    the gate, each stage with the code above -> manifests, summary table and plot."""
+    from . import pipeline
+    from .runs import process_state
+
+    summary = pipeline.run(cfg)
+    if process_state().is_main_process:
+        print(pipeline.summary_table(summary["rounds"]))
+    return summary
+
+
 # Command name (``finetune NAME``) -> (config class, main, one line for --help), in the order of the loop.
 STAGES: dict[str, tuple[type, Callable, str]] = {
     "sft": (SFTRunConfig, sft_main, "supervised fine-tuning (LoRA, QLoRA or full); the tiny model by default"),
@@ -203,6 +218,8 @@ STAGES: dict[str, tuple[type, Callable, str]] = {
     "ppo": (PPORunConfig, ppo_main, "PPO with a critic from an SFT run"),
     "grpo": (GRPORunConfig, grpo_main, "GRPO (group-relative advantages, no critic) from an SFT run"),
     "rloo": (RLOORunConfig, grpo_main, "RLOO (leave-one-out baseline, no critic) from an SFT run"),
+    "pipeline": (PipelineRunConfig, pipeline_main,
+                 "rounds of reward model, rejection sampling, SFT, DPO (or PPO), averaging and an evaluation gate"),
 }
 
 

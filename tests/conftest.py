@@ -38,6 +38,8 @@ SLOW_TESTS = (
     "test_recipe_errors.py::test_other_failures_keep_the_launchers_report",
     "test_wheel.py",
     "test_trackers_offline.py",
+    "test_pipeline_run.py",
+    "test_pipeline_average.py",
     "test_quickstart.py",
     "test_data_formats_fuzz.py",
     "test_data_real.py",

@@ -4,6 +4,7 @@ summaries (milliseconds; the benchmarks themselves are ``make bench``)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -127,3 +128,34 @@ def test_loop_accuracy_smoke_configs_parse_and_rejection_sampling_keeps_wrong_an
              for k in range(2)]
     kept, _ = select(wrong, rs.rejection, rs.score.verifier)
     assert len(kept) == 2
+
+
+def test_loop_accuracy_pipeline_table_checks_each_claimed_ordering(monkeypatch, tmp_path):
+    """Two seeds of a one-round pipeline, hand-made manifests: SFT 80%, RS 82/84, DPO runs (85, 87) and (86, 88),
+    average 87/86, promoted on both seeds. Means: RS 83 > SFT 80 by 3 > spread 2; DPO 86.5 > RS 83 by 3.5 > spread 1;
+    average - mean of runs: +1 and -1 (not at least as good on seed 1); after the gate 86.5 vs SFT 80: gap 6.5 > 1."""
+    loop = load("loop_accuracy", monkeypatch)
+    outs = []
+    for seed, (rs, runs, average) in enumerate([(0.82, (0.85, 0.87), 0.87), (0.84, (0.86, 0.88), 0.86)]):
+        out = tmp_path / f"pipeline-seed{seed}"
+        for n, manifest in enumerate([
+            {"round": 0, "figures": {"base": {"accuracy": 0.05}, "sft": {"accuracy": 0.80}}},
+            {"round": 1, "promoted": True, "reason": "better", "seconds": {"rejection_sampling": 50, "dpo seed 10": 30},
+             "figures": {"incumbent": {"accuracy": 0.80}, "rejection_sampling": {"accuracy": rs},
+                         "dpo_1": {"accuracy": runs[0]}, "dpo_2": {"accuracy": runs[1]},
+                         "average": {"accuracy": average}, "candidate": {"accuracy": average}}},
+        ]):
+            (out / f"round-{n}").mkdir(parents=True)
+            (out / f"round-{n}" / "manifest.json").write_text(json.dumps(manifest))
+        outs.append(out)
+    result = loop.pipeline_result({}, "runs/sft", [0, 1], 200, outs, [], [{"eval_accuracy": 0.79}, {"eval_accuracy": 0.78}])
+    held = {c["claim"]: c["held"] for c in result["orderings"]}
+    assert held["round 1: SFT model it started from < rejection sampling"]
+    assert held["round 1: DPO on own pairs above the SFT model it started from (rejection sampling's)"]
+    assert held["DPO on own pairs (round 1) above DPO on the bundled pairs"]
+    assert not held["round 1: averaged model at least as good as the mean of its runs (every seed)"]
+    assert held["round 1 (after the gate) above SFT, by more than the spread"]
+    text = loop.pipeline_table(result)
+    assert "| 1 | Llama 3: DPO on its own pairs (mean of the runs) | 86.5% ± 0.5 | 86.0, 87.0 |" in text
+    assert "| 1 | Llama 3: after the gate (2/2 promoted) | 86.5% ± 0.5 | 87.0, 86.0 |" in text
+    assert "Llama 3 round 1: 80 s a seed (rejection_sampling 50 s, dpo 30 s)." in text

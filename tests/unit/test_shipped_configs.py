@@ -20,7 +20,12 @@ def test_shipped_config_loads(path):
     header = path.read_text().split("\n\n")[0]
     stage = stage_of(path)
     assert f"recipes/{stage}.py --config recipes/configs/{path.relative_to(CONFIG_DIR)}" in header
-    assert cfg.model.name
+    if stage == "pipeline":  # a pipeline names stage configs: each loads with the pipeline's overrides
+        from finetune.pipeline import check_stage_configs
+
+        check_stage_configs(cfg, Path("runs/pipeline"))
+    else:
+        assert cfg.model.name
 
 
 # Each stage's bare command (README) and the tiny YAML whose results it must give: the defaults are those values.
@@ -33,6 +38,7 @@ BARE_AND_TINY = [
     ("ppo", ["--init", "runs/sft"], "tiny/ppo_lora.yaml"),
     ("grpo", ["--init", "runs/sft"], "tiny/grpo_lora.yaml"),
     ("rloo", ["--init", "runs/sft"], "tiny/rloo_lora.yaml"),
+    ("pipeline", [], "tiny/pipeline.yaml"),
 ]
 
 

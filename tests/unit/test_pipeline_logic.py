@@ -1,0 +1,101 @@
+"""The pipeline's pure parts: the gate's decision and its reason, win rates, what --resume does with a stage's
+directory, the seeds, the summary table, and the config's checks."""
+
+import json
+
+import pytest
+
+from finetune.config import ConfigError, PipelineRunConfig, parse_args
+from finetune.pipeline import gate_decision, stage_seed, stage_state, summary_rows, summary_table, win_rate
+
+
+def test_accuracy_gate_promotes_only_above_the_incumbent_plus_the_margin():
+    """0.86 vs 0.85 with margin 0.005: 0.86 > 0.855, promoted; margin 0.02: 0.86 <= 0.87, refused; equal figures are
+    never an improvement."""
+    promoted, reason = gate_decision({"accuracy": 0.86}, {"accuracy": 0.85}, "accuracy", 0.005)
+    assert promoted and reason == "accuracy 0.8600 > incumbent's 0.8500 + margin 0.005"
+    promoted, reason = gate_decision({"accuracy": 0.86}, {"accuracy": 0.85}, "accuracy", 0.02)
+    assert not promoted and reason == "accuracy 0.8600 <= incumbent's 0.8500 + margin 0.02"
+    assert not gate_decision({"accuracy": 0.85}, {"accuracy": 0.85}, "accuracy", 0.0)[0]
+
+
+def test_eval_loss_gate_wants_the_loss_lower_by_the_margin():
+    """1.20 against 1.25: promoted with margin 0.01 (1.20 < 1.24), refused with margin 0.1 (1.20 >= 1.15)."""
+    assert gate_decision({"eval_loss": 1.20}, {"eval_loss": 1.25}, "eval_loss", 0.01) == (
+        True, "eval loss 1.2000 < incumbent's 1.2500 - margin 0.01")
+    assert not gate_decision({"eval_loss": 1.20}, {"eval_loss": 1.25}, "eval_loss", 0.1)[0]
+
+
+def test_win_rate_gate_compares_with_a_half_plus_the_margin_and_unmeasured_figures_refuse():
+    assert gate_decision({"win_rate": 0.56}, {}, "win_rate", 0.05)[0]
+    promoted, reason = gate_decision({"win_rate": 0.54}, {}, "win_rate", 0.05)
+    assert not promoted and "0.540" in reason and "0.550" in reason
+    promoted, reason = gate_decision({"accuracy": None}, {"accuracy": 0.5}, "accuracy", 0.0)
+    assert not promoted and "not measured" in reason
+    assert not gate_decision({"accuracy": 0.9}, {}, "accuracy", 0.0)[0]
+
+
+def test_win_rate_counts_ties_half():
+    """Scores (2, 1, 0, 5) against (1, 1, 3, 4): a win, a tie, a loss, a win -> (1 + 0.5 + 0 + 1) / 4 = 0.625."""
+    assert win_rate([2, 1, 0, 5], [1, 1, 3, 4]) == pytest.approx(0.625)
+    with pytest.raises(ValueError):
+        win_rate([1.0], [1.0, 2.0])
+
+
+def test_stage_state_skips_finished_resumes_unfinished_and_starts_missing(tmp_path):
+    assert stage_state(tmp_path / "missing") == "absent"
+    (tmp_path / "empty").mkdir()
+    assert stage_state(tmp_path / "empty") == "absent"
+    running = tmp_path / "running"
+    running.mkdir()
+    (running / "config.yaml").write_text("output_dir: x\n")
+    assert stage_state(running) == "unfinished"
+    (running / "run.json").write_text(json.dumps({"stage": "dpo", "status": "running"}))
+    assert stage_state(running) == "unfinished"
+    (running / "run.json").write_text(json.dumps({"stage": "dpo", "status": "finished"}))
+    assert stage_state(running) == "finished"
+
+
+def test_every_round_and_run_gets_its_own_seed():
+    seeds = {stage_seed(seed, n, i) for seed in range(3) for n in range(1, 4) for i in range(3)}
+    assert len(seeds) == 27 and stage_seed(1, 2, 1) == 1021
+
+
+def test_summary_table_shows_accuracy_by_round_and_the_decision():
+    manifests = [
+        {"round": 0, "figures": {"base": {"accuracy": 0.1}, "sft": {"accuracy": 0.8}}, "promoted": None,
+         "reason": "the starting model"},
+        {"round": 1, "figures": {"incumbent": {"accuracy": 0.8}, "candidate": {"accuracy": 0.85, "eval_loss": 1.0}},
+         "promoted": True, "reason": "better"},
+    ]
+    rows = summary_rows(manifests)
+    assert rows[1] == {"round": 1, "promoted": True, "reason": "better", "incumbent/accuracy": 0.8,
+                       "candidate/accuracy": 0.85, "candidate/eval_loss": 1.0}
+    table = summary_table(rows).splitlines()
+    assert table[0] == "| round | base | sft | incumbent | candidate | promoted | why |"
+    assert table[2] == "| 0 | 10.0% | 80.0% | - | - | - | the starting model |"
+    assert table[3] == "| 1 | - | - | 80.0% | 85.0% | yes | better |"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dpo.overrides=[--output_dir=x]"], "--output_dir is set by the pipeline"),
+    (["--rejection_sampling.overrides=[--init=runs/sft]"], "--init is set by the pipeline"),
+    (["--dpo.overrides=[train.max_steps=2]"], "must look like --section.key=value"),
+    (["--gate.metric=win_rate"], "needs a reward model"),
+    (["--gate.data=other.jsonl"], "gate.metric accuracy needs a verifier"),
+    (["--gate.metric=bleu"], "gate.metric must be one of"),
+    (["--average.runs=0"], "average.runs must be >= 1"),
+    (["--average.combination=linear"], "average.combination must be cat or svd"),
+    (["--rounds=0"], "rounds must be >= 1"),
+    (["--style=llama4"], "style must be llama3 or llama2"),
+    (["--average.seeds=2"], "unknown config key 'average.seeds'"),
+])
+def test_bad_pipeline_configs_are_one_line(argv, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        parse_args(PipelineRunConfig, argv)
+
+
+def test_gate_on_other_data_resolves_no_verifier_and_takes_the_loss():
+    cfg = parse_args(PipelineRunConfig, ["--gate.data=other.jsonl", "--gate.metric=eval_loss"])
+    assert cfg.gate.verifier is None
+    assert parse_args(PipelineRunConfig, []).gate.verifier == "finetune.suite:verify"
