@@ -29,13 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 QUICK = ["--data.max_train_samples=16", "--data.max_eval_samples=8", "--eval.num_samples=8",
          "--sampling.num_samples=4", "--sampling.max_new_tokens=12", "--sampling.top_k=0",
          "--grpo.rollout_batch_size=2", "--grpo.mini_batch_size=4", "--grpo.epochs=2", "--grpo.learning_rate=5e-3",
-         "--score.verifier=test_grpo:short_answer"]
+         "--score.verifier=toy_verifiers:short_answer"]
 
 
-def short_answer(prompt: str, response: str) -> float:
-    """A dense reward (the stand-in SFT model never answers a suite prompt correctly): 1 for a response of at most 12
-    characters, falling linearly to 0 at 36."""
-    return max(0.0, min(1.0, (36 - len(response)) / 24))
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,6 @@ RECIPE = str(ROOT / "recipes" / "pipeline.py")
 HERE = Path(__file__).resolve().parent
 
 
-def shortness(prompt: str, response: str) -> float:
-    """A stand-in score that tells an untrained model's samples apart (the suite's verifier fails them all)."""
-    return -float(len(response))
 
 
 EVAL = "--data.max_eval_samples=4, --eval.num_samples=4, --eval.max_new_tokens=8, --eval.before_training=false"
@@ -26,7 +23,7 @@ QUICK = [
     f"--sft.overrides=[--train.max_steps=2, --data.max_train_samples=16, {EVAL}]",
     "--rejection_sampling.overrides=[--data.train=bundled:suite_messages_train.jsonl, --data.max_train_samples=6, "
     "--sampling.num_samples=4, --sampling.max_new_tokens=10, --sampling.temperature=1.0, --sampling.top_k=0, "
-    f"--score.verifier=test_pipeline_run:shortness, --rejection.keep_unverified=true, --train.max_steps=2, {EVAL}]",
+    f"--score.verifier=toy_verifiers:negative_length, --rejection.keep_unverified=true, --train.max_steps=2, {EVAL}]",
     "--dpo.overrides=[--train.max_steps=4, --train.per_device_batch_size=2, --train.logging_steps=1, "
     f"--train.save_steps=2, --train.save_total_limit=10, --train.warmup_ratio=0, --adapter.dropout=0, {EVAL}]",
     "--gate.metric=eval_loss", "--gate.max_samples=6", "--gate.max_new_tokens=8",

@@ -24,10 +24,6 @@ EVAL = "bundled:suite_messages_eval.jsonl"
 
 
 
-def short_answer(prompt: str, response: str) -> float:
-    """A dense reward for the tests (the stand-in SFT model never answers a suite prompt correctly): 1 for a response
-    of at most 12 characters, falling linearly to 0 at 36."""
-    return max(0.0, min(1.0, (36 - len(response)) / 24))
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +193,7 @@ def test_top_k_run_starts_at_the_reference(tmp_path, sft_run):
     """A top-k PPO run (the config check lets top_k through, not top_p): at the first iteration the policy and the
     reference agree on every support, so the KL is 0, and the run finishes."""
     cfg = ppo_config(tmp_path, sft_run, "--sampling.top_k=5", "--sampling.temperature=0.7", "--ppo.num_iterations=1",
-                     "--ppo.ppo_epochs=1", "--score.verifier=test_ppo:short_answer", "--eval.before_training=false")
+                     "--ppo.ppo_epochs=1", "--score.verifier=toy_verifiers:short_answer", "--eval.before_training=false")
     summary, _ = ppo.train(cfg)
     row = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["kl"] == pytest.approx(0.0, abs=1e-5) and 0 < row["entropy"] < math.log(5) + 1e-6
@@ -209,7 +205,7 @@ def trained(tmp_path_factory, sft_run):
     """Two PPO iterations on the tiny model, rewarded by short_answer; returns (output dir, summary, roles)."""
     out = tmp_path_factory.mktemp("ppo")
     cfg = parse_args(PPORunConfig, ["--init", str(sft_run), "--output_dir", str(out / "run"), *QUICK,
-                                 "--ppo.num_iterations=2", "--score.verifier=test_ppo:short_answer"])
+                                 "--ppo.num_iterations=2", "--score.verifier=toy_verifiers:short_answer"])
     summary, roles = ppo.train(cfg)
     return out / "run", summary, roles
 
@@ -284,7 +280,7 @@ def test_qlora_one_iteration(tmp_path, sft_run):
 
     cfg = parse_args(PPORunConfig, ["--init", str(sft_run), "--output_dir", str(tmp_path / "q"), *QUICK,
                                  "--adapter.method=qlora", "--ppo.num_iterations=1", "--ppo.ppo_epochs=1",
-                                 "--sampling.top_k=5", "--score.verifier=test_ppo:short_answer",
+                                 "--sampling.top_k=5", "--score.verifier=toy_verifiers:short_answer",
                                  "--eval.before_training=false"])
     summary, roles = ppo.train(cfg)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in roles.model.modules())
@@ -340,7 +336,7 @@ def test_full_weights_sft_run_is_the_base_and_the_reference(tmp_path, tokenizer,
 
     full = make_full_sft_run(tmp_path / "sft_full", noise=0.3)
     cfg = parse_args(PPORunConfig, ["--init", str(full), "--output_dir", str(tmp_path / "ppo"), *QUICK,
-                                 "--adapter.r=4", "--ppo.num_iterations=1", "--score.verifier=test_ppo:short_answer",
+                                 "--adapter.r=4", "--ppo.num_iterations=1", "--score.verifier=toy_verifiers:short_answer",
                                  "--eval.before_training=false"])
     summary, roles = ppo.train(cfg)
     rollout, _, _ = rollout_batch(tokenizer)

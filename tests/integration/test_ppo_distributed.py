@@ -24,7 +24,7 @@ def test_two_processes_roll_out_every_prompt_exactly_once(tmp_path):
         "--init", str(sft), "--output_dir", str(out), "--data.max_train_samples=10", "--data.max_eval_samples=4",
         "--eval.num_samples=4", "--sampling.num_samples=2", "--sampling.max_new_tokens=8",
         "--ppo.num_iterations=2", "--ppo.rollout_batch_size=6", "--ppo.mini_batch_size=3",
-        "--score.verifier=test_ppo:short_answer",
+        "--score.verifier=toy_verifiers:short_answer",
     ])
     rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
     for iteration in (1, 2):

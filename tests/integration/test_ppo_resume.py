@@ -15,7 +15,7 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "ppo.py"
 # Adaptive KL with a short horizon, so the coefficient moves every iteration and its checkpointed value matters.
 ARGS = [*QUICK, "--data.eval=null", "--ppo.num_iterations=4", "--ppo.save_every=2", "--ppo.save_total_limit=null",
         "--ppo.adaptive_kl=true", "--ppo.kl_target=0.01", "--ppo.kl_horizon=20", "--ppo.whiten_rewards=true",
-        "--score.verifier=test_ppo:short_answer"]
+        "--score.verifier=toy_verifiers:short_answer"]
 FIGURES = ("score", "kl", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "kl_coef",
            "learning_rate", "optimizer_steps")
 
