@@ -224,3 +224,44 @@ def rewind_rollouts(output_dir: Path, size: int) -> None:
     if path.exists():
         with open(path, "r+b") as f:
             f.truncate(size)
+
+
+def resolve_rl_init(cfg, section: str):
+    """The ``--init`` resolution of an RL stage (PPO, GRPO/RLOO): the SFT run and the reward run checked against
+    this run's base and template (``finetune.run_dir``), and ``<section>.rollout_batch_size`` split evenly over the
+    processes (each process rolls out its share of the prompts). Returns ``(cfg, init run, adapter fields taken)``."""
+    from .config import ConfigError
+    from .run_dir import open_reward_run
+    from .run_dir import resolve_init as resolve_adapter_init
+
+    cfg, init, changed = resolve_adapter_init(cfg)
+    if cfg.score.reward_model:
+        open_reward_run(cfg.score.reward_model, cfg.model.name, cfg.data.template)
+    processes = process_state().num_processes
+    rollout_batch_size = getattr(cfg, section).rollout_batch_size
+    if rollout_batch_size % processes:
+        raise ConfigError(f"{section}.rollout_batch_size ({rollout_batch_size}) must be a multiple of the number of "
+                          f"processes ({processes})")
+    return cfg, init, changed
+
+
+def iteration_figures(rollout: Rollout, stage_figures: dict, stats: dict[str, list[float]], accelerator):
+    """One iteration's figures averaged over processes (collectives: every process calls it): the rollout's score,
+    then the stage's own ``stage_figures`` (reward, KL, ...), response length, stopped fraction, the update
+    ``stats`` and each scorer part; with the gathered rollout records and every process's response-token count."""
+    from accelerate.utils import gather_object
+
+    mask, device = rollout.mask.float(), accelerator.device
+    local = {
+        "score": rollout.scores.mean().item(),
+        **stage_figures,
+        "response_length": mask.sum(dim=1).mean().item(),
+        "stopped_fraction": sum(r["stopped"] for r in rollout.records) / max(len(rollout.records), 1),
+        **{k: sum(v) / len(v) for k, v in stats.items()},
+    }
+    for name in (k for k in rollout.records[0] if k.startswith("score/")) if rollout.records else ():
+        local[name] = sum(r[name] for r in rollout.records) / len(rollout.records)
+    figures = {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in local.items()}
+    records = gather_object(rollout.records) if accelerator.num_processes > 1 else rollout.records
+    response_tokens = accelerator.reduce(mask.sum().to(device), "sum").item()
+    return figures, records, response_tokens

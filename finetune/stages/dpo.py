@@ -211,10 +211,23 @@ def build_trainer(cfg: DPORunConfig, model, peft_config, tokenizer, train_rows, 
         peft_config=peft_config,
         callbacks=list(callbacks),
     )
+    return freeze_reference(trainer)
+
+
+def freeze_reference(trainer):
+    """The trainer with the frozen ``ref`` copy of the SFT adapter out of its optimizer's reach (DPO and KTO)."""
     for name, param in trainer.model.named_parameters():
         if f".{REFERENCE_ADAPTER}." in name:
             param.requires_grad_(False)  # frozen: the optimizer must never hold the reference
     return trainer
+
+
+def policy_output(trainer, summary: dict) -> Trained:
+    """The run's output is the policy alone: the reference is the --init run's adapter, already on disk (DPO, KTO)."""
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if REFERENCE_ADAPTER in getattr(unwrapped, "peft_config", {}):
+        unwrapped.delete_adapter(REFERENCE_ADAPTER)
+    return Trained(summary, lambda directory: trainer.save_model(str(directory)), unwrapped.config, trainer.model)
 
 
 def load_data(cfg: DPORunConfig, tokenizer, template):
@@ -256,11 +269,7 @@ def train(run: StageRun) -> Trained:
         summary["eval_accuracy"] = after.accuracy
         summary["eval_samples"] = after.samples
 
-    # The run's output is the policy alone: the reference is the --init run's adapter, already on disk.
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    if REFERENCE_ADAPTER in getattr(unwrapped, "peft_config", {}):
-        unwrapped.delete_adapter(REFERENCE_ADAPTER)
-    return Trained(summary, lambda directory: trainer.save_model(str(directory)), unwrapped.config, trainer.model)
+    return policy_output(trainer, summary)
 
 
 def check(cfg: DPORunConfig) -> None:

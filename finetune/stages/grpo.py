@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, GRPOParams, GRPORunConfig, RLOORunConfig
+from ..config import GRPOParams, GRPORunConfig, RLOORunConfig
 from ..evaluate import load_callable, verifier_accuracy
 from ..losses import group_advantages, grpo_policy_loss, leave_one_out_advantages, sequence_kl_penalty
 from ..models import backbone_hidden_states, resolve_model, save_adapter
@@ -47,14 +47,14 @@ from ..rollout import (
     Rollout,
     generate_trajectory,
     policy_logprobs,
+    resolve_rl_init,
     response_entropy,
     rewind_rollouts,
     rollouts_size,
     write_rollouts,
 )
-from ..run_dir import open_reward_run
-from ..run_dir import resolve_init as resolve_adapter_init
-from ..runs import NonFiniteLossError, latest_complete_checkpoint, process_state, two_column_table
+from ..rollout import iteration_figures as rollout_iteration_figures
+from ..runs import NonFiniteLossError, latest_complete_checkpoint, two_column_table
 from ..scorers import build_scorer
 from ..templates import stop_token_ids
 from ..training_loop import MetricsLog, load_checkpoint, save_checkpoint
@@ -172,27 +172,14 @@ def policy_epochs(opt: Optimization, rollout: Rollout, adv: GroupAdvantages, lm_
 
 
 def iteration_figures(rollout: Rollout, adv: GroupAdvantages, stats: dict[str, list[float]], accelerator):
-    """Phase 4's figures of one iteration, averaged over processes (collectives: every process calls it), with the
-    gathered rollout records and the number of response tokens of every process."""
-    from accelerate.utils import gather_object
-
-    mask, device = rollout.mask.float(), accelerator.device
-    local = {
-        "score": rollout.scores.mean().item(),
+    """Phase 4's figures of one iteration (``finetune.rollout.iteration_figures``, collectives: every process calls
+    it) with this stage's reward and KL."""
+    return rollout_iteration_figures(rollout, {
         "reward": adv.rewards.mean().item(),
         "kl": adv.kl.mean().item(),
         "advantage_abs": adv.advantages.abs().mean().item(),
         "equal_groups": adv.equal_groups,
-        "response_length": mask.sum(dim=1).mean().item(),
-        "stopped_fraction": sum(r["stopped"] for r in rollout.records) / max(len(rollout.records), 1),
-        **{k: sum(v) / len(v) for k, v in stats.items()},
-    }
-    for name in (k for k in rollout.records[0] if k.startswith("score/")) if rollout.records else ():
-        local[name] = sum(r[name] for r in rollout.records) / len(rollout.records)
-    figures = {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in local.items()}
-    records = gather_object(rollout.records) if accelerator.num_processes > 1 else rollout.records
-    response_tokens = accelerator.reduce(mask.sum().to(device), "sum").item()
-    return figures, records, response_tokens
+    }, stats, accelerator)
 
 
 def log_iteration(log: MetricsLog, output_dir: Path, row: dict, records: list[dict], num_iterations: int) -> None:
@@ -212,14 +199,7 @@ def log_iteration(log: MetricsLog, output_dir: Path, row: dict, records: list[di
 def resolve(cfg: GRPORunConfig):
     """Check the SFT run and the reward run against this run's base and template (``finetune.run_dir``); a
     full-weights SFT run becomes the base and the policy a new ``adapter`` on it (the reference's stays zero)."""
-    cfg, init, changed = resolve_adapter_init(cfg)
-    if cfg.score.reward_model:
-        open_reward_run(cfg.score.reward_model, cfg.model.name, cfg.data.template)
-    processes = process_state().num_processes
-    if cfg.grpo.rollout_batch_size % processes:
-        raise ConfigError(f"grpo.rollout_batch_size ({cfg.grpo.rollout_batch_size}) must be a multiple of the number "
-                          f"of processes ({processes})")
-    return cfg, init, changed
+    return resolve_rl_init(cfg, "grpo")
 
 
 def resolve_init(cfg: GRPORunConfig) -> GRPORunConfig:

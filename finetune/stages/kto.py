@@ -25,7 +25,7 @@ from ..preference_data import desirable_conversations, tokenize_unpaired_for_kto
 from ..runs import trainer_arguments
 from ..trainer_config import trainer_config
 from . import scaffold
-from .dpo import REFERENCE_ADAPTER, ReferenceGapCallback, load_policy
+from .dpo import ReferenceGapCallback, freeze_reference, load_policy, policy_output
 from .scaffold import Stage, StageRun, Trained
 
 
@@ -89,10 +89,7 @@ def build_trainer(cfg: KTORunConfig, model, peft_config, tokenizer, train_rows, 
         peft_config=peft_config,
         callbacks=list(callbacks),
     )
-    for name, param in trainer.model.named_parameters():
-        if f".{REFERENCE_ADAPTER}." in name:
-            param.requires_grad_(False)  # frozen: the optimizer must never hold the reference
-    return trainer
+    return freeze_reference(trainer)
 
 
 def load_data(cfg: KTORunConfig, tokenizer, template):
@@ -137,11 +134,7 @@ def train(run: StageRun) -> Trained:
         summary["eval_accuracy"] = after.accuracy
         summary["eval_samples"] = after.samples
 
-    # The run's output is the policy alone: the reference is the --init run's adapter, already on disk.
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    if REFERENCE_ADAPTER in getattr(unwrapped, "peft_config", {}):
-        unwrapped.delete_adapter(REFERENCE_ADAPTER)
-    return Trained(summary, lambda directory: trainer.save_model(str(directory)), unwrapped.config, trainer.model)
+    return policy_output(trainer, summary)
 
 
 def check(cfg: KTORunConfig) -> None:

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, PPOParams, PPORunConfig, to_dict
+from ..config import PPOParams, PPORunConfig, to_dict
 from ..evaluate import load_callable, verifier_accuracy
 from ..logprobs import masked_whiten
 from ..losses import AdaptiveKLController, FixedKLController, gae, per_token_rewards, ppo_policy_loss, ppo_value_loss
@@ -61,6 +61,7 @@ from ..roles import POLICY, REFERENCE, REWARD, VALUE, AdapterRewardModel, Roles,
 from ..rollout import (  # noqa: F401  (score_rollout, policy_logprobs, response_entropy: PPO's names too)
     Rollout,
     policy_logprobs,
+    resolve_rl_init,
     response_entropy,
     rewind_rollouts,
     rollouts_size,
@@ -68,12 +69,10 @@ from ..rollout import (  # noqa: F401  (score_rollout, policy_logprobs, response
     write_rollouts,
 )
 from ..rollout import generate_trajectory as shared_generate_trajectory
-from ..run_dir import open_reward_run
-from ..run_dir import resolve_init as resolve_adapter_init
+from ..rollout import iteration_figures as rollout_iteration_figures
 from ..runs import (
     NonFiniteLossError,
     latest_complete_checkpoint,
-    process_state,
     two_column_table,
 )
 from ..scorers import build_scorer
@@ -205,25 +204,12 @@ def ppo_epochs(opt: Optimization, rollout: Rollout, adv: Advantages, lm_head_wei
 
 
 def iteration_figures(rollout: Rollout, adv: Advantages, stats: dict[str, list[float]], accelerator):
-    """Phase 4's figures of one iteration, averaged over processes (collectives: every process calls it), with the
-    gathered rollout records and the number of response tokens of every process."""
-    from accelerate.utils import gather_object
-
-    mask, device = rollout.mask.float(), accelerator.device
-    local = {
-        "score": rollout.scores.mean().item(),
+    """Phase 4's figures of one iteration (``finetune.rollout.iteration_figures``, collectives: every process calls
+    it) with this stage's reward and KL."""
+    return rollout_iteration_figures(rollout, {
         "reward": adv.rewards.sum(dim=1).mean().item(),
-        "kl": (adv.kl * mask).sum(dim=1).mean().item(),
-        "response_length": mask.sum(dim=1).mean().item(),
-        "stopped_fraction": sum(r["stopped"] for r in rollout.records) / max(len(rollout.records), 1),
-        **{k: sum(v) / len(v) for k, v in stats.items()},
-    }
-    for name in (k for k in rollout.records[0] if k.startswith("score/")) if rollout.records else ():
-        local[name] = sum(r[name] for r in rollout.records) / len(rollout.records)
-    figures = {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in local.items()}
-    records = gather_object(rollout.records) if accelerator.num_processes > 1 else rollout.records
-    response_tokens = accelerator.reduce(mask.sum().to(device), "sum").item()
-    return figures, records, response_tokens
+        "kl": (adv.kl * rollout.mask.float()).sum(dim=1).mean().item(),
+    }, stats, accelerator)
 
 
 def log_iteration(log: MetricsLog, output_dir: Path, row: dict, records: list[dict], num_iterations: int) -> None:
@@ -255,14 +241,7 @@ def resolve(cfg: PPORunConfig):
     """Check the SFT run and the reward run against this run's base and template (``finetune.run_dir``): from a LoRA
     SFT run the policy keeps the SFT adapter's shape; a full-weights SFT run becomes the base (``model.name``), and
     every role is a new ``adapter`` on it (the reference's stays zero: the SFT model itself)."""
-    cfg, init, changed = resolve_adapter_init(cfg)
-    if cfg.score.reward_model:
-        open_reward_run(cfg.score.reward_model, cfg.model.name, cfg.data.template)
-    processes = process_state().num_processes
-    if cfg.ppo.rollout_batch_size % processes:
-        raise ConfigError(f"ppo.rollout_batch_size ({cfg.ppo.rollout_batch_size}) must be a multiple of the number of "
-                          f"processes ({processes})")
-    return cfg, init, changed
+    return resolve_rl_init(cfg, "ppo")
 
 
 def resolve_init(cfg: PPORunConfig) -> PPORunConfig:
