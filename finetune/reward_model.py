@@ -82,17 +82,20 @@ class RewardModel:
     def encode(self, item) -> list[int]:
         """Token ids of one item: a conversation (a list of ``{"role", "content"}`` ending on the assistant turn to
         score, or a ``data_formats.Conversation``) is rendered with the run's template, as in training; a string is
-        taken as already-formatted text and tokenised as it is (no special tokens added)."""
+        taken as already-formatted text and tokenised as it is (no special tokens added).
+
+        The assistant turn scored may be empty: a model can answer nothing, and that answer gets a score too (the
+        template rendered with an empty content, read at its last token, the end-of-turn)."""
         from .templates import render
 
         if isinstance(item, str):
             return self.tokenizer.encode(item, add_special_tokens=False)
         messages = getattr(item, "messages", item)
-        return render(self.template, list(messages), self.tokenizer)[0]
+        return render(self.template, list(messages), self.tokenizer, empty_reply=True)[0]
 
     def score(self, items: Sequence, batch_size: int = 16) -> list[float]:
-        """One float per text or conversation: higher is preferred. Nothing is truncated (the score is read at the
-        last token), so each item must fit the model's context."""
+        """One float per text or conversation: higher is preferred (an empty reply included). Nothing is truncated
+        (the score is read at the last token), so each item must fit the model's context."""
         return sequence_scores(self.model, [self.encode(item) for item in items], self.tokenizer.pad_token_id, batch_size)
 
     __call__ = score

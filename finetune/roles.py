@@ -97,7 +97,8 @@ def scalar_head(roles: Roles, head: torch.nn.Linear, input_ids, attention_mask) 
 
 class AdapterRewardModel:
     """The ``reward`` role as a reward model for ``finetune.scorers.RewardModelScorer``: conversations rendered with
-    the template (as the reward run trained), scored at their last token by the reward adapter and head."""
+    the template (as the reward run trained), scored at their last token by the reward adapter and head; an empty
+    reply is scored too (as :meth:`finetune.reward_model.RewardModel.encode` renders it)."""
 
     def __init__(self, roles: Roles, tokenizer, template):
         self.roles, self.tokenizer, self.template = roles, tokenizer, template
@@ -111,7 +112,8 @@ class AdapterRewardModel:
         self.roles.use(REWARD)
         try:
             for start in range(0, len(conversations), batch_size):
-                ids = [render(self.template, list(c), self.tokenizer)[0] for c in conversations[start : start + batch_size]]
+                ids = [render(self.template, list(c), self.tokenizer, empty_reply=True)[0]
+                       for c in conversations[start : start + batch_size]]
                 input_ids, mask = left_pad(ids, self.tokenizer.pad_token_id)  # left: the last token is at T-1
                 values = scalar_head(self.roles, self.roles.reward_head, input_ids.to(device), mask.to(device))
                 scores.extend(values[:, -1].float().cpu().tolist())

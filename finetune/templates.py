@@ -78,15 +78,25 @@ def _control(text: str, trained: bool = False) -> Segment:
 _WHERE = Where("conversation")
 
 
-def _check_roles(messages: list[dict], add_generation_prompt: bool) -> None:
+def _is_empty_reply(message) -> bool:
+    return (isinstance(message, dict) and message.get("role") == "assistant" and isinstance(message.get("content"), str)
+            and not message["content"].strip())
+
+
+def _check_roles(messages: list[dict], add_generation_prompt: bool, empty_reply: bool = False) -> None:
     """Raise ``data_formats.DataFormatError`` (a ``ValueError``) unless ``messages`` is a canonical conversation.
 
     The rules are data_formats' (:func:`data_formats.validate_messages`): an optional leading system message, then
     user/assistant alternating, starting with user, contents non-empty strings. A conversation to train on ends on an
     assistant turn; one to generate from (``add_generation_prompt=True``) ends on a user turn. Contents must be
     encodable text (a lone surrogate is not), and ``weight``, where present, is 0 or 1 on an assistant message.
+    ``empty_reply``: the last message may be an empty (or blank) assistant reply, what a model answered to the
+    prompt before it (which must then be a valid prompt, ending on a user turn).
     """
-    validate_messages(messages, _WHERE, ends_on="user" if add_generation_prompt else "assistant")
+    if empty_reply and not add_generation_prompt and messages and _is_empty_reply(messages[-1]):
+        validate_messages(list(messages[:-1]), _WHERE, ends_on="user")
+    else:
+        validate_messages(messages, _WHERE, ends_on="user" if add_generation_prompt else "assistant")
     for i, message in enumerate(messages):
         try:
             message["content"].encode("utf-8")
@@ -301,18 +311,21 @@ class ChatTemplate(ABC):
     def stop_strings(self) -> tuple[str, ...]:
         """The end-of-turn tokens: generation stops at the first of them."""
 
-    def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[Segment]:
-        """The conversation as :class:`Segment` s; neighbouring text with the same flags is merged."""
-        _check_roles(messages, add_generation_prompt)
+    def segments(self, messages: list[dict], add_generation_prompt: bool = False,
+                 empty_reply: bool = False) -> list[Segment]:
+        """The conversation as :class:`Segment` s; neighbouring text with the same flags is merged. ``empty_reply``:
+        the last assistant reply may be empty (see :func:`render`)."""
+        _check_roles(messages, add_generation_prompt, empty_reply)
         return _merge(self._segments(messages, add_generation_prompt))
 
-    def text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def text(self, messages: list[dict], add_generation_prompt: bool = False, empty_reply: bool = False) -> str:
         """The exact rendered string (the concatenation of :meth:`segments`)."""
-        return "".join(seg.text for seg in self.segments(messages, add_generation_prompt))
+        return "".join(seg.text for seg in self.segments(messages, add_generation_prompt, empty_reply))
 
-    def encode(self, messages, tokenizer, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    def encode(self, messages, tokenizer, add_generation_prompt: bool = False,
+               empty_reply: bool = False) -> tuple[list[int], list[int]]:
         """``(input_ids, labels)``: the whole text tokenised, labels ``-100`` outside the trained spans."""
-        return encode_segments(self.segments(messages, add_generation_prompt), tokenizer, self)
+        return encode_segments(self.segments(messages, add_generation_prompt, empty_reply), tokenizer, self)
 
     @abstractmethod
     def _segments(self, messages: list[dict], add_generation_prompt: bool) -> list[Segment]:
@@ -809,7 +822,11 @@ def stop_token_ids(template: str | ChatTemplate, tokenizer) -> list[int]:
 
 
 def render(
-    template: str | ChatTemplate, messages: list[dict[str, str]], tokenizer, add_generation_prompt: bool = False
+    template: str | ChatTemplate,
+    messages: list[dict[str, str]],
+    tokenizer,
+    add_generation_prompt: bool = False,
+    empty_reply: bool = False,
 ) -> tuple[list[int], list[int]]:
     """Tokenise a conversation: ``(input_ids, labels)``, labels ``-100`` except on the assistant's replies.
 
@@ -820,6 +837,11 @@ def render(
     turn with ``add_generation_prompt=True`` (then the ids end with the assistant header, ready for generation, and
     no label is trained).
 
+    ``empty_reply=True`` is for scoring what a model answered (a reward model reads the score at the last token): the
+    last assistant reply may then be empty or blank, rendered as the template writes an empty content (for llama3
+    the assistant header straight followed by ``<|eot_id|>``). Data to train on never sets it: an empty reply in a
+    data file stays an error.
+
     Raises:
         ValueError: ``data_formats.DataFormatError`` for roles that break the rules (see :func:`_check_roles`);
             :class:`TemplateError` for an unknown template, a conversation the template cannot express (alpaca
@@ -828,7 +850,7 @@ def render(
     """
     tpl = get_template(template, tokenizer)
     stop_token_ids(tpl, tokenizer)  # a template whose end-of-turn token the tokenizer would split cannot train
-    return tpl.encode(messages, tokenizer, add_generation_prompt)
+    return tpl.encode(messages, tokenizer, add_generation_prompt, empty_reply)
 
 
 def render_prompt(template: str | ChatTemplate, messages: list[dict[str, str]], tokenizer) -> list[int]:

@@ -130,10 +130,11 @@ def test_reward_adapter_on_the_shared_base_scores_like_the_reward_run(tmp_path, 
     cfg = ppo.resolve_init(ppo_config(tmp_path, sft_run, f"--score.reward_model={reward_run}"))
     roles = ppo.load_roles(cfg)
     conversations = [c.messages for c in load_conversations(EVAL, limit=5)]
+    conversations.append([*conversations[0][:-1], {"role": "assistant", "content": ""}])  # a policy may answer nothing
     shared = ppo.AdapterRewardModel(roles, tokenizer, get_template("llama3", tokenizer)).score(conversations, batch_size=3)
     separate = load_reward_model(reward_run).score(conversations)
     assert_close(torch.tensor(shared), torch.tensor(separate), atol=1e-4, rtol=1e-4)
-    assert len({round(s, 4) for s in separate}) == 5
+    assert len({round(s, 4) for s in separate}) == 6
     assert model_active(roles) == ppo.POLICY, "scoring switches back to the policy"
 
 

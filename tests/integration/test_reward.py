@@ -236,3 +236,51 @@ def test_reward_model_scorer_on_a_reward_run_equals_its_score_api(tmp_path):
     expected = load_reward_model(run).score([s.conversation() for s in SAMPLES])
     assert scorer(SAMPLES) == pytest.approx(expected, abs=1e-6)
     assert len(set(expected)) == 3
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Empty replies: a model's is scored, a data file's is refused
+
+PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
+EMPTY_TEXT = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2 + 3?<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n<|eot_id|>")
+
+
+def test_a_models_empty_reply_is_scored_by_the_score_api_the_scorer_and_the_gates_win_rate(tmp_path):
+    """A model may answer nothing: rejection sampling's scorer and the pipeline gate's win rate score that answer
+    (the template with an empty reply, read at the end-of-turn token) instead of stopping the run."""
+    from factories import make_reward_run
+
+    from finetune.pipeline import reward_win_rate, win_rate
+    from finetune.reward_model import load_reward_model
+    from finetune.scorers import RewardModelScorer, Sample
+
+    run = make_reward_run(tmp_path / "reward")
+    rm = load_reward_model(run)
+    empty, blank, answer, as_text = rm.score([[*PROMPT, {"role": "assistant", "content": ""}],
+                                              [*PROMPT, {"role": "assistant", "content": " \n"}],
+                                              [*PROMPT, {"role": "assistant", "content": "5"}], EMPTY_TEXT])
+    assert isinstance(empty, float) and empty == blank  # llama3 strips a reply, so a blank one renders as empty
+    assert empty == pytest.approx(as_text, abs=1e-5) and empty != answer
+    samples = [Sample(PROMPT, "", 0), Sample(PROMPT, "5", 1)]
+    assert RewardModelScorer(rm)(samples) == pytest.approx([empty, answer], abs=1e-5)
+
+    def answers(*replies):
+        return {"answers": [[*PROMPT, {"role": "assistant", "content": r}] for r in replies]}
+
+    rate = reward_win_rate(run, answers("", "5"), answers("5", ""))
+    assert rate == win_rate([empty, answer], [answer, empty]) == 0.5
+
+
+def test_an_empty_reply_in_the_reward_data_is_a_one_line_error(tmp_path, capsys):
+    """A user's pair with an empty reply is still refused before anything is written, naming file, record, field."""
+    pairs = tmp_path / "pairs.jsonl"
+    good = {"prompt": PROMPT, "chosen": [{"role": "assistant", "content": "5"}],
+            "rejected": [{"role": "assistant", "content": "6"}]}
+    pairs.write_text(json.dumps(good) + "\n" + json.dumps({**good, "chosen": [{"role": "assistant", "content": ""}]})
+                     + "\n")
+    code = run_recipe(["--output_dir", str(tmp_path / "r"), f"--data.train={pairs}", *QUICK])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(pairs) in err and "line 2" in err and "chosen" in err and "non-empty assistant reply" in err
+    assert not (tmp_path / "r").exists()

@@ -438,6 +438,67 @@ def test_stop_token_ids_follow_the_tokenizers_eos(tok):
     assert stop_token_ids("llama2", tok) == [tok.convert_tokens_to_ids("</s>")]
 
 
+# ------------------------------------------------------------------------------------- an empty reply to score
+
+EMPTY_REPLY = [SINGLE[0], {"role": "assistant", "content": ""}]
+# What each format writes for an empty reply (text, trained part), by hand from the references above: the reply's
+# place left empty, the end of turn kept (llama2's f" {answer.strip()} " keeps its two spaces).
+GOLDEN_EMPTY_REPLY = {
+    "llama3": (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nName the capital city of Cuba.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n<|eot_id|>",
+        "<|eot_id|>",
+    ),
+    "llama2": ("<s>[INST] Name the capital city of Cuba. [/INST]  </s>", "  </s>"),
+    "vicuna_v1.1": (f"<s>{VICUNA_DEFAULT} USER: Name the capital city of Cuba. ASSISTANT: </s>", " </s>"),
+    "alpaca": (
+        f"<s>{ALPACA_NO_INPUT}\n\n### Instruction:\nName the capital city of Cuba.\n\n### Response:</s>",
+        "</s>",
+    ),
+    "chatml": (
+        "<|im_start|>user\nName the capital city of Cuba.<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n",
+        "<|im_end|>",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", NAMED)
+@pytest.mark.parametrize("content", ["", " \n"], ids=["empty", "blank"])
+def test_an_empty_reply_to_score_renders_the_prompt_and_the_end_of_turn(name, content, tok):
+    """What a reward model scores when a model answered nothing (``empty_reply=True``): the prompt as generation
+    saw it, then the end of turn, whose token is where the score is read."""
+    messages = [EMPTY_REPLY[0], {"role": "assistant", "content": content}]
+    text, trained = GOLDEN_EMPTY_REPLY[name]
+    template = get_template(name, tok)
+    if name in ("llama3", "llama2"):  # they strip contents; the others keep a blank reply's whitespace
+        assert template.text(messages, empty_reply=True) == text
+    ids, labels = render(name, messages, tok, empty_reply=True)
+    assert ids[: len(render_prompt(name, messages[:1], tok))] == render_prompt(name, messages[:1], tok)
+    if content == "":
+        assert tok.decode(ids, skip_special_tokens=False) == text
+        assert decode_trained(ids, labels, tok) == trained
+        assert tok.apply_chat_template(messages, chat_template=template.jinja, tokenize=False) == text
+    assert ids[-1] in stop_token_ids(name, tok) or name == "chatml"  # chatml ends each turn with "<|im_end|>\n"
+
+
+def test_an_empty_reply_is_refused_unless_it_is_the_answer_to_score(tok):
+    """Data to train on (the default) keeps refusing an empty reply; ``empty_reply`` allows only the last reply to be
+    empty and checks everything else as before."""
+    with pytest.raises(ValueError, match=r"messages\[1\]\.content.*non-empty assistant reply"):
+        render("llama3", EMPTY_REPLY, tok)
+    earlier_empty = [EMPTY_REPLY[0], EMPTY_REPLY[1], *SINGLE]
+    with pytest.raises(ValueError, match=r"messages\[1\]\.content.*non-empty assistant reply"):
+        render("llama3", earlier_empty, tok, empty_reply=True)
+    empty_prompt = [{"role": "user", "content": " "}, EMPTY_REPLY[1]]
+    with pytest.raises(ValueError, match=r"messages\[0\]\.content.*non-empty user turn"):
+        render("llama3", empty_prompt, tok, empty_reply=True)
+    with pytest.raises(ValueError, match=r"at least one 'user' turn"):
+        render("llama3", [SYSTEM, EMPTY_REPLY[1]], tok, empty_reply=True)
+    with pytest.raises(ValueError, match=r"at least one 'assistant' turn"):
+        render("llama3", [EMPTY_REPLY[0]], tok, empty_reply=True)
+    assert render("llama3", SINGLE, tok, empty_reply=True) == render("llama3", SINGLE, tok)
+
+
 def test_an_end_of_turn_the_tokenizer_would_split_is_an_error(tok):
     template = Llama2Template(bos_token="<s>", eos_token="<|not_a_token|>")
     with pytest.raises(TemplateError, match="writes '<\\|not_a_token\\|>' as one token .* which this tokenizer splits"):
