@@ -345,6 +345,16 @@ def public(figures: dict) -> dict:
 # The pipeline
 
 
+ROUND_PAIRS_DATA = {"data.format": "preference", "data.split": "null"}
+"""The data settings beside a ``data.train`` the pipeline writes (a preference JSONL file): the stage config's own
+``format`` and ``split`` describe its own data (``split: train_prefs`` of a hub set), and would misread that file
+or refuse it (a file has no other split than ``train``)."""
+GATHERED_PAIRS_DATA = {**ROUND_PAIRS_DATA, "data.max_train_samples": "null", "data.skip_invalid": "false"}
+"""The reward stage's, for ``round-N/reward_pairs.jsonl``: the config's ``max_train_samples`` and ``skip_invalid``
+already chose its own pairs in :func:`gathered_pairs`; applied again they would cut the earlier rounds' pairs off
+the gathered file's end."""
+
+
 def gathered_pairs(output_dir: Path, round_index: int, data) -> Path:
     """``round-N/reward_pairs.jsonl``: the reward config's pairs (``data``: its ``data`` section) plus every earlier
     round's pairs."""
@@ -435,8 +445,10 @@ class Pipeline:
                 gathered_pairs(out, n, reward_cfg.data)
             self.state.wait_for_everyone()
             reward_dir = rdir / "reward"
+            # The gathered file already holds the config's pairs as its data section selects them (format, split,
+            # max_train_samples) plus every earlier round's: read it whole, as the preference file it is.
             summary = self.timed(manifest, "reward", lambda: run_stage_step(
-                "reward", cfg.reward, reward_dir, init=incumbent, **{"data.train": pairs}))
+                "reward", cfg.reward, reward_dir, init=incumbent, **GATHERED_PAIRS_DATA, **{"data.train": pairs}))
             manifest["inputs"]["reward_pairs"] = str(pairs)
             manifest["stages"]["reward"] = {"run_dir": str(reward_dir), "eval_accuracy": summary.get("eval_accuracy")}
             self.write_manifest(manifest)
@@ -465,7 +477,8 @@ class Pipeline:
             run_seed = stage_seed(cfg.seed, n, i)
             run_dir = rdir / last / f"seed-{run_seed}"
             if last == "dpo":
-                settings = {"init": sft_dir, "data.train": rs_dir / "pairs.jsonl", "train.seed": run_seed}
+                settings = {"init": sft_dir, **ROUND_PAIRS_DATA, "data.train": rs_dir / "pairs.jsonl",
+                            "train.seed": run_seed}
             else:
                 settings = {"init": sft_dir, "ppo.seed": run_seed, "sampling.seed": run_seed,
                             "score.reward_model": reward_dir}

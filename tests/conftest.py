@@ -39,6 +39,7 @@ SLOW_TESTS = (
     "test_wheel.py",
     "test_trackers_offline.py",
     "test_pipeline_run.py",
+    "test_pipeline_reward.py",
     "test_pipeline_average.py",
     "test_quickstart.py",
     "test_data_formats_fuzz.py",

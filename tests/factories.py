@@ -157,6 +157,20 @@ QUICK = ["--data.max_train_samples=16", "--data.max_eval_samples=8", "--eval.num
          "--ppo.mini_batch_size=4", "--ppo.ppo_epochs=2", "--ppo.learning_rate=5e-3"]
 
 
+_PIPELINE_EVAL = "--data.max_eval_samples=4, --eval.num_samples=4, --eval.max_new_tokens=8, --eval.before_training=false"
+PIPELINE_QUICK = [
+    f"--sft.overrides=[--train.max_steps=2, --data.max_train_samples=16, {_PIPELINE_EVAL}]",
+    "--rejection_sampling.overrides=[--data.train=bundled:suite_messages_train.jsonl, --data.max_train_samples=6, "
+    "--sampling.num_samples=4, --sampling.max_new_tokens=10, --sampling.temperature=1.0, --sampling.top_k=0, "
+    "--score.verifier=toy_verifiers:negative_length, --rejection.keep_unverified=true, --train.max_steps=2, "
+    f"{_PIPELINE_EVAL}]",
+    "--dpo.overrides=[--train.max_steps=4, --train.per_device_batch_size=2, --train.logging_steps=1, "
+    f"--train.save_steps=2, --train.save_total_limit=10, --train.warmup_ratio=0, --adapter.dropout=0, {_PIPELINE_EVAL}]",
+    "--gate.metric=eval_loss", "--gate.max_samples=6", "--gate.max_new_tokens=8",
+]
+"""The rounds pipeline on a reduced budget (tiny model, a few steps per stage): recipes/pipeline.py's arguments."""
+
+
 def make_reward_run(directory, seed=1, scale=0.05):
     """What recipes/reward.py leaves: config.yaml, the tokenizer, and a SEQ_CLS LoRA adapter saved with its scalar
     ``score`` head, here random (non-zero B and head) so that scores differ between conversations."""

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from factories import launch_recipe
+from factories import PIPELINE_QUICK, launch_recipe
 from recipe_processes import ROOT, checkpoint_complete, run_to_end, run_until
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -15,19 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 RECIPE = str(ROOT / "recipes" / "pipeline.py")
 HERE = Path(__file__).resolve().parent
 
-
-
-
-EVAL = "--data.max_eval_samples=4, --eval.num_samples=4, --eval.max_new_tokens=8, --eval.before_training=false"
-QUICK = [
-    f"--sft.overrides=[--train.max_steps=2, --data.max_train_samples=16, {EVAL}]",
-    "--rejection_sampling.overrides=[--data.train=bundled:suite_messages_train.jsonl, --data.max_train_samples=6, "
-    "--sampling.num_samples=4, --sampling.max_new_tokens=10, --sampling.temperature=1.0, --sampling.top_k=0, "
-    f"--score.verifier=toy_verifiers:negative_length, --rejection.keep_unverified=true, --train.max_steps=2, {EVAL}]",
-    "--dpo.overrides=[--train.max_steps=4, --train.per_device_batch_size=2, --train.logging_steps=1, "
-    f"--train.save_steps=2, --train.save_total_limit=10, --train.warmup_ratio=0, --adapter.dropout=0, {EVAL}]",
-    "--gate.metric=eval_loss", "--gate.max_samples=6", "--gate.max_new_tokens=8",
-]
+QUICK = PIPELINE_QUICK
 
 
 @pytest.fixture(autouse=True)

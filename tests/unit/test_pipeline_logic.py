@@ -6,7 +6,17 @@ import json
 import pytest
 
 from finetune.config import ConfigError, PipelineRunConfig, parse_args
-from finetune.pipeline import gate_decision, stage_seed, stage_state, summary_rows, summary_table, win_rate
+from finetune.pipeline import (
+    GATHERED_PAIRS_DATA,
+    ROUND_PAIRS_DATA,
+    gate_decision,
+    stage_config,
+    stage_seed,
+    stage_state,
+    summary_rows,
+    summary_table,
+    win_rate,
+)
 
 
 def test_accuracy_gate_promotes_only_above_the_incumbent_plus_the_margin():
@@ -99,3 +109,21 @@ def test_gate_on_other_data_resolves_no_verifier_and_takes_the_loss():
     cfg = parse_args(PipelineRunConfig, ["--gate.data=other.jsonl", "--gate.metric=eval_loss"])
     assert cfg.gate.verifier is None
     assert parse_args(PipelineRunConfig, []).gate.verifier == "finetune.suite:verify"
+
+
+@pytest.mark.parametrize("name, settings, whole", [("reward", GATHERED_PAIRS_DATA, True),
+                                                   ("dpo", ROUND_PAIRS_DATA, False)])
+def test_a_file_the_pipeline_writes_is_read_as_the_preference_file_it_is(tmp_path, name, settings, whole):
+    """The llama3_8b stage configs read UltraFeedback's ``train_prefs`` split: the round's JSONL file has no such
+    split, and the reward config's ``max_train_samples`` chose its own pairs already (the gathered file is read
+    whole, or the earlier rounds' pairs at its end are cut off). DPO keeps its limit on the round's pairs."""
+    from finetune.config import PipelineDPOStage, PipelineRewardStage
+
+    stage = PipelineRewardStage if name == "reward" else PipelineDPOStage
+    spec = stage(config=f"recipes/configs/llama3_8b/{name}_qlora.yaml", overrides=["--data.max_train_samples=8"])
+    pairs = tmp_path / "pairs.jsonl"
+    cfg = stage_config(name, spec, tmp_path / name, False, init=str(tmp_path / "sft"), **settings,
+                       **{"data.train": pairs})
+    assert (cfg.data.train, cfg.data.format, cfg.data.split) == (str(pairs), "preference", None)
+    assert cfg.data.max_train_samples == (None if whole else 8) and not cfg.data.skip_invalid
+    assert cfg.data.eval_split == "test_prefs"  # the held-out pairs stay the config's
