@@ -1219,7 +1219,7 @@ class AverageConfig:
 
     runs: int = 2
     """Runs of the last stage, seeds ``seed``, ``seed + 1``, ...; their LoRA weight deltas are averaged. 1: no
-    averaging, that one run is the round's model."""
+    averaging (unless ``checkpoints``), that one run is the round's model."""
     combination: str = "svd"
     """How the mean of the merged deltas ``mean_i(B_i A_i alpha/r)`` becomes one adapter (PEFT's
     ``add_weighted_adapter``): ``cat`` stacks the runs' factors, exact, of rank ``runs x r`` (the rank then grows
@@ -1227,11 +1227,19 @@ class AverageConfig:
     Averaging the A and B factors themselves would not be the mean of the models."""
     rank: int | None = None
     """Rank of the ``svd`` adapter; ``null``: the runs' own rank, so every round continues an adapter of one shape."""
+    checkpoints: int = 0
+    """``0``: each run contributes its final adapter. ``N > 0``: each run contributes its last N saved checkpoints
+    (the DPO trainer's ``checkpoint-STEP/`` directories, which hold its adapter) instead, and the round's model is
+    the mean of all of them (Llama 3 averages checkpoints as well as runs): ``runs: 1`` with ``checkpoints: 3``
+    averages one run's last three checkpoints. The DPO stage must keep and write that many (``train.save_total_limit``
+    null or >= N; with ``train.max_steps``, ``max_steps / save_steps`` >= N): checked before anything runs.
+    ``style: llama2`` has none to average (PPO's checkpoints hold its training state, not an adapter)."""
 
     def __post_init__(self):
         check_at_least("average.runs", self.runs, 1)
         check_choice("average.combination", self.combination, AVERAGE_COMBINATIONS)
         check_at_least("average.rank", self.rank, 1, optional=True)
+        check_at_least("average.checkpoints", self.checkpoints, 0)
 
 
 @dataclass
@@ -1310,6 +1318,9 @@ class PipelineRunConfig(RunConfig):
                               "gate.verifier, or gate.metric to eval_loss or win_rate")
         if self.gate.metric == "win_rate" and not self.reward.enabled:
             raise ConfigError("gate.metric win_rate needs a reward model: set reward.enabled to true")
+        if self.average.checkpoints and self.style == "llama2":
+            raise ConfigError("average.checkpoints averages DPO's checkpoint adapters; style llama2's PPO checkpoints "
+                              "hold its training state, not an adapter: set average.checkpoints to 0")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ and averaging of models from several runs; Llama 2 (Touvron et al. 2023, https:/
 3. its SFT stage on the kept samples (``rejection_sampling/sft``);
 4. ``dpo/seed-S`` (``style: llama3``): DPO on the round's best-against-worst pairs, the reference this round's SFT
    model; or ``ppo/seed-S`` (``style: llama2``): PPO from it; ``average.runs`` runs with seeds ``S``;
-5. ``average``: the mean of those runs' merged LoRA deltas as one adapter (:func:`average_adapters`);
+5. ``average``: the mean of those runs' merged LoRA deltas as one adapter (:func:`average_adapters`), or with
+   ``average.checkpoints: N`` of each run's last N checkpoints (:func:`averaged_directories`);
 6. the gate (:func:`gate_decision`): the round's model is promoted only if it beats the incumbent on held-out
    figures (:func:`measure`) by ``gate.margin``; otherwise the incumbent stays and the reason is recorded;
 7. the next round starts from the promoted model.
@@ -28,10 +29,11 @@ import dataclasses
 import gc
 import json
 import time
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from .config import ConfigError, PipelineRunConfig, PipelineStageConfig, parse_args
-from .run_dir import RUN_STATE, RunDir, is_run_directory, write_run_state
+from .run_dir import CHECKPOINT_COMPLETE, CHECKPOINT_NAME, RUN_STATE, RunDir, is_run_directory, write_run_state
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
@@ -92,6 +94,19 @@ def stage_seed(seed: int, round_index: int, run: int = 0) -> int:
     return 1000 * seed + 10 * round_index + run
 
 
+def last_checkpoints(listing: Mapping[str, Collection[str]], count: int) -> list[str]:
+    """The names of a run's last ``count`` complete checkpoints, oldest first, from its directory's listing (each
+    entry's name -> the names inside it; a file's: none). A checkpoint is a ``checkpoint-STEP`` directory holding
+    the completion marker (``checkpoint_complete.json``, written last); they are ordered by step, so
+    ``checkpoint-10`` comes after ``checkpoint-9``; one without the marker (half-written) and a
+    ``.checkpoint-STEP.staging`` are not counted. Fewer names when the run kept fewer."""
+    if count < 1:
+        return []
+    steps = sorted((int(match.group(1)), name) for name, inside in listing.items()
+                   if (match := CHECKPOINT_NAME.match(name)) and CHECKPOINT_COMPLETE in inside)
+    return [name for _, name in steps[-count:]]
+
+
 def summary_rows(rounds: list[dict]) -> list[dict]:
     """One row per round of the manifests: the figures of each model the round made, and the decision."""
     rows = []
@@ -149,7 +164,8 @@ def stage_config(name: str, spec: PipelineStageConfig, output_dir: Path, resume:
 
 
 def check_stage_configs(cfg: PipelineRunConfig, output_dir: Path) -> None:
-    """Every stage config the pipeline will use parses with its overrides: a typo fails before anything is written."""
+    """Every stage config the pipeline will use parses with its overrides: a typo fails before anything is written;
+    and the DPO stage keeps the checkpoints ``average.checkpoints`` averages (:func:`check_checkpoints_kept`)."""
     placeholder = str(output_dir / "round-0" / "sft")
     names = ["rejection_sampling", "dpo" if cfg.style == "llama3" else "ppo"]
     if cfg.reward.enabled:
@@ -157,8 +173,28 @@ def check_stage_configs(cfg: PipelineRunConfig, output_dir: Path) -> None:
     if not cfg.init:
         names.append("sft")
     for name in names:
-        stage_config(name, getattr(cfg, name), output_dir / "check", False,
-                     init=None if name == "sft" else placeholder)
+        parsed = stage_config(name, getattr(cfg, name), output_dir / "check", False,
+                              init=None if name == "sft" else placeholder)
+        if name == "dpo":
+            check_checkpoints_kept(cfg.average.checkpoints, parsed.train, parsed.trainer, cfg.dpo.config)
+
+
+def check_checkpoints_kept(count: int, train, trainer: dict, config: str) -> None:
+    """With ``average.checkpoints: count``, the DPO stage's ``train`` settings keep (``save_total_limit``) and, for a
+    run of ``max_steps``, write (``max_steps / save_steps``) at least ``count`` checkpoints; a one-line
+    ``ConfigError`` naming the fields otherwise. A run of ``num_epochs`` is checked when it has finished."""
+    if not count:
+        return
+    where = f"average.checkpoints={count} averages each DPO run's last {count} checkpoints, but dpo (from {config})"
+    if train.save_total_limit is not None and train.save_total_limit < count:
+        raise ConfigError(f"{where} keeps train.save_total_limit={train.save_total_limit}; add "
+                          f"--train.save_total_limit={count} to dpo.overrides, or lower average.checkpoints")
+    if trainer.get("save_strategy", "steps") != "steps":
+        return
+    if train.max_steps > 0 and train.max_steps // train.save_steps < count:
+        raise ConfigError(f"{where} writes {train.max_steps // train.save_steps} (train.max_steps={train.max_steps}, "
+                          f"train.save_steps={train.save_steps}); lower train.save_steps in dpo.overrides, or lower "
+                          "average.checkpoints")
 
 
 def run_stage_step(name: str, spec: PipelineStageConfig, output_dir: Path, **settings) -> dict:
@@ -185,9 +221,36 @@ def run_stage_step(name: str, spec: PipelineStageConfig, output_dir: Path, **set
 # Averaging
 
 
+def run_listing(path: Path) -> dict[str, list[str]]:
+    """A run directory's listing as :func:`last_checkpoints` takes it."""
+    return {child.name: sorted(c.name for c in child.iterdir()) if child.is_dir() else []
+            for child in Path(path).iterdir()}
+
+
+def averaged_directories(run_dirs: list[Path], checkpoints: int) -> list[Path]:
+    """What the average step averages: the runs themselves (``checkpoints`` 0), or each run's last ``checkpoints``
+    complete checkpoints, run by run (:func:`last_checkpoints`). A run that kept fewer is a one-line ``ConfigError``
+    naming its save settings."""
+    if not checkpoints:
+        return list(run_dirs)
+    chosen = []
+    for run in run_dirs:
+        names = last_checkpoints(run_listing(run), checkpoints)
+        if len(names) < checkpoints:
+            train = RunDir.read(run).config.get("train") or {}
+            raise ConfigError(f"average.checkpoints={checkpoints}: {run} kept {len(names)} complete checkpoint(s) "
+                              f"({', '.join(names) or 'none'}; train.save_steps={train.get('save_steps')}, "
+                              f"train.save_total_limit={train.get('save_total_limit')}); lower average.checkpoints, or "
+                              "save more often in dpo.overrides and run the round's DPO again")
+        chosen += [run / name for name in names]
+    return chosen
+
+
 def average_adapters(run_dirs: list[Path], output_dir: Path, combination: str = "svd", rank: int | None = None) -> dict:
     """The mean of the runs' merged LoRA deltas, ``mean_i(B_i A_i alpha_i / r_i)``, as one adapter run in
-    ``output_dir`` (PEFT's ``add_weighted_adapter``, weights ``1/n``).
+    ``output_dir`` (PEFT's ``add_weighted_adapter``, weights ``1/n``). A directory may be a run's
+    ``checkpoint-STEP/`` (``average.checkpoints``): its adapter is the checkpoint's, its base, template and
+    tokenizer the run's (:meth:`RunDir.read_checkpoint`).
 
     ``cat`` stacks the factors (``A = [w A_1 s_1; ...]``, ``B = [B_1, ...]``): exactly the mean delta, rank
     ``sum r_i``. ``svd`` takes the mean delta and keeps its top ``rank`` singular directions (default: the runs'
@@ -196,6 +259,7 @@ def average_adapters(run_dirs: list[Path], output_dir: Path, combination: str = 
 
     The directory is written as a finished run (the first run's ``config.yaml``, tokenizer and generation config,
     ``average.json``, ``run.json``), staged and renamed into place, so ``--init`` and the next round read it.
+    ``average.json`` (returned) names the averaged ``directories`` and the ``runs`` they are of.
     """
     import shutil
 
@@ -206,10 +270,12 @@ def average_adapters(run_dirs: list[Path], output_dir: Path, combination: str = 
     from .config import ModelConfig, from_dict
     from .models import load_base_model, save_adapter
 
-    runs = [RunDir.read(path) for path in run_dirs]
+    runs = [RunDir.read_any(path) for path in run_dirs]
     for run in runs:
         if run.kind != "adapter":
             raise ConfigError(f"average: {run.path} holds no adapter; only LoRA runs are averaged")
+        if run.run_path is not None and not run.finished:
+            raise ConfigError(f"average: {run.path} is not a complete checkpoint (no {CHECKPOINT_COMPLETE})")
         if run.base_model != runs[0].base_model:
             raise ConfigError(f"average: {run.path} trained on {run.base_model}, {runs[0].path} on {runs[0].base_model}")
     model_cfg = dataclasses.replace(from_dict(ModelConfig, runs[0].config.get("model") or {}, "model"),
@@ -231,12 +297,13 @@ def average_adapters(run_dirs: list[Path], output_dir: Path, combination: str = 
     staging = output_dir.parent / f".{output_dir.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     save_adapter(model, "averaged", staging)
-    for item in runs[0].path.iterdir():  # tokenizer, template, generation config: the runs share them
+    for item in runs[0].files_path.iterdir():  # tokenizer, template, generation config: the runs share them
         if item.is_file() and item.name not in ("adapter_model.safetensors", "adapter_config.json", "metrics.jsonl",
                                                  "summary.json", "loss.png", RUN_STATE, "rejects.jsonl",
                                                  "training_args.bin", "README.md"):
             shutil.copy2(item, staging / item.name)
-    figures = {"runs": [str(run.path) for run in runs], "combination": combination,
+    figures = {"runs": list(dict.fromkeys(str(run.files_path) for run in runs)),
+               "directories": [str(run.path) for run in runs], "combination": combination,
                "rank": model.peft_config["averaged"].r, "relative_error": (error_sq / norm_sq) ** 0.5 if norm_sq else 0.0}
     atomic_write_text(staging / "average.json", json.dumps(figures, indent=2) + "\n")
     atomic_write_text(staging / "summary.json", json.dumps(figures, indent=2) + "\n")
@@ -490,35 +557,38 @@ class Pipeline:
             self.write_manifest(manifest)
 
         candidate = run_dirs[0] if run_dirs else sft_dir
-        if len(run_dirs) > 1:
+        averaged = len(run_dirs) > 1 or bool(run_dirs and cfg.average.checkpoints)
+        if averaged:
             candidate = rdir / "average"
 
             def average():
-                if self.main and stage_state(candidate) != "finished":  # written whole or not at all: redo if absent
-                    average_adapters(run_dirs, candidate, cfg.average.combination, cfg.average.rank)
+                if stage_state(candidate) != "finished":  # written whole or not at all: redo if absent
+                    directories = averaged_directories(run_dirs, cfg.average.checkpoints)  # every process: one refusal
+                    if self.main:
+                        average_adapters(directories, candidate, cfg.average.combination, cfg.average.rank)
                 self.state.wait_for_everyone()
 
             self.timed(manifest, "average", average)
             manifest["stages"]["average"] = json.loads((candidate / "average.json").read_text())
-            manifest["stages"]["average"]["run_dir"] = str(candidate)
+            manifest["stages"]["average"].update(run_dir=str(candidate), checkpoints=cfg.average.checkpoints)
             self.write_manifest(manifest)
 
         # The gate: every model of the round measured on the same held-out data, the candidate against the incumbent.
         def measure_all():
             models = {"incumbent": incumbent, "rejection_sampling": sft_dir,
                       **{f"{last}_{i + 1}": d for i, d in enumerate(run_dirs)}}
-            if len(run_dirs) > 1:
+            if averaged:
                 models["average"] = candidate
             return {name: cached_measure(out, path, cfg.gate) for name, path in models.items()}
 
         measured = self.timed(manifest, "gate", measure_all)
-        candidate_figures = dict(measured["average" if len(run_dirs) > 1 else f"{last}_1" if run_dirs else
+        candidate_figures = dict(measured["average" if averaged else f"{last}_1" if run_dirs else
                                           "rejection_sampling"])
         if reward_dir is not None:
             candidate_figures["win_rate"] = reward_win_rate(reward_dir, candidate_figures, measured["incumbent"])
         promoted, reason = gate_decision(candidate_figures, measured["incumbent"], cfg.gate.metric, cfg.gate.margin)
         figures = {name: public(f) for name, f in measured.items()}
-        if len(run_dirs) > 1:
+        if averaged:
             accuracies = [measured[f"{last}_{i + 1}"]["accuracy"] for i in range(len(run_dirs))]
             if None not in accuracies:
                 manifest["stages"]["average"]["mean_run_accuracy"] = sum(accuracies) / len(accuracies)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,9 @@ ADAPTER_WEIGHT_FILES = (ADAPTER_WEIGHTS, "adapter_model.bin")
 MODEL_WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin")
 EXPORT_METADATA = "export_metadata.json"
 """What ``finetune export`` writes into every export directory."""
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"
+"""The marker a ``checkpoint-STEP/`` gets once it is whole (written last; ``finetune.runs``)."""
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 def run_kind(path: str | Path) -> str | None:
@@ -51,6 +55,12 @@ def is_run_directory(path: str | Path) -> bool:
     """Whether ``path`` is a run directory of this toolkit, finished or not (it has ``run.json`` or ``config.yaml``)."""
     path = Path(path)
     return (path / RUN_STATE).is_file() or (path / CONFIG_FILE).is_file()
+
+
+def is_checkpoint_directory(path: str | Path) -> bool:
+    """Whether ``path`` is a ``checkpoint-STEP/`` inside a run directory."""
+    path = Path(path)
+    return bool(CHECKPOINT_NAME.match(path.name)) and path.is_dir() and is_run_directory(path.parent)
 
 
 def is_export_directory(path: str | Path) -> bool:
@@ -108,6 +118,8 @@ class RunDir:
     """The resolved ``config.yaml`` (empty when there is none)."""
     state: dict = field(default_factory=dict)
     """``run.json`` (empty when there is none)."""
+    run_path: Path | None = None
+    """For a checkpoint (:meth:`read_checkpoint`): the run directory it is a ``checkpoint-STEP/`` of."""
 
     @classmethod
     def read(cls, path: str | Path) -> RunDir:
@@ -115,6 +127,31 @@ class RunDir:
         config = _read_mapping(path / CONFIG_FILE, "config.yaml") if (path / CONFIG_FILE).is_file() else {}
         state = _read_mapping(path / RUN_STATE, RUN_STATE) if (path / RUN_STATE).is_file() else {}
         return cls(path, run_kind(path), config, state)
+
+    @classmethod
+    def read_checkpoint(cls, path: str | Path) -> RunDir:
+        """A run's ``checkpoint-STEP/`` read as a run of its own: ``kind`` from what the checkpoint holds (a DPO or
+        SFT trainer's checkpoint holds the adapter), ``config`` (base, template, method) from the run's
+        ``config.yaml``, and ``finished`` when the checkpoint is complete (its marker is written last); the run's
+        tokenizer and template are in :attr:`files_path`."""
+        path = Path(path)
+        if not is_checkpoint_directory(path):
+            raise ConfigError(f"{path}: not a checkpoint-STEP directory of a run")
+        run = cls.read(path.parent)
+        status = "finished" if (path / CHECKPOINT_COMPLETE).is_file() else "running"
+        state = {**run.state, "status": status, "checkpoint": int(CHECKPOINT_NAME.match(path.name).group(1))}
+        return cls(path, run_kind(path), run.config, state, path.parent)
+
+    @classmethod
+    def read_any(cls, path: str | Path) -> RunDir:
+        """:meth:`read_checkpoint` for a ``checkpoint-STEP/`` of a run, else :meth:`read`."""
+        return cls.read_checkpoint(path) if is_checkpoint_directory(path) else cls.read(path)
+
+    @property
+    def files_path(self) -> Path:
+        """Where the run's tokenizer, chat template and generation config are: the run's directory (for a checkpoint
+        its run's, whose ``checkpoint-STEP/`` also holds optimizer and trainer state)."""
+        return self.run_path or self.path
 
     @property
     def finished(self) -> bool:

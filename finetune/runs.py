@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -23,9 +22,8 @@ import yaml
 from transformers import TrainerCallback
 
 from .config import ConfigError, to_dict
-
-COMPLETE_MARKER = "checkpoint_complete.json"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+from .run_dir import CHECKPOINT_COMPLETE as COMPLETE_MARKER
+from .run_dir import CHECKPOINT_NAME as _CHECKPOINT
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -1,6 +1,7 @@
 """Averaging LoRA runs is averaging the models: the averaged adapter's merged weights are the mean of the runs'
 merged weights (``cat`` exactly; ``svd`` exactly at the rank of the mean delta, with its truncation error reported
-below it), while averaging the A and B factors themselves is not."""
+below it), while averaging the A and B factors themselves is not; and a pipeline round with ``average.checkpoints``
+averages one DPO run's last checkpoints into the mean of their merged models."""
 
 import pytest
 import torch
@@ -67,3 +68,61 @@ def test_averaging_the_factors_is_not_averaging_the_models(two_runs):
     mean_of_products = (a[key_b] @ a[key_a] + b[key_b] @ b[key_a]) / 2
     product_of_means = ((a[key_b] + b[key_b]) / 2) @ ((a[key_a] + b[key_a]) / 2)
     assert (product_of_means - mean_of_products).norm() > 0.3 * mean_of_products.norm()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Averaging one run's last checkpoints (average.checkpoints)
+
+DPO_SIX_STEPS = ("--dpo.overrides=[--train.max_steps=6, --train.per_device_batch_size=2, --train.logging_steps=1, "
+                 "--train.save_steps=2, --train.save_total_limit=3, --train.warmup_ratio=0, --adapter.dropout=0, "
+                 "--train.learning_rate=1e-3, --data.max_eval_samples=4, --eval.num_samples=4, "
+                 "--eval.max_new_tokens=8, --eval.before_training=false]")
+
+
+@pytest.fixture(scope="module")
+def checkpoints_round(tmp_path_factory):
+    """One round whose model is the mean of its one DPO run's last three checkpoints (steps 2, 4 and 6)."""
+    import recipe_runs
+    from factories import PIPELINE_QUICK
+
+    from finetune.config import PipelineRunConfig
+
+    out = tmp_path_factory.mktemp("pipeline") / "checkpoints"
+    quick = [arg for arg in PIPELINE_QUICK if not arg.startswith("--dpo.overrides")]
+    argv = ["--output_dir", str(out), *quick, DPO_SIX_STEPS, "--rounds=1", "--average.runs=1",
+            "--average.checkpoints=3", "--average.combination=cat"]
+    assert recipe_runs.run_recipe("pipeline", PipelineRunConfig, argv) == 0
+    return out
+
+
+def test_one_runs_last_checkpoints_average_into_the_mean_of_their_merged_models(checkpoints_round):
+    import json
+
+    rdir = checkpoints_round / "round-1"
+    run = rdir / "dpo" / "seed-10"
+    checkpoints = [run / f"checkpoint-{step}" for step in (2, 4, 6)]
+    manifest = json.loads((rdir / "manifest.json").read_text())
+    average = manifest["stages"]["average"]
+    assert average["directories"] == [str(c) for c in checkpoints] and average["runs"] == [str(run)]
+    assert average["checkpoints"] == 3 and average["rank"] == 3 * RunDir.read(run).adapter_shape()["r"]
+    assert manifest["candidate"] == str(rdir / "average") and {"dpo_1", "average"} <= set(manifest["figures"])
+    averaged_run = RunDir.read(rdir / "average")
+    assert averaged_run.finished and averaged_run.template == "llama3" and (rdir / "average" / "tokenizer.json").is_file()
+    assert not (rdir / "average" / "optimizer.pt").exists()  # the run's files, not a checkpoint's trainer state
+
+    # A DPO checkpoint holds the policy at its top (the reference in ref/): at step 6 it is the run's final adapter.
+    from safetensors.torch import load_file
+
+    final = load_file(str(run / "adapter_model.safetensors"))
+    last = load_file(str(checkpoints[2] / "adapter_model.safetensors"))
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+
+    merged = [merged_weights(c) for c in checkpoints]
+    mean = {key: sum(m[key] for m in merged) / 3 for key in merged[0]}
+    averaged = merged_weights(rdir / "average")
+    for key in mean:
+        torch.testing.assert_close(averaged[key], mean[key], atol=2e-6, rtol=1e-5)
+    # The checkpoints differ, so the mean is none of them (and not the run's final adapter, step 6).
+    moved = max((merged[2][key] - merged[0][key]).abs().max().item() for key in mean)
+    assert moved > 1e-4
+    assert max((averaged[key] - merged[2][key]).abs().max().item() for key in mean) > moved / 10

@@ -9,7 +9,10 @@ from finetune.config import ConfigError, PipelineRunConfig, parse_args
 from finetune.pipeline import (
     GATHERED_PAIRS_DATA,
     ROUND_PAIRS_DATA,
+    averaged_directories,
+    check_stage_configs,
     gate_decision,
+    last_checkpoints,
     stage_config,
     stage_seed,
     stage_state,
@@ -99,6 +102,8 @@ def test_summary_table_shows_accuracy_by_round_and_the_decision():
     (["--rounds=0"], "rounds must be >= 1"),
     (["--style=llama4"], "style must be llama3 or llama2"),
     (["--average.seeds=2"], "unknown config key 'average.seeds'"),
+    (["--average.checkpoints=-1"], "average.checkpoints must be >= 0"),
+    (["--style=llama2", "--average.checkpoints=2"], "style llama2's PPO checkpoints hold its training state"),
 ])
 def test_bad_pipeline_configs_are_one_line(argv, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
@@ -127,3 +132,70 @@ def test_a_file_the_pipeline_writes_is_read_as_the_preference_file_it_is(tmp_pat
     assert (cfg.data.train, cfg.data.format, cfg.data.split) == (str(pairs), "preference", None)
     assert cfg.data.max_train_samples == (None if whole else 8) and not cfg.data.skip_invalid
     assert cfg.data.eval_split == "test_prefs"  # the held-out pairs stay the config's
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Averaging checkpoints
+
+MARKER = "checkpoint_complete.json"
+
+
+def test_the_last_complete_checkpoints_by_step_are_averaged():
+    """From a DPO run directory's listing: checkpoints by step (10 after 9), a half-written one (no marker) or a
+    staging directory never counted, files and other directories ignored."""
+    listing = {
+        "adapter_model.safetensors": [], "config.yaml": [], "runs": ["Jan01"],
+        "checkpoint-2": ["adapter_model.safetensors", MARKER],
+        "checkpoint-10": ["adapter_model.safetensors", MARKER, "ref"],
+        "checkpoint-9": [MARKER, "adapter_model.safetensors"],
+        "checkpoint-4": ["adapter_model.safetensors", MARKER],
+        "checkpoint-12": ["adapter_model.safetensors"],
+        ".checkpoint-14.staging": ["adapter_model.safetensors", MARKER],
+        "checkpoint-x": [MARKER],
+    }
+    assert last_checkpoints(listing, 3) == ["checkpoint-4", "checkpoint-9", "checkpoint-10"]
+    assert last_checkpoints(listing, 1) == ["checkpoint-10"]
+    assert last_checkpoints(listing, 9) == ["checkpoint-2", "checkpoint-4", "checkpoint-9", "checkpoint-10"]
+    assert last_checkpoints(listing, 0) == [] and last_checkpoints({"adapter_model.safetensors": []}, 2) == []
+
+
+def make_dpo_run(path, steps):
+    import yaml
+
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump({"train": {"save_steps": 2, "save_total_limit": 2}}))
+    for step in steps:
+        (path / f"checkpoint-{step}").mkdir()
+        (path / f"checkpoint-{step}" / MARKER).write_text("{}")
+    return path
+
+
+def test_averaged_directories_are_the_runs_or_each_runs_last_checkpoints(tmp_path):
+    a, b = make_dpo_run(tmp_path / "seed-10", [2, 4, 6]), make_dpo_run(tmp_path / "seed-11", [4, 6])
+    assert averaged_directories([a, b], 0) == [a, b]
+    assert averaged_directories([a, b], 2) == [a / "checkpoint-4", a / "checkpoint-6", b / "checkpoint-4",
+                                               b / "checkpoint-6"]
+    with pytest.raises(ConfigError, match=r"average.checkpoints=3: .*seed-11 kept 2 complete checkpoint\(s\) "
+                                          r"\(checkpoint-4, checkpoint-6; train.save_steps=2, train.save_total_limit=2\)"):
+        averaged_directories([a, b], 3)
+
+
+DPO_SAVES = "--dpo.overrides=[--train.logging_steps=1, --train.save_steps=2, --train.max_steps=6, "
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--average.checkpoints=3"], r"average.checkpoints=3 averages each DPO run's last 3 checkpoints, but dpo \(from "
+                                  r"recipes/configs/tiny/dpo_lora.yaml\) keeps train.save_total_limit=2; add "
+                                  r"--train.save_total_limit=3 to dpo.overrides"),
+    (["--average.checkpoints=4", DPO_SAVES + "--train.save_total_limit=null]"],
+     r"writes 3 \(train.max_steps=6, train.save_steps=2\); lower train.save_steps in dpo.overrides"),
+    (["--average.checkpoints=3", DPO_SAVES + "--train.save_total_limit=3]"], None),
+    (["--average.checkpoints=3", "--dpo.overrides=[--train.save_total_limit=null]"], None),  # epochs: checked after
+])
+def test_the_dpo_stage_must_keep_the_checkpoints_averaged(tmp_path, argv, message):
+    cfg = parse_args(PipelineRunConfig, argv)
+    if message is None:
+        check_stage_configs(cfg, tmp_path)
+        return
+    with pytest.raises(ConfigError, match=message):
+        check_stage_configs(cfg, tmp_path)

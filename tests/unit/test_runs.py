@@ -289,6 +289,28 @@ def test_run_dir_reads_kind_base_template_and_whether_it_finished(tmp_path):
     assert state["status"] == "finished" and state["kind"] == "adapter" and state["started"] <= state["finished"]
 
 
+def test_a_checkpoint_reads_as_its_runs_adapter_with_the_runs_config(tmp_path):
+    """A DPO trainer's checkpoint-STEP/ holds the adapter and trainer state; its base, template and tokenizer are the
+    run's. It counts as finished once its completion marker is there, whatever the run's own state."""
+    from finetune.run_dir import is_checkpoint_directory
+
+    run = make_run(tmp_path / "run", status="running", checkpoints=[4])
+    (run / "checkpoint-6").mkdir()  # being written: no marker yet
+    for step in (4, 6):
+        (run / f"checkpoint-{step}" / "adapter_config.json").write_text("{}")
+        (run / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"")
+    read = RunDir.read_checkpoint(run / "checkpoint-4")
+    assert read.kind == "adapter" and read.base_model == "tiny" and read.template == "llama3" and read.finished
+    assert read.run_path == run and read.files_path == run and read.state["checkpoint"] == 4
+    assert not RunDir.read_checkpoint(run / "checkpoint-6").finished
+    assert RunDir.read_any(run / "checkpoint-4") == read and RunDir.read_any(run).files_path == run
+    assert is_checkpoint_directory(run / "checkpoint-4") and not is_checkpoint_directory(run)
+    (tmp_path / "checkpoint-2").mkdir()  # not inside a run
+    assert not is_checkpoint_directory(tmp_path / "checkpoint-2")
+    with pytest.raises(ConfigError, match="not a checkpoint-STEP directory of a run"):
+        RunDir.read_checkpoint(tmp_path / "checkpoint-2")
+
+
 def test_a_model_directory_without_run_json_is_taken_as_it_is(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"")
