@@ -3,7 +3,7 @@
     python benchmarks/loop_accuracy.py                         # SFT once, then RS, PPO, DPO for seeds 0 1 2 (CPU: ~35 min)
     python benchmarks/loop_accuracy.py --sft runs/sft --seeds 0 1 2 --methods dpo
     python benchmarks/loop_accuracy.py --smoke                 # every step end to end in minutes, tiny overrides
-    python benchmarks/loop_accuracy.py --pipeline              # the rounds pipeline over seeds 0 1 2 (CPU: ~30 min)
+    python benchmarks/loop_accuracy.py --pipeline              # the rounds pipeline over seeds 0 1 2 (~15 core-min a seed)
 
 ``--pipeline`` (methods ``pipeline``, ``llama2`` and ``dpo``) runs ``recipes/pipeline.py`` with
 ``recipes/configs/tiny/pipeline.yaml`` from the one SFT run, ``--seed`` changed: two Llama 3 rounds (rejection
