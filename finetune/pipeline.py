@@ -29,11 +29,10 @@ import dataclasses
 import gc
 import json
 import time
-from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from .config import ConfigError, PipelineRunConfig, PipelineStageConfig, parse_args
-from .run_dir import CHECKPOINT_COMPLETE, CHECKPOINT_NAME, RUN_STATE, RunDir, is_run_directory, write_run_state
+from .run_dir import CHECKPOINT_COMPLETE, RUN_STATE, RunDir, is_run_directory, write_run_state
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
@@ -92,19 +91,6 @@ def win_rate(candidate_scores: list[float], incumbent_scores: list[float]) -> fl
 def stage_seed(seed: int, round_index: int, run: int = 0) -> int:
     """The seed of a stage's run: ``1000 * seed + 10 * round + run`` (each round samples anew; runs differ)."""
     return 1000 * seed + 10 * round_index + run
-
-
-def last_checkpoints(listing: Mapping[str, Collection[str]], count: int) -> list[str]:
-    """The names of a run's last ``count`` complete checkpoints, oldest first, from its directory's listing (each
-    entry's name -> the names inside it; a file's: none). A checkpoint is a ``checkpoint-STEP`` directory holding
-    the completion marker (``checkpoint_complete.json``, written last); they are ordered by step, so
-    ``checkpoint-10`` comes after ``checkpoint-9``; one without the marker (half-written) and a
-    ``.checkpoint-STEP.staging`` are not counted. Fewer names when the run kept fewer."""
-    if count < 1:
-        return []
-    steps = sorted((int(match.group(1)), name) for name, inside in listing.items()
-                   if (match := CHECKPOINT_NAME.match(name)) and CHECKPOINT_COMPLETE in inside)
-    return [name for _, name in steps[-count:]]
 
 
 def summary_rows(rounds: list[dict]) -> list[dict]:
@@ -221,10 +207,13 @@ def run_stage_step(name: str, spec: PipelineStageConfig, output_dir: Path, **set
 # Averaging
 
 
-def run_listing(path: Path) -> dict[str, list[str]]:
-    """A run directory's listing as :func:`last_checkpoints` takes it."""
-    return {child.name: sorted(c.name for c in child.iterdir()) if child.is_dir() else []
-            for child in Path(path).iterdir()}
+def last_checkpoints(run_dir: Path, count: int) -> list[Path]:
+    """A run's last ``count`` complete checkpoints, oldest first (``finetune.runs.complete_checkpoints``: ordered
+    by step, so ``checkpoint-10`` comes after ``checkpoint-9``; a half-written one or a staging directory is not
+    counted); fewer when the run kept fewer."""
+    from .runs import complete_checkpoints
+
+    return complete_checkpoints(run_dir)[-count:] if count > 0 else []
 
 
 def averaged_directories(run_dirs: list[Path], checkpoints: int) -> list[Path]:
@@ -235,14 +224,14 @@ def averaged_directories(run_dirs: list[Path], checkpoints: int) -> list[Path]:
         return list(run_dirs)
     chosen = []
     for run in run_dirs:
-        names = last_checkpoints(run_listing(run), checkpoints)
-        if len(names) < checkpoints:
+        kept = last_checkpoints(run, checkpoints)
+        if len(kept) < checkpoints:
             train = RunDir.read(run).config.get("train") or {}
-            raise ConfigError(f"average.checkpoints={checkpoints}: {run} kept {len(names)} complete checkpoint(s) "
-                              f"({', '.join(names) or 'none'}; train.save_steps={train.get('save_steps')}, "
+            raise ConfigError(f"average.checkpoints={checkpoints}: {run} kept {len(kept)} complete checkpoint(s) "
+                              f"({', '.join(path.name for path in kept) or 'none'}; train.save_steps={train.get('save_steps')}, "
                               f"train.save_total_limit={train.get('save_total_limit')}); lower average.checkpoints, or "
                               "save more often in dpo.overrides and run the round's DPO again")
-        chosen += [run / name for name in names]
+        chosen += kept
     return chosen
 
 

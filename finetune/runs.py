@@ -270,6 +270,11 @@ def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The ``checkpoint-N`` directories whose completion marker exists, oldest first (half-written ones left out)."""
+    return [path for _, path in checkpoints(output_dir) if (path / COMPLETE_MARKER).is_file()]
+
+
 def latest_complete_checkpoint(output_dir: Path) -> Path | None:
     """The newest checkpoint whose completion marker exists (half-written ones are ignored)."""
     for _, path in reversed(checkpoints(output_dir)):
@@ -491,7 +496,7 @@ class RunCallback(TrainerCallback):
 def rotate_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
     """Remove all but the newest ``keep`` complete checkpoints (none when ``keep`` is None), and incomplete ones older
     than the newest complete one (a rotation killed half-way); returns those removed."""
-    complete = [path for _, path in checkpoints(output_dir) if (path / COMPLETE_MARKER).is_file()]
+    complete = complete_checkpoints(output_dir)
     old = complete[:-keep] if keep else []
     if complete:
         newest = checkpoint_step(complete[-1])

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
-from .runs import COMPLETE_MARKER, atomic_write_text, checkpoints
+from .runs import COMPLETE_MARKER, atomic_write_text, complete_checkpoints
 
 TRAINABLE_FILE, PROGRESS_FILE, METRICS_FILE = "trainable.safetensors", "progress.json", "metrics.jsonl"
 
@@ -144,7 +144,7 @@ def save_checkpoint(output_dir: Path, step: int, accelerator, trainable: torch.n
         atomic_write_text(staging / COMPLETE_MARKER, json.dumps({"step": step}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        complete = [path for _, path in checkpoints(output_dir) if (path / COMPLETE_MARKER).is_file()]
+        complete = complete_checkpoints(output_dir)
         for old in complete[: -keep] if keep else ():
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

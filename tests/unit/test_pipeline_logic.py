@@ -140,11 +140,11 @@ def test_a_file_the_pipeline_writes_is_read_as_the_preference_file_it_is(tmp_pat
 MARKER = "checkpoint_complete.json"
 
 
-def test_the_last_complete_checkpoints_by_step_are_averaged():
-    """From a DPO run directory's listing: checkpoints by step (10 after 9), a half-written one (no marker) or a
-    staging directory never counted, files and other directories ignored."""
+def test_the_last_complete_checkpoints_by_step_are_averaged(tmp_path):
+    """From a DPO run directory: checkpoints by step (10 after 9), a half-written one (no marker) or a staging
+    directory never counted, files and other directories ignored."""
     listing = {
-        "adapter_model.safetensors": [], "config.yaml": [], "runs": ["Jan01"],
+        "adapter_model.safetensors": None, "config.yaml": None, "runs": ["Jan01"],
         "checkpoint-2": ["adapter_model.safetensors", MARKER],
         "checkpoint-10": ["adapter_model.safetensors", MARKER, "ref"],
         "checkpoint-9": [MARKER, "adapter_model.safetensors"],
@@ -153,10 +153,22 @@ def test_the_last_complete_checkpoints_by_step_are_averaged():
         ".checkpoint-14.staging": ["adapter_model.safetensors", MARKER],
         "checkpoint-x": [MARKER],
     }
-    assert last_checkpoints(listing, 3) == ["checkpoint-4", "checkpoint-9", "checkpoint-10"]
-    assert last_checkpoints(listing, 1) == ["checkpoint-10"]
-    assert last_checkpoints(listing, 9) == ["checkpoint-2", "checkpoint-4", "checkpoint-9", "checkpoint-10"]
-    assert last_checkpoints(listing, 0) == [] and last_checkpoints({"adapter_model.safetensors": []}, 2) == []
+    run, bare = tmp_path / "run", tmp_path / "bare"
+    for name, inside in listing.items():
+        if inside is None:
+            (run / name).parent.mkdir(parents=True, exist_ok=True)
+            (run / name).write_text("")
+            continue
+        (run / name).mkdir(parents=True)
+        for item in inside:
+            (run / name / item).write_text("")
+    bare.mkdir()
+    (bare / "adapter_model.safetensors").write_text("")
+    names = lambda count, path=run: [p.name for p in last_checkpoints(path, count)]  # noqa: E731
+    assert names(3) == ["checkpoint-4", "checkpoint-9", "checkpoint-10"]
+    assert names(1) == ["checkpoint-10"]
+    assert names(9) == ["checkpoint-2", "checkpoint-4", "checkpoint-9", "checkpoint-10"]
+    assert names(0) == [] and names(2, bare) == []
 
 
 def make_dpo_run(path, steps):
