@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,13 +44,21 @@ PIPELINE_METHODS = ["pipeline", "llama2", "dpo"]
 LLAMA2_PPO_ITERATIONS = 40
 """PPO iterations of the Llama 2 round (the shipped 240 take ~8 minutes a seed on an idle machine; 40 are ~0.8
 passes over the prompts, what 2 shared cores allow)."""
+
+
+def shipped_overrides(stage: str, *extra: str) -> str:
+    """``--STAGE.overrides=[...]``: ``recipes/configs/tiny/pipeline.yaml``'s overrides of that stage, then ``extra``
+    (a list given on the command line replaces the config's, so the shipped ones are read, not repeated)."""
+    shipped = (yaml.safe_load((CONFIGS / "pipeline.yaml").read_text())[stage] or {}).get("overrides") or []
+    return f"--{stage}.overrides=[{', '.join([*shipped, *extra])}]"
+
+
 PIPELINE_BUDGET = [
-    "--rejection_sampling.overrides=[--eval.verifier=null]",
-    "--dpo.overrides=[--dpo.nll_weight=2.0, --eval.verifier=null]",
+    shipped_overrides("rejection_sampling", "--eval.verifier=null"),
+    shipped_overrides("dpo", "--eval.verifier=null"),
 ]
 """The pipeline's budget here: the shipped one (rejection sampling on all 1,635 prompts), with the stages' own
-before/after accuracy off (the gate measures every model of a round on the same 200 prompts). The overrides replace
-the config's, so DPO's shipped ``nll_weight`` is repeated."""
+before/after accuracy off (the gate measures every model of a round on the same 200 prompts)."""
 EVAL_PROMPTS, SMOKE_EVAL_PROMPTS = 200, 8
 # --smoke: each recipe a few steps on a few prompts, so the whole loop (and this script) is checked in minutes.
 SMOKE_EVAL = [f"--data.max_eval_samples={SMOKE_EVAL_PROMPTS}", f"--eval.num_samples={SMOKE_EVAL_PROMPTS}",
