@@ -3,10 +3,12 @@
     python benchmarks/loop_accuracy.py                         # SFT once, then RS, PPO, DPO for seeds 0 1 2 (CPU: ~35 min)
     python benchmarks/loop_accuracy.py --sft runs/sft --seeds 0 1 2 --methods dpo
     python benchmarks/loop_accuracy.py --smoke                 # every step end to end in minutes, tiny overrides
-    python benchmarks/loop_accuracy.py --pipeline              # the rounds pipeline over seeds 0 1 2 (~15 core-min a seed)
+    python benchmarks/loop_accuracy.py --pipeline              # the rounds pipeline over seeds 0 1 2 (~5 core-min a seed)
 
-``--pipeline`` (methods ``pipeline``, ``llama2`` and ``dpo``) runs ``recipes/pipeline.py`` with
-``recipes/configs/tiny/pipeline.yaml`` from the one SFT run, ``--seed`` changed: two Llama 3 rounds (rejection
+``--pipeline`` (methods ``pipeline``, ``llama2`` and ``dpo``; runs under ``runs/bench-pipeline``) trains the
+pipeline's starting SFT run as the bare pipeline does (``sft_lora.yaml`` with ``pipeline.yaml``'s ``sft.overrides``:
+the seed set), and SFT on all the answers as the reference, then runs ``recipes/pipeline.py`` with
+``recipes/configs/tiny/pipeline.yaml`` from the seed-set run, ``--seed`` changed: two Llama 3 rounds (rejection
 sampling, SFT on the kept samples, DPO on the model's own pairs over two seeds, their average, the gate), one Llama 2
 round (rejection sampling, SFT, PPO at :data:`LLAMA2_PPO_ITERATIONS` iterations), and DPO on the bundled pairs for
 the comparison. Its results go to ``loop_accuracy_pipeline_cpu.json`` and ``.md``, with each claimed ordering
@@ -46,11 +48,15 @@ LLAMA2_PPO_ITERATIONS = 40
 passes over the prompts, what 2 shared cores allow)."""
 
 
+def pipeline_overrides(stage: str) -> list[str]:
+    """``recipes/configs/tiny/pipeline.yaml``'s overrides of that stage."""
+    return (yaml.safe_load((CONFIGS / "pipeline.yaml").read_text())[stage] or {}).get("overrides") or []
+
+
 def shipped_overrides(stage: str, *extra: str) -> str:
-    """``--STAGE.overrides=[...]``: ``recipes/configs/tiny/pipeline.yaml``'s overrides of that stage, then ``extra``
-    (a list given on the command line replaces the config's, so the shipped ones are read, not repeated)."""
-    shipped = (yaml.safe_load((CONFIGS / "pipeline.yaml").read_text())[stage] or {}).get("overrides") or []
-    return f"--{stage}.overrides=[{', '.join([*shipped, *extra])}]"
+    """``--STAGE.overrides=[...]``: the pipeline's shipped overrides of that stage, then ``extra`` (a list given on
+    the command line replaces the config's, so the shipped ones are read, not repeated)."""
+    return f"--{stage}.overrides=[{', '.join([*pipeline_overrides(stage), *extra])}]"
 
 
 PIPELINE_BUDGET = [
@@ -103,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["rs", "ppo", "dpo"],
                         help="what to run from the SFT model: rs (rejection sampling), ppo, dpo (the default "
                              "three), pipeline (Llama 3 rounds), llama2 (a Llama 2 round)")
-    parser.add_argument("--sft", help="an existing SFT run to start from (default: train one with sft_lora.yaml)")
+    parser.add_argument("--sft", help="an existing SFT run to start from (default: train one with sft_lora.yaml, "
+                                      "with --pipeline and the pipeline's sft overrides: its seed set)")
     parser.add_argument("--runs", help="where the runs go (default runs/bench-loop, with --smoke runs/bench-loop-smoke)")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs under --runs instead of rerunning")
     parser.add_argument("--smoke", action="store_true",
@@ -116,20 +123,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.methods = PIPELINE_METHODS
     args.methods = [m for m in METHODS if m in args.methods]  # fixed order, no repeats
     if args.runs is None:
-        args.runs = str(ROOT / "runs" / ("bench-loop-smoke" if args.smoke else "bench-loop"))
+        args.runs = str(ROOT / "runs" / ("bench-loop-smoke" if args.smoke else
+                                         "bench-pipeline" if args.pipeline else "bench-loop"))
     return args
 
 
 def recipe_args(name: str, out: Path, init: Path | None = None, seed: int | None = None,
-                smoke: bool = False) -> list[str]:
+                smoke: bool = False, extra: list[str] = ()) -> list[str]:
     """The command-line arguments of ``recipes/NAME.py`` for one run: the shipped tiny config, ``--init``, the
-    seed overrides, and with ``smoke`` the tiny overrides last (they win)."""
+    seed overrides, ``extra``, and with ``smoke`` the tiny overrides last (they win)."""
     args = ["--config", str(CONFIGS / CONFIG_FILES[name]), "--output_dir", str(out), "--overwrite"]
     if init is not None:
         args += ["--init", str(init)]
     if seed is not None:
         args += [a.format(seed=seed) for a in SEED_ARGS[name]]
-    return args + (SMOKE[name] if smoke else [])
+    return args + list(extra) + (SMOKE[name] if smoke else [])
 
 
 def recipe(name: str, args: list[str], log: Path, reuse: bool = False) -> dict:
@@ -235,7 +243,7 @@ def table(result: dict) -> str:
 
 
 def pipeline_result(sft: dict, sft_run: str, seeds: list[int], eval_prompts: int, pipelines: list[Path],
-                    llama2: list[Path], dpo: list[dict]) -> dict:
+                    llama2: list[Path], dpo: list[dict], sft_all: dict | None = None) -> dict:
     """The pipeline's figures by round over seeds, from each pipeline's round manifests (``round-N/manifest.json``):
     per round the model it started from, rejection sampling's fine-tune, the DPO (or PPO) runs, their average,
     the model after the gate, and where the round's seconds went."""
@@ -278,6 +286,8 @@ def pipeline_result(sft: dict, sft_run: str, seeds: list[int], eval_prompts: int
         result["llama2_rounds"] = by_round([read(out) for out in llama2], "ppo")
     if dpo:
         result["dpo_bundled"] = stats([r["eval_accuracy"] for r in dpo])
+    if sft_all:
+        result["sft_all_answers"] = stats([sft_all["eval_accuracy"]])
     result["orderings"] = orderings(result)
     return result
 
@@ -333,7 +343,11 @@ def pipeline_table(result: dict) -> str:
              f"CPU, pipeline seeds {seeds}: mean ± half the spread (max - min), then each seed's figure.", "",
              "| round | model | accuracy | per seed |", "|---|---|---:|---|",
              f"| 0 | base (tiny, no adapter) | {pct(result['base'])} | {per_seed(result['base'])} |",
-             f"| 0 | SFT (`sft_lora.yaml`, one run) | {pct(result['sft'])} | {per_seed(result['sft'])} |"]
+             f"| 0 | SFT on the pipeline's seed set (its start, one run) | {pct(result['sft'])} | "
+             f"{per_seed(result['sft'])} |"]
+    if "sft_all_answers" in result:
+        lines.insert(-1, f"| - | reference: SFT on all the labelled answers (`sft_lora.yaml`) | "
+                         f"{pct(result['sft_all_answers'])} | {per_seed(result['sft_all_answers'])} |")
     if "dpo_bundled" in result:
         lines.append(f"| 1 | DPO on the bundled pairs, from SFT | {pct(result['dpo_bundled'])} | "
                      f"{per_seed(result['dpo_bundled'])} |")
@@ -375,8 +389,14 @@ def main(argv: list[str] | None = None) -> None:
         sft = json.loads((sft_dir / "summary.json").read_text())
     else:
         sft_dir = runs / "sft"
-        sft = recipe("sft", recipe_args("sft", sft_dir, smoke=args.smoke), runs / "sft.log", args.reuse)
+        # The pipeline starts from SFT on its seed set, as the bare pipeline does.
+        extra = pipeline_overrides("sft") if args.pipeline else []
+        sft = recipe("sft", recipe_args("sft", sft_dir, smoke=args.smoke, extra=extra), runs / "sft.log", args.reuse)
     print(f"SFT: verifier accuracy {sft['eval_accuracy']:.3f}", flush=True)
+    sft_all = None
+    if args.pipeline:  # the reference: SFT on every labelled answer, stage 1's default
+        sft_all = recipe("sft", recipe_args("sft", runs / "sft-all", smoke=args.smoke), runs / "sft-all.log", args.reuse)
+        print(f"SFT on all answers: verifier accuracy {sft_all['eval_accuracy']:.3f}", flush=True)
 
     rs, ppo, dpo = [], [], []
     for seed in args.seeds:
@@ -419,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
                     for row in summary["rounds"][1:]), flush=True)
     eval_prompts = SMOKE_EVAL_PROMPTS if args.smoke else EVAL_PROMPTS
     if pipelines:
-        result = pipeline_result(sft, str(sft_dir), args.seeds, eval_prompts, pipelines, llama2, dpo)
+        result = pipeline_result(sft, str(sft_dir), args.seeds, eval_prompts, pipelines, llama2, dpo, sft_all)
         text = pipeline_table(result)
         write_report(RESULTS / f"loop_accuracy_pipeline_cpu{'_smoke' if args.smoke else ''}.json", result, text)
         print(text)

@@ -1172,6 +1172,10 @@ class PipelineSFTStage(PipelineStageConfig):
 
     config: str = "recipes/configs/tiny/sft_lora.yaml"
     """The stage's config file (a path, relative to the current directory or to the checkout)."""
+    overrides: list[str] = field(default_factory=lambda: ["--data.max_train_samples=700"])
+    """As for any stage; the default trains on a seed set, the first 700 of the bundled suite's 2,188 answers, and
+    leaves the rest to the rounds' verified samples (from SFT on all of them the rounds have nothing to learn on
+    the tiny suite; see docs/pipeline.md)."""
 
 
 @dataclass

@@ -32,6 +32,8 @@ def test_loop_accuracy_arguments(monkeypatch):
     assert args.methods == ["rs", "dpo"] and args.sft == "runs/sft" and args.runs.endswith("bench-loop-smoke")
     with pytest.raises(SystemExit):
         loop.parse_args(["--methods", "grpo"])
+    args = loop.parse_args(["--pipeline"])
+    assert args.methods == ["dpo", "pipeline", "llama2"] and args.runs.endswith("bench-pipeline")
 
 
 def test_loop_accuracy_recipe_args(monkeypatch, tmp_path):
@@ -45,6 +47,10 @@ def test_loop_accuracy_recipe_args(monkeypatch, tmp_path):
     ppo = loop.recipe_args("ppo", tmp_path / "ppo", tmp_path / "sft", seed=1)
     assert "--ppo.seed=1" in ppo and "--sampling.seed=1" in ppo
     assert "--init" not in loop.recipe_args("sft", tmp_path / "sft")
+    # The pipeline's start: the seed set its YAML ships, as the bare pipeline trains it.
+    seed_set = loop.recipe_args("sft", tmp_path / "sft", extra=loop.pipeline_overrides("sft"))
+    assert seed_set[-1] == "--data.max_train_samples=700"
+    assert loop.shipped_overrides("dpo", "--eval.verifier=null") == "--dpo.overrides=[--dpo.nll_weight=2.0, --eval.verifier=null]"
 
 
 def test_loop_accuracy_table(monkeypatch):
@@ -148,7 +154,8 @@ def test_loop_accuracy_pipeline_table_checks_each_claimed_ordering(monkeypatch, 
             (out / f"round-{n}").mkdir(parents=True)
             (out / f"round-{n}" / "manifest.json").write_text(json.dumps(manifest))
         outs.append(out)
-    result = loop.pipeline_result({}, "runs/sft", [0, 1], 200, outs, [], [{"eval_accuracy": 0.79}, {"eval_accuracy": 0.78}])
+    result = loop.pipeline_result({}, "runs/sft", [0, 1], 200, outs, [], [{"eval_accuracy": 0.79}, {"eval_accuracy": 0.78}],
+                                  sft_all={"eval_accuracy": 0.9})
     held = {c["claim"]: c["held"] for c in result["orderings"]}
     assert held["round 1: SFT model it started from < rejection sampling"]
     assert held["round 1: DPO on own pairs above the SFT model it started from (rejection sampling's)"]
@@ -159,3 +166,5 @@ def test_loop_accuracy_pipeline_table_checks_each_claimed_ordering(monkeypatch, 
     assert "| 1 | Llama 3: DPO on its own pairs (mean of the runs) | 86.5% ± 0.5 | 86.0, 87.0 |" in text
     assert "| 1 | Llama 3: after the gate (2/2 promoted) | 86.5% ± 0.5 | 87.0, 86.0 |" in text
     assert "Llama 3 round 1: 80 s a seed (rejection_sampling 50 s, dpo 30 s)." in text
+    assert "| - | reference: SFT on all the labelled answers (`sft_lora.yaml`) | 90.0% ± 0.0 | 90.0 |" in text
+    assert text.index("reference: SFT on all") < text.index("SFT on the pipeline's seed set")
