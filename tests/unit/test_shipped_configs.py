@@ -59,3 +59,17 @@ def test_real_configs_name_no_verifier():
             assert getattr(getattr(cfg, "eval", None), "verifier", None) is None, path
             assert getattr(getattr(cfg, "score", None), "verifier", None) is None, path
             assert "verifier" not in path.read_text(), path
+
+
+def test_real_pipeline_configs_take_none_of_the_tiny_pipelines_stage_overrides():
+    """The stage sections' defaults are the tiny pipeline's (a seed set for SFT, cooler sampling): a real pipeline
+    config starts from its own SFT run and names its own stage configs and settings."""
+    from finetune.config import PipelineRejectionStage, PipelineSFTStage
+
+    tiny_only = {*PipelineSFTStage().overrides, *PipelineRejectionStage().overrides}
+    for path in SHIPPED:
+        if path.parent.name != "tiny" and stage_of(path) == "pipeline":
+            cfg = load_yaml(config_class_for(path), path)
+            assert cfg.init, path  # the sft section (tiny by default) is not used
+            for stage in (cfg.rejection_sampling, cfg.dpo, cfg.ppo, cfg.reward):
+                assert "/tiny/" not in stage.config and not tiny_only & set(stage.overrides), (path, stage)
