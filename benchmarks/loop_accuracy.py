@@ -111,7 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "three), pipeline (Llama 3 rounds), llama2 (a Llama 2 round)")
     parser.add_argument("--sft", help="an existing SFT run to start from (default: train one with sft_lora.yaml, "
                                       "with --pipeline and the pipeline's sft overrides: its seed set)")
-    parser.add_argument("--runs", help="where the runs go (default runs/bench-loop, with --smoke runs/bench-loop-smoke)")
+    parser.add_argument("--runs", help="where the runs go (default runs/bench-loop, with --pipeline runs/bench-pipeline, "
+                                       "with --smoke runs/bench-loop-smoke)")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs under --runs instead of rerunning")
     parser.add_argument("--smoke", action="store_true",
                         help="a few steps and prompts per run: checks the loop end to end; results *_smoke.*")
