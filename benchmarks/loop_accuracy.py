@@ -353,12 +353,12 @@ def pipeline_table(result: dict) -> str:
     lines = [f"Verifier accuracy on the {result['eval_prompts']} held-out suite prompts (greedy answers), tiny LLaMA, "
              f"CPU, pipeline seeds {seeds}: mean ± half the spread (max - min), then each seed's figure.", "",
              "| round | model | accuracy | per seed |", "|---|---|---:|---|",
-             f"| 0 | base (tiny, no adapter) | {pct(result['base'])} | {per_seed(result['base'])} |",
-             f"| 0 | SFT on the pipeline's seed set (its start, one run) | {pct(result['sft'])} | "
-             f"{per_seed(result['sft'])} |"]
+             f"| 0 | base (tiny, no adapter) | {pct(result['base'])} | {per_seed(result['base'])} |"]
     if "sft_all_answers" in result:
-        lines.insert(-1, f"| - | reference: SFT on all the labelled answers (`sft_lora.yaml`) | "
-                         f"{pct(result['sft_all_answers'])} | {per_seed(result['sft_all_answers'])} |")
+        lines.append(f"| - | reference: SFT on all the labelled answers (`sft_lora.yaml`) | "
+                     f"{pct(result['sft_all_answers'])} | {per_seed(result['sft_all_answers'])} |")
+    lines.append(f"| 0 | SFT on the pipeline's seed set (its start, one run) | {pct(result['sft'])} | "
+                 f"{per_seed(result['sft'])} |")
     if "dpo_bundled" in result:
         lines.append(f"| 1 | DPO on the bundled pairs, from SFT | {pct(result['dpo_bundled'])} | "
                      f"{per_seed(result['dpo_bundled'])} |")

@@ -277,10 +277,8 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
 
 def latest_complete_checkpoint(output_dir: Path) -> Path | None:
     """The newest checkpoint whose completion marker exists (half-written ones are ignored)."""
-    for _, path in reversed(checkpoints(output_dir)):
-        if (path / COMPLETE_MARKER).is_file():
-            return path
-    return None
+    complete = complete_checkpoints(output_dir)
+    return complete[-1] if complete else None
 
 
 def discard_incomplete_checkpoints(output_dir: Path) -> list[Path]:
