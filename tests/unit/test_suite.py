@@ -83,3 +83,18 @@ def test_rl_prompts_are_new_where_the_families_allow_and_never_eval_prompts():
         assert by_family[name] == {r["prompt"] for r in splits["train"] if r["task"] == name}
     assert all(suite.verify(r["prompt"], r["answer"]) for r in rl)
     assert suite.rl_split() == rl
+
+
+def test_test_prompts_are_new_word_lists_in_no_other_split_and_no_pretraining_document():
+    from finetune.tiny import pretraining_documents
+
+    splits = suite.generate()
+    elsewhere = {r["prompt"] for split in splits.values() for r in split} | {r["prompt"] for r in suite.rl_split()}
+    elsewhere |= {document.split("\n")[1] for document in pretraining_documents()}
+    test = suite.test_split()
+    prompts = [r["prompt"] for r in test]
+    assert len(set(prompts)) == len(prompts) == suite.NUM_TEST
+    assert not set(prompts) & elsewhere
+    assert [r["task"] for r in test].count("sort") == [r["task"] for r in test].count("reverse") == suite.NUM_TEST // 2
+    assert all(suite.verify(r["prompt"], r["answer"]) for r in test)
+    assert suite.test_split() == test
