@@ -171,3 +171,30 @@ def test_loop_accuracy_pipeline_table_checks_each_claimed_ordering(monkeypatch, 
     assert "Llama 3 round 1: 80 s a seed (rejection_sampling 50 s, dpo 30 s)." in text
     assert "| - | reference: SFT on all the labelled answers (`sft_lora.yaml`) | 90.0% ± 0.0 | 90.0 |" in text
     assert text.index("reference: SFT on all") < text.index("SFT on the pipeline's seed set")
+
+
+def test_pipeline_test_set_finds_each_seeds_models_and_pairs_the_steps(monkeypatch, tmp_path):
+    bench = load("pipeline_test_set", monkeypatch)
+    for d in ("pipeline-seed0/round-1/dpo/seed-10", "pipeline-seed0/round-1/dpo/seed-11",
+              "llama2-seed0/round-1/ppo/seed-10"):
+        (tmp_path / d).mkdir(parents=True)
+    found = bench.models(tmp_path, 0)
+    assert found["round 1: DPO run 2"] == tmp_path / "pipeline-seed0/round-1/dpo/seed-11"
+    assert found["Llama 2 round 1: PPO"] == tmp_path / "llama2-seed0/round-1/ppo/seed-10"
+    assert found["round 1: average"] == tmp_path / "pipeline-seed0/round-1/average"
+
+    def seed(rs, dpo1, dpo2, avg):
+        return {"SFT on the seed set (start)": 0.80, "round 1: rejection sampling + SFT": rs,
+                "round 1: DPO run 1": dpo1, "round 1: DPO run 2": dpo2, "round 1: average": avg}
+
+    res = bench.result({0: seed(0.88, 0.86, 0.87, 0.87), 1: seed(0.89, 0.88, 0.88, 0.885)})
+    assert res["rows"]["round 1: DPO"] == pytest.approx([0.865, 0.88])
+    steps = {s["step"]: s for s in res["steps"]}
+    rs = steps["SFT on the seed set -> round 1 rejection sampling"]
+    assert rs["held"] and rs["gap"] == pytest.approx(0.085) and rs["spread"] == pytest.approx(0.01)
+    dpo = steps["round 1 rejection sampling -> its DPO (mean of the runs)"]
+    assert not dpo["held"] and dpo["per_seed"] == pytest.approx([-0.015, -0.01])
+    assert "round 1 -> round 2 (averages)" not in steps  # no round 2 here
+    text = bench.table(res)
+    assert "| round 1: DPO | 87.25% | 86.50, 88.00 |" in text
+    assert "| round 1 rejection sampling -> its DPO (mean of the runs) | -1.25 | 1.50 | no | -1.50, -1.00 |" in text
