@@ -22,8 +22,7 @@ import yaml
 from transformers import TrainerCallback
 
 from .config import ConfigError, to_dict
-from .run_dir import CHECKPOINT_COMPLETE as COMPLETE_MARKER
-from .run_dir import CHECKPOINT_NAME as _CHECKPOINT
+from .run_dir import CHECKPOINT_COMPLETE, CHECKPOINT_NAME
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -229,7 +228,7 @@ def prepare_output_dir(output_dir: str | Path, resume: bool, overwrite: bool, is
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(_CHECKPOINT.match(Path(path).name).group(1))
+    return int(CHECKPOINT_NAME.match(Path(path).name).group(1))
 
 
 def rewind_metrics(output_dir: Path, step: int) -> None:
@@ -243,7 +242,7 @@ def rewind_metrics(output_dir: Path, step: int) -> None:
 
 def remove_checkpoint(path: Path) -> None:
     """Delete a checkpoint, its completion marker first, so a kill half-way leaves an incomplete one (ignored)."""
-    (Path(path) / COMPLETE_MARKER).unlink(missing_ok=True)
+    (Path(path) / CHECKPOINT_COMPLETE).unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -264,7 +263,7 @@ def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     found = []
     if Path(output_dir).is_dir():
         for child in Path(output_dir).iterdir():
-            m = _CHECKPOINT.match(child.name)
+            m = CHECKPOINT_NAME.match(child.name)
             if m and child.is_dir():
                 found.append((int(m.group(1)), child))
     return sorted(found)
@@ -272,7 +271,7 @@ def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """The ``checkpoint-N`` directories whose completion marker exists, oldest first (half-written ones left out)."""
-    return [path for _, path in checkpoints(output_dir) if (path / COMPLETE_MARKER).is_file()]
+    return [path for _, path in checkpoints(output_dir) if (path / CHECKPOINT_COMPLETE).is_file()]
 
 
 def latest_complete_checkpoint(output_dir: Path) -> Path | None:
@@ -287,7 +286,7 @@ def discard_incomplete_checkpoints(output_dir: Path) -> list[Path]:
     latest_step = checkpoint_step(latest) if latest else -1
     removed = []
     for step, path in checkpoints(output_dir):
-        if step > latest_step or not (path / COMPLETE_MARKER).is_file():
+        if step > latest_step or not (path / CHECKPOINT_COMPLETE).is_file():
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     for staging in Path(output_dir).glob(".final-staging*"):  # the remains of a kill while publishing
@@ -306,7 +305,7 @@ def whole_run_train_loss(train_result, log_history: list[dict], resumed_from: Pa
     """
     if resumed_from is None:
         return train_result.training_loss
-    start = int(_CHECKPOINT.match(Path(resumed_from).name).group(1))
+    start = int(CHECKPOINT_NAME.match(Path(resumed_from).name).group(1))
     logged = sorted((row["step"], row["loss"]) for row in log_history if "loss" in row and row["step"] <= start)
     if not logged or start == 0:
         return train_result.training_loss
@@ -487,7 +486,7 @@ class RunCallback(TrainerCallback):
             return
         path = self.output_dir / f"checkpoint-{state.global_step}"
         if path.is_dir():
-            atomic_write_text(path / COMPLETE_MARKER, json.dumps({"step": state.global_step}))
+            atomic_write_text(path / CHECKPOINT_COMPLETE, json.dumps({"step": state.global_step}))
             rotate_checkpoints(self.output_dir, self.keep)
 
 
@@ -560,10 +559,8 @@ class NonFiniteLossCallback(TrainerCallback):
 
 def last_good_checkpoint(output_dir: Path, last_good_step: int) -> Path | None:
     """The newest complete checkpoint from before ``last_good_step`` (see :class:`NonFiniteLossCallback`)."""
-    for step, path in reversed(checkpoints(output_dir)):
-        if step < last_good_step and (path / COMPLETE_MARKER).is_file():
-            return path
-    return None
+    good = [path for path in complete_checkpoints(output_dir) if checkpoint_step(path) < last_good_step]
+    return good[-1] if good else None
 
 
 def train_resumable(trainer, output_dir: Path, resume: bool, nan_guard: NonFiniteLossCallback, is_main_process: bool,
@@ -591,7 +588,7 @@ def train_resumable(trainer, output_dir: Path, resume: bool, nan_guard: NonFinit
         if is_main_process:
             for step, path in checkpoints(output_dir):
                 if last_good is None or step > checkpoint_step(last_good):
-                    (path / COMPLETE_MARKER).unlink(missing_ok=True)  # trained past the last good figures
+                    (path / CHECKPOINT_COMPLETE).unlink(missing_ok=True)  # trained past the last good figures
         raise NonFiniteLossError(
             f"{nan_guard.bad_value} at step {nan_guard.bad_step}; stopped without saving. "
             f"Last good checkpoint: {last_good or 'none'}. Lower train.learning_rate or check the data."

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
-from .runs import COMPLETE_MARKER, atomic_write_text, complete_checkpoints
+from .runs import CHECKPOINT_COMPLETE, atomic_write_text, rotate_checkpoints
 
 TRAINABLE_FILE, PROGRESS_FILE, METRICS_FILE = "trainable.safetensors", "progress.json", "metrics.jsonl"
 
@@ -141,12 +141,10 @@ def save_checkpoint(output_dir: Path, step: int, accelerator, trainable: torch.n
         (staging / PROGRESS_FILE).write_text(json.dumps({**progress, "num_processes": accelerator.num_processes}))
     accelerator.wait_for_everyone()  # every process's files are written before the checkpoint counts
     if main:
-        atomic_write_text(staging / COMPLETE_MARKER, json.dumps({"step": step}))
+        atomic_write_text(staging / CHECKPOINT_COMPLETE, json.dumps({"step": step}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        complete = complete_checkpoints(output_dir)
-        for old in complete[: -keep] if keep else ():
-            shutil.rmtree(old)
+        rotate_checkpoints(output_dir, keep)
     accelerator.wait_for_everyone()
     return final
 

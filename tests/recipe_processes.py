@@ -72,9 +72,9 @@ def run_until(cmd: Sequence[str], predicate: Callable[[], bool], timeout: float 
 
 def checkpoint_complete(output_dir: Path, step: int) -> Callable[[], bool]:
     """A ``run_until`` predicate: ``checkpoint-STEP`` of ``output_dir`` carries its completion marker."""
-    from finetune.runs import COMPLETE_MARKER
+    from finetune.runs import CHECKPOINT_COMPLETE
 
-    marker = Path(output_dir) / f"checkpoint-{step}" / COMPLETE_MARKER
+    marker = Path(output_dir) / f"checkpoint-{step}" / CHECKPOINT_COMPLETE
     return marker.is_file
 
 

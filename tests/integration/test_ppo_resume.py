@@ -9,7 +9,7 @@ import pytest
 from factories import QUICK
 from recipe_processes import checkpoint_complete, run_to_end, run_until
 
-from finetune.runs import COMPLETE_MARKER, read_metrics
+from finetune.runs import CHECKPOINT_COMPLETE, read_metrics
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "ppo.py"
 # Adaptive KL with a short horizon, so the coefficient moves every iteration and its checkpointed value matters.
@@ -54,7 +54,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
         a, b = load_file(killed / name), load_file(straight / name)
         assert a.keys() == b.keys() and all(a[k].allclose(b[k], rtol=1e-5, atol=1e-7) for k in a), name
     assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    assert all((killed / c / COMPLETE_MARKER).is_file() for c in ("checkpoint-2", "checkpoint-4"))
+    assert all((killed / c / CHECKPOINT_COMPLETE).is_file() for c in ("checkpoint-2", "checkpoint-4"))
     assert not list(killed.glob(".checkpoint-*"))
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["iterations"] == 4 and summary["optimizer_steps"] == expected[-1]["optimizer_steps"]

@@ -11,7 +11,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 from finetune.config import ConfigError, SFTRunConfig
 from finetune.run_dir import RunDir, open_run, write_run_state
 from finetune.runs import (
-    COMPLETE_MARKER,
+    CHECKPOINT_COMPLETE,
     NonFiniteLossCallback,
     RunCallback,
     discard_incomplete_checkpoints,
@@ -35,7 +35,7 @@ def make_run(path, status="finished", checkpoints=(), metrics_steps=()):
         write_run_state(path, "sft", "finished", "adapter")
     for step in checkpoints:
         (path / f"checkpoint-{step}").mkdir()
-        (path / f"checkpoint-{step}" / COMPLETE_MARKER).write_text("{}")
+        (path / f"checkpoint-{step}" / CHECKPOINT_COMPLETE).write_text("{}")
     (path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in metrics_steps))
     return path
 
@@ -118,7 +118,7 @@ def test_a_failed_overwrite_puts_the_old_run_back(tmp_path):
     (run / "config.yaml").write_text("the failed run's")
     prepared.abandon()
     assert (run / "adapter_model.safetensors").read_text() == "old weights"
-    assert (run / "checkpoint-2" / COMPLETE_MARKER).is_file() and RunDir.read(run).finished
+    assert (run / "checkpoint-2" / CHECKPOINT_COMPLETE).is_file() and RunDir.read(run).finished
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
@@ -165,8 +165,8 @@ def test_resume_without_a_complete_checkpoint_starts_from_the_beginning(tmp_path
 def test_half_written_checkpoint_is_never_resumed_from(tmp_path):
     for step in (2, 4, 6):
         (tmp_path / f"checkpoint-{step}").mkdir()
-    (tmp_path / "checkpoint-2" / COMPLETE_MARKER).write_text("{}")
-    (tmp_path / "checkpoint-4" / COMPLETE_MARKER).write_text("{}")
+    (tmp_path / "checkpoint-2" / CHECKPOINT_COMPLETE).write_text("{}")
+    (tmp_path / "checkpoint-4" / CHECKPOINT_COMPLETE).write_text("{}")
     # checkpoint-6 was being written when the process died: no marker.
     assert latest_complete_checkpoint(tmp_path).name == "checkpoint-4"
     removed = discard_incomplete_checkpoints(tmp_path)
@@ -220,7 +220,7 @@ def test_rotation_marks_the_new_checkpoint_before_removing_the_old(tmp_path, mon
 
     for step in (2, 4):
         (tmp_path / f"checkpoint-{step}").mkdir()
-    (tmp_path / "checkpoint-2" / COMPLETE_MARKER).write_text("{}")
+    (tmp_path / "checkpoint-2" / CHECKPOINT_COMPLETE).write_text("{}")
     callback = RunCallback(tmp_path, keep=1)
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
 
@@ -231,7 +231,7 @@ def test_rotation_marks_the_new_checkpoint_before_removing_the_old(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         callback.on_save(args, TrainerState(global_step=4), TrainerControl())
     assert latest_complete_checkpoint(tmp_path).name == "checkpoint-4"
-    assert not (tmp_path / "checkpoint-2" / COMPLETE_MARKER).exists(), "its marker goes first"
+    assert not (tmp_path / "checkpoint-2" / CHECKPOINT_COMPLETE).exists(), "its marker goes first"
     monkeypatch.undo()
     callback.on_save(args, TrainerState(global_step=4), TrainerControl())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
@@ -265,7 +265,7 @@ def test_last_good_checkpoint_is_before_the_last_good_step(tmp_path):
     unproven and checkpoint-3 is the last good one."""
     for step in (2, 3, 4):
         (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / COMPLETE_MARKER).write_text("{}")
+        (tmp_path / f"checkpoint-{step}" / CHECKPOINT_COMPLETE).write_text("{}")
     assert last_good_checkpoint(tmp_path, 4).name == "checkpoint-3"
     assert last_good_checkpoint(tmp_path, 2) is None
 
