@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used, so `finetune chat --help` does not wait for it
+    import torch
 
 
 @dataclass
@@ -41,6 +43,8 @@ class Completion:
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into ``(input_ids, attention_mask)`` of shape [B, T], so every prompt ends at T-1."""
+    import torch
+
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -51,7 +55,6 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -64,7 +67,9 @@ def generate(
     """Complete each prompt (already rendered to ids); returns completions in prompt order.
 
     With ``progress`` (a description such as ``"verifier accuracy"``) a tqdm bar counts the sequences generated, on
-    the local main process only (``LOCAL_RANK`` 0 or unset), so several processes show one bar per machine."""
+    the local main process only (``LOCAL_RANK`` 0 or unset), so several processes show one bar per machine. No
+    gradients are kept: transformers' ``generate`` runs under ``torch.no_grad``."""
+    import torch
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(prompt_ids), desc=progress, unit="seq", leave=False, dynamic_ncols=True,
