@@ -563,6 +563,31 @@ def last_good_checkpoint(output_dir: Path, last_good_step: int) -> Path | None:
     return good[-1] if good else None
 
 
+def keep_checkpoints_before(output_dir: Path, last_good_step: int, is_main_process: bool) -> Path | None:
+    """After a blow-up: the last good checkpoint (:func:`last_good_checkpoint`), with every newer one unmarked (by
+    the main process) so ``--resume`` continues from it, not from weights trained past the last good figures."""
+    last_good = last_good_checkpoint(output_dir, last_good_step)
+    if is_main_process:
+        for step, path in checkpoints(output_dir):
+            if last_good is None or step > checkpoint_step(last_good):
+                (path / CHECKPOINT_COMPLETE).unlink(missing_ok=True)
+    return last_good
+
+
+def stop_on_non_finite(figures: dict[str, float], iteration: int, output_dir: Path, is_main_process: bool,
+                       learning_rate_key: str) -> None:
+    """The stop of a loop of our own (PPO, GRPO) at its first iteration with a NaN or infinite figure: one line that
+    names the last good checkpoint, newer ones unmarked. Iteration ``n``'s rollout ran on checkpoint ``n - 1``'s
+    weights, so only checkpoints before ``n - 1`` are known good (as :class:`NonFiniteLossCallback` reasons)."""
+    bad = {k: v for k, v in figures.items() if not math.isfinite(v)}
+    if not bad:
+        return
+    last_good = keep_checkpoints_before(output_dir, iteration - 1, is_main_process)
+    raise NonFiniteLossError(f"iteration {iteration}: non-finite {', '.join(f'{k} {v}' for k, v in bad.items())}; "
+                             f"stopped without saving. Last good checkpoint: {last_good or 'none'}. "
+                             f"Lower {learning_rate_key}.")
+
+
 def train_resumable(trainer, output_dir: Path, resume: bool, nan_guard: NonFiniteLossCallback, is_main_process: bool,
                     train_report) -> dict:
     """Run a composed TRL trainer: from the newest complete checkpoint when ``resume``, stopping with a one-line
@@ -584,11 +609,7 @@ def train_resumable(trainer, output_dir: Path, resume: bool, nan_guard: NonFinit
         train_result = None
     train_seconds = time.perf_counter() - started
     if nan_guard.bad_step is not None:
-        last_good = last_good_checkpoint(output_dir, nan_guard.last_good_step)
-        if is_main_process:
-            for step, path in checkpoints(output_dir):
-                if last_good is None or step > checkpoint_step(last_good):
-                    (path / CHECKPOINT_COMPLETE).unlink(missing_ok=True)  # trained past the last good figures
+        last_good = keep_checkpoints_before(output_dir, nan_guard.last_good_step, is_main_process)
         raise NonFiniteLossError(
             f"{nan_guard.bad_value} at step {nan_guard.bad_step}; stopped without saving. "
             f"Last good checkpoint: {last_good or 'none'}. Lower train.learning_rate or check the data."

@@ -54,7 +54,7 @@ from ..rollout import (
     write_rollouts,
 )
 from ..rollout import iteration_figures as rollout_iteration_figures
-from ..runs import NonFiniteLossError, latest_complete_checkpoint, two_column_table
+from ..runs import latest_complete_checkpoint, stop_on_non_finite, two_column_table
 from ..scorers import build_scorer
 from ..templates import stop_token_ids
 from ..training_loop import MetricsLog, load_checkpoint, save_checkpoint
@@ -296,8 +296,7 @@ def train_policy(run: StageRun) -> Trained:
                "tokens_per_second": response_tokens / seconds}
         if main:
             log_iteration(log, output_dir, row, records, params.num_iterations)
-        if not all(math.isfinite(v) for v in figures.values()):
-            raise NonFiniteLossError(f"iteration {iteration + 1}: non-finite figures {figures}; lower grpo.learning_rate")
+        stop_on_non_finite(figures, iteration + 1, output_dir, main, "grpo.learning_rate")
 
         done = iteration + 1
         if params.save_every and (done % params.save_every == 0 or done == params.num_iterations):

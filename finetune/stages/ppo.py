@@ -70,11 +70,7 @@ from ..rollout import (  # noqa: F401  (score_rollout, policy_logprobs, response
 )
 from ..rollout import generate_trajectory as shared_generate_trajectory
 from ..rollout import iteration_figures as rollout_iteration_figures
-from ..runs import (
-    NonFiniteLossError,
-    latest_complete_checkpoint,
-    two_column_table,
-)
+from ..runs import latest_complete_checkpoint, stop_on_non_finite, two_column_table
 from ..scorers import build_scorer
 from ..templates import stop_token_ids
 from ..training_loop import MetricsLog, accelerate_trackers, load_checkpoint, process_sum, save_checkpoint
@@ -343,8 +339,7 @@ def train_policy(run: StageRun) -> Trained:
                "kl_coef": kl_ctl.value, "tokens_per_second": response_tokens / (time.perf_counter() - t0)}
         if main:
             log_iteration(log, output_dir, row, records, cfg.ppo.num_iterations)
-        if not all(math.isfinite(v) for v in figures.values()):
-            raise NonFiniteLossError(f"iteration {iteration + 1}: non-finite figures {figures}; lower ppo.learning_rate")
+        stop_on_non_finite(figures, iteration + 1, output_dir, main, "ppo.learning_rate")
 
         done = iteration + 1
         if cfg.ppo.save_every and (done % cfg.ppo.save_every == 0 or done == cfg.ppo.num_iterations):

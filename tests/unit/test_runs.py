@@ -13,6 +13,7 @@ from finetune.run_dir import RunDir, open_run, write_run_state
 from finetune.runs import (
     CHECKPOINT_COMPLETE,
     NonFiniteLossCallback,
+    NonFiniteLossError,
     RunCallback,
     discard_incomplete_checkpoints,
     diverged,
@@ -21,6 +22,7 @@ from finetune.runs import (
     plan_output_dir,
     prepare_output_dir,
     read_metrics,
+    stop_on_non_finite,
     whole_run_train_loss,
     write_config,
 )
@@ -268,6 +270,23 @@ def test_last_good_checkpoint_is_before_the_last_good_step(tmp_path):
         (tmp_path / f"checkpoint-{step}" / CHECKPOINT_COMPLETE).write_text("{}")
     assert last_good_checkpoint(tmp_path, 4).name == "checkpoint-3"
     assert last_good_checkpoint(tmp_path, 2) is None
+
+
+def test_rl_loop_stop_names_the_checkpoint_before_the_last_finite_iteration_and_unmarks_the_rest(tmp_path):
+    """PPO and GRPO stop at their first iteration with a NaN figure. Iteration 4's rollout ran on checkpoint-3's
+    weights, so checkpoint-2 is the last good one and checkpoint-3 is unmarked: --resume continues from
+    checkpoint-2."""
+    for step in (2, 3):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / CHECKPOINT_COMPLETE).write_text("{}")
+    stop_on_non_finite({"kl": 0.1, "grad_norm": 2.0}, 4, tmp_path, True, "ppo.learning_rate")  # finite: goes on
+    assert latest_complete_checkpoint(tmp_path).name == "checkpoint-3"
+    with pytest.raises(NonFiniteLossError) as stop:
+        stop_on_non_finite({"kl": 0.1, "grad_norm": math.nan}, 4, tmp_path, True, "ppo.learning_rate")
+    assert str(stop.value) == (f"iteration 4: non-finite grad_norm nan; stopped without saving. Last good "
+                               f"checkpoint: {tmp_path / 'checkpoint-2'}. Lower ppo.learning_rate.")
+    assert latest_complete_checkpoint(tmp_path).name == "checkpoint-2"
+    assert (tmp_path / "checkpoint-3").is_dir()  # kept, to look at, but not resumed from
 
 
 # ---------------------------------------------------------------------------------------------------------------
