@@ -1264,6 +1264,11 @@ class GateConfig:
     margin: float = 0.0
     """How much better the candidate must be: accuracy or win rate above the incumbent's (or 0.5) by more than this;
     eval loss below the incumbent's by more than this."""
+    max_p_value: float | None = 0.05
+    """With ``accuracy`` or ``win_rate``, the gain must also be more than chance: on the prompts where the candidate
+    and the incumbent differ (one right and the other wrong; or one answer scored above the other), the one-sided
+    sign test must give at most this p-value. 200 prompts move 0.5 points each, and two models a point apart differ
+    on a handful; ``null`` decides on the margin alone. ``eval_loss`` compares means, with no such test."""
     data: str = "bundled:suite_messages_eval.jsonl"
     """Held-out conversations (a prompt and its reference reply) the figures are measured on."""
     split: str | None = None
@@ -1280,6 +1285,8 @@ class GateConfig:
     def __post_init__(self):
         check_choice("gate.metric", self.metric, GATE_METRICS)
         check_at_least("gate.margin", self.margin, 0)
+        if self.max_p_value is not None and not 0 < self.max_p_value <= 1:
+            raise ConfigError(f"gate.max_p_value must be in (0, 1] or null, got {self.max_p_value}")
         if not self.data:
             raise ConfigError("gate.data must name held-out conversations")
         check_at_least("gate.max_samples", self.max_samples, 1, optional=True)

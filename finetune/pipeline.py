@@ -13,7 +13,8 @@ and averaging of models from several runs; Llama 2 (Touvron et al. 2023, https:/
 5. ``average``: the mean of those runs' merged LoRA deltas as one adapter (:func:`average_adapters`), or with
    ``average.checkpoints: N`` of each run's last N checkpoints (:func:`averaged_directories`);
 6. the gate (:func:`gate_decision`): the round's model is promoted only if it beats the incumbent on held-out
-   figures (:func:`measure`) by ``gate.margin``; otherwise the incumbent stays and the reason is recorded;
+   figures (:func:`measure`) by ``gate.margin`` and, with ``gate.max_p_value``, by more than chance on the prompts
+   where the two differ (:func:`sign_test_p`); otherwise the incumbent stays and the reason is recorded;
 7. the next round starts from the promoted model.
 
 Every stage is its own recipe's code (``finetune.launch.STAGES``), run in this process into its own run directory,
@@ -28,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import time
 from pathlib import Path
 
@@ -55,13 +57,31 @@ def stage_state(path: str | Path) -> str:
     return "absent"
 
 
-def gate_decision(candidate: dict, incumbent: dict, metric: str, margin: float) -> tuple[bool, str]:
+def gate_decision(candidate: dict, incumbent: dict, metric: str, margin: float,
+                  max_p_value: float | None = None) -> tuple[bool, str]:
     """Whether the candidate replaces the incumbent, and why, in one sentence.
 
     ``accuracy``: candidate accuracy > incumbent accuracy + margin. ``eval_loss``: candidate loss < incumbent loss
     - margin. ``win_rate`` (the candidate's wins against the incumbent, ties counted half, in ``candidate``):
-    win rate > 0.5 + margin. A figure that could not be measured is a refusal that says so.
+    win rate > 0.5 + margin. A figure that could not be measured is a refusal that says so. With ``max_p_value``,
+    an ``accuracy`` or ``win_rate`` gain must also pass the sign test (:func:`sign_test_p`) on the prompts where the
+    two models differ (``candidate["prompts_better"]`` and ``["prompts_worse"]``); ``eval_loss`` compares the means.
     """
+    promoted, reason = margin_decision(candidate, incumbent, metric, margin)
+    if not promoted or max_p_value is None or metric == "eval_loss":
+        return promoted, reason
+    better, worse = candidate.get("prompts_better"), candidate.get("prompts_worse")
+    if better is None or worse is None:
+        return False, f"{reason}, but the prompts each model won were not counted, so no sign test; the incumbent stays"
+    p = sign_test_p(better, worse)
+    test = f"better on {better} prompts and worse on {worse}: one-sided sign test p = {p:.2g}"
+    if p > max_p_value:
+        return False, f"{reason}, but {test} > gate.max_p_value {max_p_value:g}"
+    return True, f"{reason}; {test} <= {max_p_value:g}"
+
+
+def margin_decision(candidate: dict, incumbent: dict, metric: str, margin: float) -> tuple[bool, str]:
+    """:func:`gate_decision` on the figures and the margin alone."""
     value = candidate.get(metric)
     if value is None:
         return False, f"{metric} of the candidate was not measured; the incumbent stays"
@@ -78,6 +98,22 @@ def gate_decision(candidate: dict, incumbent: dict, metric: str, margin: float) 
         return better, f"eval loss {value:.4f} {sign} incumbent's {base:.4f} - margin {margin:g}"
     better = value > base + margin
     return better, f"{metric} {value:.4f} {'>' if better else '<='} incumbent's {base:.4f} + margin {margin:g}"
+
+
+def sign_test_p(better: int, worse: int) -> float:
+    """One-sided exact sign test: the chance that a candidate no better than the incumbent is better on at least
+    ``better`` of the ``better + worse`` prompts where the two differ (each a fair coin). Prompts both answer alike
+    say nothing about which is better and are not counted; with none that differ, p is 1."""
+    n = better + worse
+    return sum(math.comb(n, k) for k in range(better, n + 1)) / 2**n if n else 1.0
+
+
+def paired_counts(candidate_scores: list[float], incumbent_scores: list[float]) -> tuple[int, int]:
+    """``(prompts where the candidate scores above the incumbent, prompts where below)``, one score each a prompt."""
+    if len(candidate_scores) != len(incumbent_scores):
+        raise ValueError("paired_counts needs one score of each model per prompt")
+    pairs = list(zip(candidate_scores, incumbent_scores))
+    return sum(c > i for c, i in pairs), sum(c < i for c, i in pairs)
 
 
 def win_rate(candidate_scores: list[float], incumbent_scores: list[float]) -> float:
@@ -375,15 +411,21 @@ def cached_measure(output_dir: Path, source: str | Path, gate, template_from=Non
     return figures
 
 
-def reward_win_rate(reward_dir: Path, candidate: dict, incumbent: dict) -> float:
-    """How often the reward model scores the candidate's greedy answer above the incumbent's, ties half."""
+def reward_scores(reward_dir: Path, candidate: dict, incumbent: dict) -> tuple[list[float], list[float]]:
+    """The reward model's score of each greedy answer of the candidate and of the incumbent, prompt by prompt."""
     from .reward_model import load_reward_model
 
     reward = load_reward_model(reward_dir)
-    rate = win_rate(reward.score(candidate["answers"]), reward.score(incumbent["answers"]))
+    scores = reward.score(candidate["answers"]), reward.score(incumbent["answers"])
     del reward
     gc.collect()
-    return rate
+    return scores
+
+
+def verifier_scores(figures: dict, verifier) -> list[float]:
+    """1 for each greedy answer of ``figures`` the verifier passes, else 0, prompt by prompt (as :func:`measure`
+    scored them: the last user turn and the answer)."""
+    return [float(bool(verifier(answer[-2]["content"], answer[-1]["content"]))) for answer in figures["answers"]]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -573,9 +615,20 @@ class Pipeline:
         measured = self.timed(manifest, "gate", measure_all)
         candidate_figures = dict(measured["average" if averaged else f"{last}_1" if run_dirs else
                                           "rejection_sampling"])
+        paired = None  # per-prompt scores of the candidate and the incumbent, for the gate's sign test
         if reward_dir is not None:
-            candidate_figures["win_rate"] = reward_win_rate(reward_dir, candidate_figures, measured["incumbent"])
-        promoted, reason = gate_decision(candidate_figures, measured["incumbent"], cfg.gate.metric, cfg.gate.margin)
+            scores = reward_scores(reward_dir, candidate_figures, measured["incumbent"])
+            candidate_figures["win_rate"] = win_rate(*scores)
+            paired = scores if cfg.gate.metric == "win_rate" else None
+        if cfg.gate.metric == "accuracy" and cfg.gate.verifier:
+            from .evaluate import load_callable
+
+            verifier = load_callable(cfg.gate.verifier)
+            paired = verifier_scores(candidate_figures, verifier), verifier_scores(measured["incumbent"], verifier)
+        if paired is not None:
+            candidate_figures["prompts_better"], candidate_figures["prompts_worse"] = paired_counts(*paired)
+        promoted, reason = gate_decision(candidate_figures, measured["incumbent"], cfg.gate.metric, cfg.gate.margin,
+                                         cfg.gate.max_p_value)
         figures = {name: public(f) for name, f in measured.items()}
         if averaged:
             accuracies = [measured[f"{last}_{i + 1}"]["accuracy"] for i in range(len(run_dirs))]
@@ -584,7 +637,8 @@ class Pipeline:
         figures["candidate"] = public(candidate_figures)
         manifest.update(figures=figures, candidate=str(candidate), promoted=promoted, reason=reason,
                         model=str(candidate) if promoted else incumbent,
-                        gate={"metric": cfg.gate.metric, "margin": cfg.gate.margin})
+                        gate={"metric": cfg.gate.metric, "margin": cfg.gate.margin,
+                              "max_p_value": cfg.gate.max_p_value})
         self.write_manifest(manifest)
         if self.main:
             print(f"pipeline round {n}: {'promoted' if promoted else 'not promoted'} {candidate}: {reason}", flush=True)

@@ -11,6 +11,7 @@ from factories import PIPELINE_QUICK
 
 from finetune.config import PipelineRunConfig
 from finetune.data import load_preferences
+from finetune.pipeline import sign_test_p
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,5 +72,9 @@ def test_the_gate_decides_on_the_reward_models_win_rate(pipeline):
         rate = manifest["figures"]["candidate"]["win_rate"]
         assert 0 <= rate <= 1 and manifest["gate"]["metric"] == "win_rate"
         assert manifest["reason"].startswith(f"win rate {rate:.3f} against the incumbent")
-        assert manifest["promoted"] == (rate > 0.5)
+        # The sign test (gate.max_p_value 0.05) counts the same per-prompt comparisons the win rate averages.
+        candidate = manifest["figures"]["candidate"]
+        better, worse, prompts = candidate["prompts_better"], candidate["prompts_worse"], candidate["num_prompts"]
+        assert rate == pytest.approx((better + 0.5 * (prompts - better - worse)) / prompts)
+        assert manifest["promoted"] == (rate > 0.5 and sign_test_p(better, worse) <= 0.05)
     assert read(pipeline / "run.json")["status"] == "finished"

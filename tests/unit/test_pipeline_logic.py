@@ -13,6 +13,8 @@ from finetune.pipeline import (
     check_stage_configs,
     gate_decision,
     last_checkpoints,
+    paired_counts,
+    sign_test_p,
     stage_config,
     stage_seed,
     stage_state,
@@ -46,6 +48,43 @@ def test_win_rate_gate_compares_with_a_half_plus_the_margin_and_unmeasured_figur
     promoted, reason = gate_decision({"accuracy": None}, {"accuracy": 0.5}, "accuracy", 0.0)
     assert not promoted and "not measured" in reason
     assert not gate_decision({"accuracy": 0.9}, {}, "accuracy", 0.0)[0]
+
+
+def test_sign_test_is_the_binomial_tail_over_the_prompts_that_differ():
+    """Better on 3 of 3: (1/2)^3 = 0.125. 6 against 5 (11, odd): exactly half the tail, 0.5. 25 against 4:
+    (C(29,4) + C(29,3) + C(29,2) + 29 + 1) / 2^29 = 27841 / 536870912. No prompt differs, or none better: p = 1."""
+    assert sign_test_p(3, 0) == 0.125
+    assert sign_test_p(6, 5) == 0.5
+    assert sign_test_p(25, 4) == 27841 / 2**29
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(0, 3) == 1.0
+
+
+def test_paired_counts_leave_out_the_prompts_both_score_alike():
+    assert paired_counts([1, 0, 1, 1, 0], [0, 0, 1, 0, 1]) == (2, 1)
+    assert paired_counts([0.2, 0.9], [0.5, 0.5]) == (1, 1)
+    with pytest.raises(ValueError):
+        paired_counts([1.0], [1.0, 0.0])
+
+
+def test_gate_with_max_p_value_wants_the_gain_beyond_chance_and_says_so():
+    """Round 1 of the bundled pipeline (25 prompts better, 4 worse) is promoted; its round 2 (0.825 against 0.82,
+    better on 6 prompts and worse on 5) clears the margin but not the sign test; the margin still comes first; a
+    gain with no counted prompts is refused; eval loss is decided on its means."""
+    promoted, reason = gate_decision({"accuracy": 0.82, "prompts_better": 25, "prompts_worse": 4},
+                                     {"accuracy": 0.715}, "accuracy", 0.0, 0.05)
+    assert promoted and reason == ("accuracy 0.8200 > incumbent's 0.7150 + margin 0; better on 25 prompts and worse "
+                                   "on 4: one-sided sign test p = 5.2e-05 <= 0.05")
+    promoted, reason = gate_decision({"accuracy": 0.825, "prompts_better": 6, "prompts_worse": 5},
+                                     {"accuracy": 0.82}, "accuracy", 0.0, 0.05)
+    assert not promoted and reason == ("accuracy 0.8250 > incumbent's 0.8200 + margin 0, but better on 6 prompts and "
+                                       "worse on 5: one-sided sign test p = 0.5 > gate.max_p_value 0.05")
+    assert gate_decision({"accuracy": 0.825, "prompts_better": 6, "prompts_worse": 5}, {"accuracy": 0.82},
+                         "accuracy", 0.0, None)[0]
+    assert gate_decision({"accuracy": 0.80, "prompts_better": 30, "prompts_worse": 0}, {"accuracy": 0.82},
+                         "accuracy", 0.0, 0.05) == (False, "accuracy 0.8000 <= incumbent's 0.8200 + margin 0")
+    promoted, reason = gate_decision({"win_rate": 0.6}, {}, "win_rate", 0.0, 0.05)
+    assert not promoted and "no sign test" in reason
+    assert gate_decision({"eval_loss": 1.2}, {"eval_loss": 1.25}, "eval_loss", 0.0, 0.05)[0]
 
 
 def test_win_rate_counts_ties_half():
@@ -97,6 +136,8 @@ def test_summary_table_shows_accuracy_by_round_and_the_decision():
     (["--gate.metric=win_rate"], "needs a reward model"),
     (["--gate.data=other.jsonl"], "gate.metric accuracy needs a verifier"),
     (["--gate.metric=bleu"], "gate.metric must be one of"),
+    (["--gate.max_p_value=0"], "gate.max_p_value must be in"),
+    (["--gate.max_p_value=1.5"], "gate.max_p_value must be in"),
     (["--average.runs=0"], "average.runs must be >= 1"),
     (["--average.combination=linear"], "average.combination must be cat or svd"),
     (["--rounds=0"], "rounds must be >= 1"),
