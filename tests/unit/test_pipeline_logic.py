@@ -20,6 +20,7 @@ from finetune.pipeline import (
     stage_state,
     summary_rows,
     summary_table,
+    verifier_scores,
     win_rate,
 )
 
@@ -85,6 +86,19 @@ def test_gate_with_max_p_value_wants_the_gain_beyond_chance_and_says_so():
     promoted, reason = gate_decision({"win_rate": 0.6}, {}, "win_rate", 0.0, 0.05)
     assert not promoted and "no sign test" in reason
     assert gate_decision({"eval_loss": 1.2}, {"eval_loss": 1.25}, "eval_loss", 0.0, 0.05)[0]
+
+
+def test_verifier_scores_score_each_cached_answer_on_its_last_user_turn():
+    """The gate's per-prompt outcomes come from the cached greedy answers (``measure``'s ``answers``: the prompt's
+    messages, then the answer), the verifier given the last user turn as ``verifier_accuracy`` gives it."""
+    from finetune.suite import verify
+
+    figures = {"answers": [
+        [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "What is 2 + 3?"},
+         {"role": "assistant", "content": "5"}],
+        [{"role": "user", "content": "Reverse the words: owl egg bread"}, {"role": "assistant", "content": "owl egg"}],
+    ]}
+    assert verifier_scores(figures, verify) == [1.0, 0.0]
 
 
 def test_win_rate_counts_ties_half():
