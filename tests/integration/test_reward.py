@@ -251,7 +251,7 @@ def test_a_models_empty_reply_is_scored_by_the_score_api_the_scorer_and_the_gate
     (the template with an empty reply, read at the end-of-turn token) instead of stopping the run."""
     from factories import make_reward_run
 
-    from finetune.pipeline import reward_win_rate, win_rate
+    from finetune.pipeline import reward_scores, win_rate
     from finetune.reward_model import load_reward_model
     from finetune.scorers import RewardModelScorer, Sample
 
@@ -268,8 +268,9 @@ def test_a_models_empty_reply_is_scored_by_the_score_api_the_scorer_and_the_gate
     def answers(*replies):
         return {"answers": [[*PROMPT, {"role": "assistant", "content": r}] for r in replies]}
 
-    rate = reward_win_rate(run, answers("", "5"), answers("5", ""))
-    assert rate == win_rate([empty, answer], [answer, empty]) == 0.5
+    candidate, incumbent = reward_scores(run, answers("", "5"), answers("5", ""))
+    assert candidate == pytest.approx([empty, answer], abs=1e-5) and incumbent == pytest.approx([answer, empty], abs=1e-5)
+    assert win_rate(candidate, incumbent) == 0.5
 
 
 def test_an_empty_reply_in_the_reward_data_is_a_one_line_error(tmp_path, capsys):
