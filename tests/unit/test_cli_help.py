@@ -34,7 +34,7 @@ def test_finetune_help_lists_every_verb_without_the_training_stack():
 @pytest.mark.parametrize("command", [command.name for command in COMMANDS if command.name not in STAGES])
 def test_command_help_imports_no_training_stack(command):
     """``finetune chat --help`` took 1.7 s importing torch for its arguments; every verb's help now takes none."""
-    code = (f"from finetune.cli import main\nimport sys\nstatus = main([{command!r}, '--help'])\n"
+    code = (f"from finetune.cli import main\nstatus = main([{command!r}, '--help'])\n"
             "assert status == 0, status")
     result = run_python(code)
     assert result.returncode == 0 and result.stderr == "", result.stderr
