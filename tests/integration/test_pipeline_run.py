@@ -93,6 +93,21 @@ def test_resume_after_finishing_runs_nothing_again(uninterrupted, tmp_path):
     assert again["rejection_sampling"] < seconds["rejection_sampling"] + 5
 
 
+def test_a_pipeline_that_failed_before_its_first_stage_restarts_on_a_plain_rerun(uninterrupted, tmp_path, capfd):
+    """Nothing to resume (no round-0/ yet): the same command again gives the same one-line error, not "not empty"."""
+    from finetune.config import PipelineRunConfig
+    from finetune.launch import EXIT_USER_ERROR, launch, pipeline_main
+
+    reference, _ = uninterrupted
+    out, missing = tmp_path / "out", tmp_path / "gate.jsonl"
+    argv = ["--output_dir", str(out), "--init", str(reference / "round-0" / "sft"), f"--gate.data={missing}",
+            "--gate.metric=eval_loss"]
+    for _ in range(2):
+        assert launch(PipelineRunConfig, pipeline_main, argv) == EXIT_USER_ERROR
+        assert f"error: {missing}: expected an existing file" in capfd.readouterr().err
+    assert sorted(path.name for path in out.iterdir()) == ["config.yaml", "run.json"]
+
+
 def test_sigkill_inside_round_two_then_resume_ends_with_the_uninterrupted_figures(uninterrupted, tmp_path):
     reference, _ = uninterrupted
     killed = tmp_path / "killed"

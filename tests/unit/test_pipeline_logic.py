@@ -165,6 +165,24 @@ def test_bad_pipeline_configs_are_one_line(argv, message):
         parse_args(PipelineRunConfig, argv)
 
 
+@pytest.mark.parametrize("status", [None, "running"])
+def test_a_missing_or_unfinished_init_is_one_line_before_output_dir_exists(tmp_path, status):
+    """The start is checked with the stage configs: the base is measured before any stage runs, so a missing run
+    would otherwise fail inside the measurement as a hub lookup of its path."""
+    from finetune import pipeline
+
+    init = tmp_path / "sft"
+    if status:
+        init.mkdir()
+        (init / "run.json").write_text(json.dumps({"stage": "sft", "status": status}))
+    out = tmp_path / "out"
+    cfg = parse_args(PipelineRunConfig, ["--init", str(init), "--output_dir", str(out)])
+    message = "no such directory" if status is None else "that run did not finish"
+    with pytest.raises(ConfigError, match=f"^init {init}: {message}"):
+        pipeline.run(cfg)
+    assert not out.exists()
+
+
 def test_gate_on_other_data_resolves_no_verifier_and_takes_the_loss():
     cfg = parse_args(PipelineRunConfig, ["--gate.data=other.jsonl", "--gate.metric=eval_loss"])
     assert cfg.gate.verifier is None
