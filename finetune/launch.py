@@ -204,6 +204,7 @@ def pipeline_main(cfg: PipelineRunConfig) -> dict:
     summary = pipeline.run(cfg)
     if process_state().is_main_process:
         print(pipeline.summary_table(summary["rounds"]))
+        print(pipeline.final_model_lines(summary))
     return summary
 
 

@@ -157,6 +157,15 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def final_model_lines(summary: dict) -> str:
+    """Where the pipeline ended (the model the last promotion left, or the start) and the next commands for it."""
+    promoted = [row["round"] for row in summary["rounds"] if row["promoted"]]
+    source = f"promoted in round {promoted[-1]}" if promoted else "the starting model: no round was promoted"
+    model = summary["model"]
+    return "\n".join([f"final model: {model} ({source})", f"  chat:   finetune chat {model}",
+                      f"  export: finetune export {model} --to gguf"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Stage configs and runs
 

@@ -76,7 +76,8 @@ def test_rounds_leave_manifests_gate_decisions_and_a_summary(uninterrupted):
         assert manifest["reason"].startswith("eval loss") and set(manifest["seconds"]) >= {"rejection_sampling", "gate"}
     summary = read(out / "summary.json")
     assert [row["round"] for row in summary["rounds"]] == [0, 1, 2] and summary["model"] == second["model"]
-    assert "| round |" in output  # the recipe prints the table at the end
+    assert "| round |" in output  # the recipe prints the table at the end, then where it ended
+    assert f"final model: {summary['model']} (" in output and f"finetune chat {summary['model']}" in output
 
 
 def test_resume_after_finishing_runs_nothing_again(uninterrupted, tmp_path):

@@ -11,6 +11,7 @@ from finetune.pipeline import (
     ROUND_PAIRS_DATA,
     averaged_directories,
     check_stage_configs,
+    final_model_lines,
     gate_decision,
     last_checkpoints,
     paired_counts,
@@ -141,6 +142,17 @@ def test_summary_table_shows_accuracy_by_round_and_the_decision():
     assert table[0] == "| round | base | sft | incumbent | candidate | promoted | why |"
     assert table[2] == "| 0 | 10.0% | 80.0% | - | - | - | the starting model |"
     assert table[3] == "| 1 | - | - | 80.0% | 85.0% | yes | better |"
+
+
+def test_the_final_model_is_the_last_promoted_or_the_start_with_its_next_commands():
+    rounds = [{"round": 0, "promoted": None}, {"round": 1, "promoted": True}, {"round": 2, "promoted": False}]
+    lines = final_model_lines({"rounds": rounds, "model": "runs/p/round-1/average"}).splitlines()
+    assert lines == ["final model: runs/p/round-1/average (promoted in round 1)",
+                     "  chat:   finetune chat runs/p/round-1/average",
+                     "  export: finetune export runs/p/round-1/average --to gguf"]
+    rounds[1]["promoted"] = False
+    assert final_model_lines({"rounds": rounds, "model": "runs/p/round-0/sft"}).splitlines()[0] == \
+        "final model: runs/p/round-0/sft (the starting model: no round was promoted)"
 
 
 @pytest.mark.parametrize("argv, message", [
