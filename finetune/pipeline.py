@@ -196,11 +196,7 @@ def stage_config(name: str, spec: PipelineStageConfig, output_dir: Path, resume:
 
 def check_stage_configs(cfg: PipelineRunConfig, output_dir: Path) -> None:
     """Every stage config the pipeline will use parses with its overrides: a typo fails before anything is written;
-    and the DPO stage keeps the checkpoints ``average.checkpoints`` averages (:func:`check_checkpoints_kept`);
-    ``init``, if given, is a finished run whose model can be found (:func:`finetune.launch.check_before_run`)."""
-    from .launch import check_before_run
-    from .run_dir import open_run
-
+    and the DPO stage keeps the checkpoints ``average.checkpoints`` averages (:func:`check_checkpoints_kept`)."""
     placeholder = str(output_dir / "round-0" / "sft")
     names = ["rejection_sampling", "dpo" if cfg.style == "llama3" else "ppo"]
     if cfg.reward.enabled:
@@ -212,13 +208,23 @@ def check_stage_configs(cfg: PipelineRunConfig, output_dir: Path) -> None:
                               init=None if name == "sft" else placeholder)
         if name == "dpo":
             check_checkpoints_kept(cfg.average.checkpoints, parsed.train, parsed.trainer, cfg.dpo.config)
-    if cfg.init:  # the first stage's model checks, on the real start: before output_dir is touched or the base measured
-        open_run(cfg.init, "init")
-        try:
-            check_before_run(stage_config("rejection_sampling", cfg.rejection_sampling, output_dir / "check", False,
-                                          init=cfg.init))
-        except ConfigError as e:
-            raise ConfigError(f"init {cfg.init}: {e}") from None
+
+
+def check_init(cfg: PipelineRunConfig, output_dir: Path) -> None:
+    """``init``, if given, is a finished run whose model can be found: the first stage's checks
+    (:func:`finetune.launch.check_before_run`) on the real start, made before ``output_dir`` is touched, since the
+    base is measured before any stage runs (a missing run would fail there as a hub lookup of its path)."""
+    from .launch import check_before_run
+    from .run_dir import open_run
+
+    if not cfg.init:
+        return
+    open_run(cfg.init, "init")
+    try:
+        check_before_run(stage_config("rejection_sampling", cfg.rejection_sampling, output_dir / "check", False,
+                                      init=cfg.init))
+    except ConfigError as e:
+        raise ConfigError(f"init {cfg.init}: {e}") from None
 
 
 def check_checkpoints_kept(count: int, train, trainer: dict, config: str) -> None:
@@ -713,6 +719,7 @@ def run(cfg: PipelineRunConfig) -> dict:
     state = process_state()
     out = Path(cfg.output_dir)
     check_stage_configs(cfg, out)
+    check_init(cfg, out)
     inputs = {"init": cfg.init} if cfg.init else {}
     # A pipeline that stopped before its first stage wrote anything has nothing to resume: a plain rerun restarts it.
     action = plan_output_dir(out, cfg.resume, cfg.overwrite, inputs,

@@ -179,7 +179,7 @@ def test_bad_pipeline_configs_are_one_line(argv, message):
 
 @pytest.mark.parametrize("status", [None, "running"])
 def test_a_missing_or_unfinished_init_is_one_line_before_output_dir_exists(tmp_path, status):
-    """The start is checked with the stage configs: the base is measured before any stage runs, so a missing run
+    """The start is checked after the stage configs: the base is measured before any stage runs, so a missing run
     would otherwise fail inside the measurement as a hub lookup of its path."""
     from finetune import pipeline
 
