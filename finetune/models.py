@@ -95,7 +95,13 @@ def load_tokenizer(name_or_path: str):
     resolved = resolve_model(name_or_path)
     kind = _bare_tokenizer_model(Path(resolved))
     kwargs = _bare_tokenizer_kwargs(Path(resolved), kind) if kind else {}
-    tokenizer = AutoTokenizer.from_pretrained(resolved, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved, **kwargs)
+    except OSError as e:
+        if Path(resolved).exists():
+            raise
+        # A mistyped run directory reads as a hub id: say both, or the user hears only about the network.
+        raise OSError(f"{name_or_path}: no such local directory, and as a hub model id: {e}") from None
     if tokenizer.pad_token is None:
         # Llama 2/3 ship without one; reuse EOS for padding (padded positions are masked out of every loss).
         tokenizer.pad_token = tokenizer.eos_token

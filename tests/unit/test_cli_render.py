@@ -168,6 +168,15 @@ def test_missing_model_is_a_one_line_error(messages_file, tmp_path, capsys):
     one_error_line(err)
 
 
+@pytest.mark.parametrize("command", [["chat", "--prompt", "hi"], ["eval"]])
+def test_a_mistyped_run_directory_is_named_as_a_missing_directory_not_only_a_network_error(command, tmp_path, capsys):
+    """``runs/sft-typo`` reads as a hub id ``owner/name``; offline, transformers would only say it could not connect."""
+    missing = str(tmp_path / "runs" / "sft-typo")
+    code, _, err = run(capsys, command[0], missing, *command[1:])
+    assert code == 2
+    assert one_error_line(err).startswith(f"error: {missing}: no such local directory, and as a hub model id: ")
+
+
 def test_usage_errors_return_argparse_status(capsys):
     assert main([]) == 2
     assert main(["render", "x.jsonl"]) == 2  # --template is required
