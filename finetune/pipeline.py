@@ -378,7 +378,8 @@ def load_for_eval(source: str | Path):
     from .models import load_adapter, load_base_model, load_tokenizer
 
     path = Path(source)
-    if not path.is_dir() or RunDir.read(path).kind is None:
+    # A local model directory (downloaded weights, no config.yaml or run.json) is a base like a hub id, not a run.
+    if not is_run_directory(path) or RunDir.read(path).kind is None:
         return load_base_model(ModelConfig(name=str(source)), "lora", for_training=False), None, None
     run = RunDir.read(path)
     model_cfg = from_dict(ModelConfig, run.config.get("model") or {}, "model") if run.config else ModelConfig(str(path))

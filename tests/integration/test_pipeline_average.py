@@ -1,7 +1,8 @@
 """Averaging LoRA runs is averaging the models: the averaged adapter's merged weights are the mean of the runs'
 merged weights (``cat`` exactly; ``svd`` exactly at the rank of the mean delta, with its truncation error reported
 below it), while averaging the A and B factors themselves is not; and a pipeline round with ``average.checkpoints``
-averages one DPO run's last checkpoints into the mean of their merged models."""
+averages one DPO run's last checkpoints into the mean of their merged models. Also: the gate measures a base that
+is a local model directory, as the pipeline's round 0 does for a model downloaded to disk."""
 
 import pytest
 import torch
@@ -126,3 +127,20 @@ def test_one_runs_last_checkpoints_average_into_the_mean_of_their_merged_models(
     moved = max((merged[2][key] - merged[0][key]).abs().max().item() for key in mean)
     assert moved > 1e-4
     assert max((averaged[key] - merged[2][key]).abs().max().item() for key in mean) > moved / 10
+
+
+def test_a_base_in_a_local_model_directory_is_measured_with_its_runs_template(two_runs, tmp_path):
+    """A downloaded model directory holds weights but no ``config.yaml``/``run.json``: it is the base, and takes its
+    template from the run that trained on it (it used to be read as a run of template ``None``)."""
+    from types import SimpleNamespace
+
+    from finetune.pipeline import measure
+    from finetune.tiny import tiny_model_dir
+
+    lines = '{"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]}\n'
+    data = tmp_path / "gate.jsonl"
+    data.write_text(lines * 2)
+    gate = SimpleNamespace(data=str(data), split=None, max_samples=None, verifier="finetune.suite:verify",
+                           max_new_tokens=4, batch_size=2)
+    figures = measure(tiny_model_dir(), gate, template_from=two_runs[0])
+    assert figures["num_prompts"] == 2 and figures["eval_loss"] > 0
