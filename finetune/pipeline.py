@@ -211,18 +211,20 @@ def check_stage_configs(cfg: PipelineRunConfig, output_dir: Path) -> None:
 
 
 def check_init(cfg: PipelineRunConfig, output_dir: Path) -> None:
-    """``init``, if given, is a finished run whose model can be found: the first stage's checks
-    (:func:`finetune.launch.check_before_run`) on the real start, made before ``output_dir`` is touched, since the
-    base is measured before any stage runs (a missing run would fail there as a hub lookup of its path)."""
+    """``init``, if given, is a finished run whose model can be found and that the first stage's config agrees
+    with (base model, template): that stage's checks (:func:`finetune.launch.check_before_run`,
+    :func:`finetune.run_dir.resolve_init`) on the real start, made before ``output_dir`` is touched, since the base is
+    measured before any stage runs (a missing run would fail there as a hub lookup of its path)."""
     from .launch import check_before_run
-    from .run_dir import open_run
+    from .run_dir import open_run, resolve_init
 
     if not cfg.init:
         return
     open_run(cfg.init, "init")
     try:
-        check_before_run(stage_config("rejection_sampling", cfg.rejection_sampling, output_dir / "check", False,
-                                      init=cfg.init))
+        first = stage_config("rejection_sampling", cfg.rejection_sampling, output_dir / "check", False, init=cfg.init)
+        check_before_run(first)
+        resolve_init(first)
     except ConfigError as e:
         raise ConfigError(f"init {cfg.init}: {e}") from None
 

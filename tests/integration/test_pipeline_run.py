@@ -109,6 +109,20 @@ def test_a_pipeline_that_failed_before_its_first_stage_restarts_on_a_plain_rerun
     assert sorted(path.name for path in out.iterdir()) == ["config.yaml", "run.json"]
 
 
+def test_an_init_the_stage_configs_disagree_with_fails_before_anything_is_written(uninterrupted, tmp_path, capfd):
+    """The first stage would refuse the start (another template here; another base model alike), but only after
+    round 0 had measured the base: the pipeline asks it first."""
+    from finetune.config import PipelineRunConfig
+    from finetune.launch import EXIT_USER_ERROR, launch, pipeline_main
+
+    reference, _ = uninterrupted
+    out, init = tmp_path / "out", reference / "round-0" / "sft"
+    argv = ["--output_dir", str(out), "--init", str(init), "--rejection_sampling.overrides=[--data.template=chatml]"]
+    assert launch(PipelineRunConfig, pipeline_main, argv) == EXIT_USER_ERROR
+    assert f"error: init {init}: --init {init} was trained with template 'llama3'" in capfd.readouterr().err
+    assert not out.exists()
+
+
 def test_sigkill_inside_round_two_then_resume_ends_with_the_uninterrupted_figures(uninterrupted, tmp_path):
     reference, _ = uninterrupted
     killed = tmp_path / "killed"
