@@ -379,11 +379,11 @@ def load_for_eval(source: str | Path):
     from .config import ModelConfig, from_dict
     from .models import load_adapter, load_base_model, load_tokenizer
 
-    path = Path(source)
     # A local model directory (downloaded weights, no config.yaml or run.json) is a base like a hub id, not a run.
-    if not is_run_directory(path) or RunDir.read(path).kind is None:
+    path = Path(source)
+    run = RunDir.read(path) if is_run_directory(path) else None
+    if run is None or run.kind is None:
         return load_base_model(ModelConfig(name=str(source)), "lora", for_training=False), None, None
-    run = RunDir.read(path)
     model_cfg = from_dict(ModelConfig, run.config.get("model") or {}, "model") if run.config else ModelConfig(str(path))
     if run.kind == "adapter":
         model = load_adapter(load_base_model(dataclasses.replace(model_cfg, name=run.base_model), run.method or "lora",
