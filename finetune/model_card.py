@@ -20,6 +20,8 @@ from .run_dir import ADAPTER_CONFIG, EXPORT_METADATA, RunDir, run_kind
 from .tiny import TINY_NAME
 
 CARD_FILE = "README.md"
+AVERAGE_FILE = "average.json"
+"""What the pipeline's average step writes beside the averaged adapter: the ``runs`` it averages and how."""
 EVAL_FILE = "eval.json"
 """What ``finetune eval`` writes into a run or export directory; its figures join the card's."""
 PEFT_DEFAULT_CARD_MARK = "[More Information Needed]"
@@ -50,12 +52,16 @@ def is_hub_id(name: str | None) -> bool:
     return len(parts) == 2 and all(parts)
 
 
-def stage_chain(run: RunDir) -> list[str]:
-    """``["dpo (runs/dpo)", "sft (runs/sft)", "base tiny"]``: this run, then each ``--init`` it started from, as far as
-    those directories can still be read (relative paths are the run's own, as typed where it was started)."""
+def stage_chain(run: RunDir, shown_path: str | Path | None = None) -> list[str]:
+    """``["dpo (runs/dpo)", "sft (runs/sft)", "base tiny"]``: this run (named ``shown_path`` if it is still staged),
+    then each ``--init`` it started from, as far as those directories can still be read (relative paths are the
+    run's own, as typed where it was started)."""
     chain, seen, current = [], set(), run
     while current is not None and len(chain) < MAX_CHAIN:
-        chain.append(f"{current.stage or 'model'} ({current.path})")
+        chain.append(f"{current.stage or 'model'} ({shown_path if current is run and shown_path else current.path})")
+        averaged = averaged_runs(current.path)
+        if averaged:  # an average's config.yaml is its first run's, so the chain goes on from that run's init
+            chain.append("mean of " + ", ".join(f"{r.stage or 'model'} ({r.path})" for r in averaged))
         seen.add(str(Path(current.path).resolve()))
         init = current.init
         if not init:
@@ -68,6 +74,14 @@ def stage_chain(run: RunDir) -> list[str]:
     if base:
         chain.append(f"base {base}")
     return chain
+
+
+def averaged_runs(directory: str | Path) -> list[RunDir]:
+    """The runs a pipeline average (``average.json``) is the mean of, as far as they can still be read."""
+    path = Path(directory) / AVERAGE_FILE
+    if not path.is_file():
+        return []
+    return [RunDir.read(run) for run in json.loads(path.read_text()).get("runs", []) if Path(run).is_dir()]
 
 
 def flat_figures(summary: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -133,7 +147,7 @@ def model_card(directory: str | Path, stop_tokens: list[str] | None = None, fina
         "| | |",
         "|---|---|",
         f"| base model | `{base}` |",
-        f"| what this is | {_what(kind, fmt, metadata)} |",
+        f"| what this is | {_what(kind, fmt, metadata, source.path)} |",
         f"| training data | `{data.get('train')}` (format {data.get('format', 'auto')}) |",
         f"| eval data | `{data.get('eval')}` |",
         f"| chat template | `{template}` |",
@@ -142,7 +156,8 @@ def model_card(directory: str | Path, stop_tokens: list[str] | None = None, fina
         "",
         "## Stages",
         "",
-        " <- ".join(f"`{step}`" for step in ([f"export {fmt} ({shown})"] if fmt else []) + stage_chain(source)),
+        " <- ".join(f"`{step}`" for step in ([f"export {fmt} ({shown})"] if fmt else [])
+                   + stage_chain(source, None if fmt else shown)),
         "",
     ]
     figures = flat_figures(summary)
@@ -161,9 +176,14 @@ def model_card(directory: str | Path, stop_tokens: list[str] | None = None, fina
     return "\n".join(lines) + "\n"
 
 
-def _what(kind, fmt, metadata) -> str:
+def _what(kind, fmt, metadata, source: Path) -> str:
     if fmt:
         return f"{fmt} export ({metadata.get('dtype')}) of `{metadata.get('run_dir')}`"
+    if (source / AVERAGE_FILE).is_file():
+        average = json.loads((source / AVERAGE_FILE).read_text())
+        return (f"a LoRA adapter: the mean of {len(average.get('directories', []))} adapters' merged weight deltas "
+                f"(`{average.get('combination')}`, rank {average.get('rank')}) from "
+                + ", ".join(f"`{run}`" for run in average.get("runs", [])))
     return {"adapter": "a LoRA adapter", "full": "full model weights"}.get(kind, "a run without weights of its own")
 
 

@@ -321,6 +321,7 @@ def average_adapters(run_dirs: list[Path], output_dir: Path, combination: str = 
     from peft.tuners.lora import LoraLayer
 
     from .config import ModelConfig, from_dict
+    from .model_card import write_model_card
     from .models import load_base_model, save_adapter
 
     runs = [RunDir.read_any(path) for path in run_dirs]
@@ -362,6 +363,7 @@ def average_adapters(run_dirs: list[Path], output_dir: Path, combination: str = 
     atomic_write_text(staging / "summary.json", json.dumps(figures, indent=2) + "\n")
     write_run_state(staging, "average", "running")
     write_run_state(staging, "average", "finished", "adapter")
+    write_model_card(staging, final_path=output_dir)  # what `finetune push` uploads: which runs, how averaged
     shutil.rmtree(output_dir, ignore_errors=True)
     staging.rename(output_dir)
     del model, base

@@ -53,10 +53,27 @@ def test_averaged_adapter_merges_into_the_mean_of_the_two_merged_models(tmp_path
         torch.testing.assert_close(averaged[key], mean_of_merged[key], atol=2e-6, rtol=1e-5)
 
 
-def test_svd_at_the_runs_rank_keeps_the_shape_and_reports_what_it_cut(tmp_path, two_runs, mean_of_merged):
-    figures = average_adapters(list(two_runs), tmp_path / "avg", "svd", None)
-    assert figures["rank"] == 16 and RunDir.read(tmp_path / "avg").adapter_shape()["r"] == 16
+@pytest.fixture(scope="module")
+def svd_average(tmp_path_factory, two_runs):
+    out = tmp_path_factory.mktemp("average") / "avg"
+    return out, average_adapters(list(two_runs), out, "svd", None)
+
+
+def test_svd_at_the_runs_rank_keeps_the_shape_and_reports_what_it_cut(svd_average):
+    out, figures = svd_average
+    assert figures["rank"] == 16 and RunDir.read(out).adapter_shape()["r"] == 16
     assert 0.01 < figures["relative_error"] < 1  # two unrelated random adapters: the mean delta has rank 32
+
+
+def test_the_averaged_adapter_has_a_card_naming_the_runs_it_is_the_mean_of(svd_average, two_runs):
+    """What ``finetune push`` uploads and a reader of the pipeline's final model sees: not "a LoRA adapter" of the
+    first run's data, but the mean of which runs, how, and the chain from there; never the staging directory."""
+    out, _ = svd_average
+    card = (out / "README.md").read_text()
+    first, second = two_runs
+    assert f"the mean of 2 adapters' merged weight deltas (`svd`, rank 16) from `{first}`, `{second}`" in card
+    assert f"`average ({out})` <- `mean of model ({first}), model ({second})` <- `base tiny`" in card
+    assert ".staging" not in card
 
 
 def test_averaging_the_factors_is_not_averaging_the_models(two_runs):
