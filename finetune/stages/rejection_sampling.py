@@ -95,8 +95,8 @@ def select(rows: list[dict], params: RejectionParams, verifier: str | None = Non
     ``best``: per prompt the highest score (the first sample on ties), kept if it is at least ``min_score`` (when
     set); ``threshold``: every sample scoring at least ``threshold``. With a ``verifier`` (the name of its part in
     each row's ``scores``), a sample it failed (scored 0 or less) is never kept unless ``keep_unverified``. A pair is
-    a prompt's best and worst sample when best - worst > ``min_margin`` and their texts differ. Empty responses are
-    never kept or paired.
+    a prompt's best sample and the worst of those whose text differs from it (surrounding whitespace aside), when
+    best - worst > ``min_margin``. Empty responses are never kept or paired.
     """
     by_prompt: dict[int, list[dict]] = {}
     for row in rows:
@@ -107,7 +107,9 @@ def select(rows: list[dict], params: RejectionParams, verifier: str | None = Non
         if not candidates:
             continue
         best = max(candidates, key=lambda r: r["score"])  # max keeps the first of equal scores
-        worst = min(candidates, key=lambda r: r["score"])
+        # A rejected reply that is the chosen one with other surrounding whitespace is no preference, and the
+        # preference reader (data_formats) refuses such a pair: DPO would stop on this stage's own pairs.jsonl.
+        rivals = [r for r in candidates if r["response"].strip() != best["response"].strip()]
         if params.selection == "best":
             chosen = [best] if params.min_score is None or best["score"] >= params.min_score else []
         else:
@@ -115,7 +117,8 @@ def select(rows: list[dict], params: RejectionParams, verifier: str | None = Non
         if verifier and not params.keep_unverified:
             chosen = [r for r in chosen if r["scores"][verifier] > 0]
         kept.extend(chosen)
-        if best["score"] - worst["score"] > params.min_margin and best["response"] != worst["response"]:
+        worst = min(rivals, key=lambda r: r["score"]) if rivals else None
+        if worst is not None and best["score"] - worst["score"] > params.min_margin:
             pairs.append((best, worst))
     return kept, pairs
 

@@ -65,6 +65,23 @@ def test_empty_responses_are_never_kept_or_paired():
     assert [r["sample"] for r in kept] == [1] and [(b["sample"], w["sample"]) for b, w in pairs] == [(1, 2)]
 
 
+def test_a_rejected_reply_is_never_the_chosen_one_with_other_whitespace(tmp_path):
+    """A reward model can score "CASTLE" above "CASTLE\\x1c" (a separator, whitespace to str.strip): such a pair is
+    no preference, and the preference reader refuses it, so DPO would stop on the stage's own pairs.jsonl. The
+    worst sample whose text differs is paired instead, and a prompt with no such sample gives no pair."""
+    from data_formats import load_preferences
+
+    rows = [row(0, 0, 0.9, "CASTLE"), row(0, 1, 0.1, "CASTLE\x1c"), row(0, 2, 0.5, "CASTLES"),
+            row(1, 0, 0.8, "LEAF"), row(1, 1, 0.2, " LEAF ")]
+    for r in rows:
+        r["prompt"] = [{"role": "user", "content": f"Write in capital letters: prompt {r['prompt_index']}"}]
+    kept, pairs = rs.select(rows, RejectionParams())
+    assert [(b["sample"], w["sample"]) for b, w in pairs] == [(0, 2)]
+    rs.write_outputs(tmp_path, rows, kept, pairs)
+    read = list(load_preferences(str(tmp_path / "pairs.jsonl")))
+    assert [(p.chosen[0]["content"], p.rejected[0]["content"]) for p in read] == [("CASTLE", "CASTLES")]
+
+
 # The SFT train prompts sampled at temperature 1 over all tokens (what these tests were worked out on), and shortness
 # is a graded stand-in for a verifier that scores long answers 0, i.e. failed: kept here all the same, so every
 # prompt keeps its best.
