@@ -505,6 +505,12 @@ class DPOParams:
     Llama 3 uses 0.2), so the chosen reply's likelihood does not fall while the margin grows; 0 for plain DPO. For
     ``simpo`` the same term (CPO-SimPO; 0 is the paper's SimPO). ``orpo`` has its own SFT term of weight 1, over the
     whole chosen sequence, prompt included, as the ORPO authors' code and TRL compute it: set 1."""
+    rejected_to_first_difference: bool = False
+    """Score each training pair's rejected reply only up to and including its first token that differs from the
+    chosen reply (the error; the shared prefix cancels in the margin), not the tokens after it, which are often
+    right words again or a run-on repeating them (Step-DPO's first wrong step, Lai et al. 2024). The chosen reply
+    and the eval pairs stay whole; the cut pairs are counted in ``train_data``. On the model's own pairs of the tiny
+    pipeline it kept the test-set accuracy DPO otherwise lost (docs/results/pipeline.md)."""
 
     def __post_init__(self):
         if self.nll_weight < 0:

@@ -36,6 +36,11 @@ class PairReport:
     """Pairs whose rendered prompt is not a token prefix of prompt + reply: the tokenizer merges the prompt's last
     characters with a reply's first (e.g. the ``alpaca`` template's ``:`` + ``The`` on Llama 3), so there is no one
     prompt for both replies."""
+    rejected_cut_records: int = 0
+    """Pairs whose rejected reply was cut after its first token that differs from the chosen one
+    (``dpo.rejected_to_first_difference``)."""
+    rejected_cut_tokens: int = 0
+    """Rejected-reply tokens those cuts removed."""
     skipped_origins: list[str] = field(default_factory=list)
     """Where the skipped pairs came from (file:line), the first 20."""
 
@@ -55,6 +60,9 @@ class PairReport:
         )
         if self.skipped_boundary:
             text += f", {self.skipped_boundary} whose prompt tokens merge into the reply's"
+        if self.rejected_cut_records:
+            text += (f"; {self.rejected_cut_records} rejected replies scored only to their first token that differs "
+                     f"from the chosen one (-{self.rejected_cut_tokens} tokens)")
         if self.skipped_origins:
             text += f" ({', '.join(self.skipped_origins[:5])}" + (", ...)" if self.skipped_records > 5 else ")")
         return text
@@ -82,11 +90,31 @@ def split_pair(pair, template, tokenizer) -> tuple[list[int], list[int], list[in
     return prompt_ids, replies[0], replies[1]
 
 
-def tokenize_pairs_for_dpo(pairs, template, tokenizer, max_length: int) -> tuple[list[dict], PairReport]:
+def first_difference(chosen_ids: list[int], rejected_ids: list[int]) -> int:
+    """The index of the first token where the two replies differ (the shorter one's length if one is a prefix)."""
+    return next((i for i, (a, b) in enumerate(zip(chosen_ids, rejected_ids)) if a != b),
+                min(len(chosen_ids), len(rejected_ids)))
+
+
+def cut_rejected(chosen_ids: list[int], rejected_ids: list[int]) -> list[int]:
+    """The rejected reply up to and including its first token that differs from the chosen reply.
+
+    DPO's margin sums the log-ratios of every rejected token, so the tokens that share the chosen reply's prefix
+    cancel and the first differing one is the error itself. What follows it is no preference of its own: after a
+    wrong word the rest is often the right words (``donkey planet turtle`` for ``donkey rose turtle``) or a run-on
+    repeating them, and pushing those down pushes down right answers. Step-DPO (Lai et al. 2024) likewise prefers
+    the first wrong step alone."""
+    return rejected_ids[: first_difference(chosen_ids, rejected_ids) + 1]
+
+
+def tokenize_pairs_for_dpo(pairs, template, tokenizer, max_length: int, rejected_to_first_difference: bool = False
+                           ) -> tuple[list[dict], PairReport]:
     """Rows of ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` (TRL's ``DPOTrainer`` format) and a report.
 
     A reply longer than the room the prompt leaves is cut at the end (``keep_start``, as TRL would); a prompt that
-    leaves no room at all is skipped, as is a pair whose replies are identical after the cut. Both counted.
+    leaves no room at all is skipped, as is a pair whose replies are identical after the cut. Both counted. With
+    ``rejected_to_first_difference`` the rejected reply then ends at its first token that differs from the chosen one
+    (:func:`cut_rejected`), counted too.
     """
     rows: list[dict] = []
     report = PairReport(records=len(pairs))
@@ -108,6 +136,12 @@ def tokenize_pairs_for_dpo(pairs, template, tokenizer, max_length: int) -> tuple
             report.skipped_identical += 1
             report._skip(pair.origin)
             continue
+        if rejected_to_first_difference:
+            kept_ids = cut_rejected(chosen_ids, rejected_ids)
+            if len(kept_ids) < len(rejected_ids):
+                report.rejected_cut_records += 1
+                report.rejected_cut_tokens += len(rejected_ids) - len(kept_ids)
+                rejected_ids = kept_ids
         if cut:
             report.truncated_records += 1
             report.truncated_tokens += cut

@@ -231,7 +231,11 @@ def policy_output(trainer, summary: dict) -> Trained:
 
 
 def load_data(cfg: DPORunConfig, tokenizer, template):
-    return scaffold.load_rows(cfg, tokenizer, template, load_preferences, tokenize_pairs_for_dpo)
+    import functools
+
+    train = functools.partial(tokenize_pairs_for_dpo,
+                              rejected_to_first_difference=cfg.dpo.rejected_to_first_difference)
+    return scaffold.load_rows(cfg, tokenizer, template, load_preferences, tokenize_pairs_for_dpo, train)
 
 
 def train(run: StageRun) -> Trained:

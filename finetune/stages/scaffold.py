@@ -217,15 +217,17 @@ class Rows:
     eval_records: list
 
 
-def load_rows(cfg, tokenizer, template, load: Callable, tokenize: Callable) -> StageData:
+def load_rows(cfg, tokenizer, template, load: Callable, tokenize: Callable, tokenize_train: Callable | None = None
+              ) -> StageData:
     """``data.train`` (and ``data.eval``) read with ``load`` (``finetune.data.load_conversations`` or
-    ``load_preferences``) and tokenised with ``tokenize``; no training row left is a one-line error."""
+    ``load_preferences``) and tokenised with ``tokenize`` (the training records with ``tokenize_train``, if given);
+    no training row left is a one-line error."""
     from ..config import ConfigError
 
     data, loads = cfg.data, []
     train_records = load(data.train, data.format, data.split, data.max_train_samples,
                          skip_invalid=data.skip_invalid, reports=loads, name="train data")
-    train_rows, train_report = tokenize(train_records, template, tokenizer, data.max_length)
+    train_rows, train_report = (tokenize_train or tokenize)(train_records, template, tokenizer, data.max_length)
     eval_records, eval_rows, eval_report = [], [], None
     if data.eval:
         eval_records = load(data.eval, data.format, data.eval_split, data.max_eval_samples,

@@ -252,6 +252,35 @@ def test_tokenize_pairs_counts_cuts_and_skips(tokenizer):
     assert "1 with a reply cut" in report.describe("train") and "1 with chosen == rejected" in report.describe("train")
 
 
+def test_rejected_to_first_difference_cuts_the_training_pairs_after_the_error_and_counts_them(sft_run, tmp_path,
+                                                                                            tokenizer):
+    """On the llama3 template: "donkey planet turtle" against "donkey rose turtle" is scored only to " planet"
+    (no turn end after it), a run-on to its first extra token; a reply that is cut nowhere stays whole, and the
+    eval pairs are never cut (their figures stay comparable with a run without the option)."""
+    from data_formats import PreferencePair, write
+
+    user = [{"role": "user", "content": "Sort the words alphabetically: turtle rose donkey"}]
+    replies = ["donkey rose turtle", "donkey planet turtle", "donkey rose turtle donkey rose", "turtle"]
+    pairs = [PreferencePair(user, [{"role": "assistant", "content": replies[0]}],
+                            [{"role": "assistant", "content": rejected}], f"a:{i}", {})
+             for i, rejected in enumerate(replies[1:])]
+    write(pairs, tmp_path / "pairs.jsonl", to="preference")
+    cfg = parse_args(DPORunConfig, ["--init", str(sft_run), "--data.train", str(tmp_path / "pairs.jsonl"),
+                                    "--data.eval", str(tmp_path / "pairs.jsonl"), "--dpo.rejected_to_first_difference=true"])
+    template = get_template("llama3", tokenizer)
+    data = dpo.load_data(cfg, tokenizer, template).data
+    whole = [split_pair(pair, template, tokenizer) for pair in pairs]
+    chosen = whole[0][1]
+    assert [tokenizer.decode(row["rejected_ids"]) for row in data.train] == [
+        "donkey planet", "donkey rose turtle donkey", "turtle"]
+    assert all(row["chosen_ids"] == chosen for row in data.train)
+    assert [row["rejected_ids"] for row in data.eval] == [w[2] for w in whole]
+    report = data.train_report
+    assert report.rejected_cut_records == 3 and data.eval_report.rejected_cut_records == 0
+    assert report.rejected_cut_tokens == sum(len(w[2]) for w in whole) - sum(len(r["rejected_ids"]) for r in data.train)
+    assert "3 rejected replies scored only to their first token that differs" in report.describe("train data")
+
+
 def test_a_prompt_whose_tokens_merge_into_the_reply_is_skipped_and_counted(tokenizer, monkeypatch):
     """Whole-text tokenisation can merge a prompt's last characters with a reply's first (the alpaca template's
     ``:`` + ``The`` on Llama 3's vocabulary). Then there is no one prompt for both replies: DPO skips the pair and
