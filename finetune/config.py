@@ -509,8 +509,10 @@ class DPOParams:
     """Score each training pair's rejected reply only up to and including its first token that differs from the
     chosen reply (the error; the shared prefix cancels in the margin), not the tokens after it, which are often
     right words again or a run-on repeating them (Step-DPO's first wrong step, Lai et al. 2024). The chosen reply
-    and the eval pairs stay whole; the cut pairs are counted in ``train_data``. On the model's own pairs of the tiny
-    pipeline it kept the test-set accuracy DPO otherwise lost (docs/results/pipeline.md)."""
+    and the eval pairs stay whole; the cut pairs are counted in ``train_data``. For pairs that share a prefix (the
+    model's own samples of short checkable answers): on the tiny pipeline's it kept the test-set accuracy DPO
+    otherwise lost (docs/results/pipeline.md). Free-form replies usually differ from their first token, which would
+    then be all DPO scores of the rejected one."""
 
     def __post_init__(self):
         if self.nll_weight < 0:
@@ -1216,9 +1218,12 @@ class PipelineDPOStage(PipelineStageConfig):
 
     config: str = "recipes/configs/tiny/dpo_lora.yaml"
     """The stage's config file; its ``data.train`` is replaced by the round's ``pairs.jsonl``."""
-    overrides: list[str] = field(default_factory=lambda: ["--dpo.nll_weight=2.0"])
+    overrides: list[str] = field(default_factory=lambda: ["--dpo.nll_weight=2.0",
+                                                          "--dpo.rejected_to_first_difference=true"])
     """As for any stage; the default keeps the chosen replies' likelihood up harder than ``dpo_lora.yaml`` does for
-    the bundled pairs (the model's own pairs with 0.2 lowered the tiny round's accuracy; see docs/pipeline.md)."""
+    the bundled pairs (the model's own pairs with 0.2 lowered the tiny round's accuracy), and scores each rejected
+    reply only to its first token that differs from the chosen one (the words after it are mostly right ones;
+    scored as rejected, they cost the tiny round 1.25 test points). See docs/pipeline.md."""
 
 
 @dataclass

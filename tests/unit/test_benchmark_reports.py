@@ -50,7 +50,8 @@ def test_loop_accuracy_recipe_args(monkeypatch, tmp_path):
     # The pipeline's start: the seed set its YAML ships, as the bare pipeline trains it.
     seed_set = loop.recipe_args("sft", tmp_path / "sft", extra=loop.pipeline_overrides("sft"))
     assert seed_set[-1] == "--data.max_train_samples=700"
-    assert loop.shipped_overrides("dpo", "--eval.verifier=null") == "--dpo.overrides=[--dpo.nll_weight=2.0, --eval.verifier=null]"
+    assert loop.shipped_overrides("dpo", "--eval.verifier=null") == (
+        "--dpo.overrides=[--dpo.nll_weight=2.0, --dpo.rejected_to_first_difference=true, --eval.verifier=null]")
 
 
 def test_loop_accuracy_table(monkeypatch):
