@@ -165,7 +165,8 @@ PIPELINE_QUICK = [
     "--score.verifier=toy_verifiers:negative_length, --rejection.keep_unverified=true, --train.max_steps=2, "
     f"{_PIPELINE_EVAL}]",
     "--dpo.overrides=[--train.max_steps=4, --train.per_device_batch_size=2, --train.logging_steps=1, "
-    f"--train.save_steps=2, --train.save_total_limit=10, --train.warmup_ratio=0, --adapter.dropout=0, {_PIPELINE_EVAL}]",
+    "--train.save_steps=2, --train.save_total_limit=10, --train.warmup_ratio=0, --adapter.dropout=0, "
+    f"--dpo.rejected_to_first_difference=true, {_PIPELINE_EVAL}]",  # as pipeline.yaml ships it
     "--gate.metric=eval_loss", "--gate.max_samples=6", "--gate.max_new_tokens=8",
 ]
 """The rounds pipeline on a reduced budget (tiny model, a few steps per stage): recipes/pipeline.py's arguments."""

@@ -66,6 +66,8 @@ def test_rounds_leave_manifests_gate_decisions_and_a_summary(uninterrupted):
         dpo_config = (runs[0] / "config.yaml").read_text()
         assert str(rdir / "rejection_sampling" / "pairs.jsonl") in dpo_config
         assert f"init: {rdir / 'rejection_sampling' / 'sft'}" in dpo_config
+        train_data = read(runs[0] / "summary.json")["train_data"]  # rejected replies cut at their first difference
+        assert "rejected_to_first_difference: true" in dpo_config and train_data["rejected_cut_records"] > 0
         average = manifest["stages"]["average"]
         assert average["runs"] == [str(r) for r in runs] and average["rank"] == 16 and average["relative_error"] < 0.05
         figures = manifest["figures"]
