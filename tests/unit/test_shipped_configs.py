@@ -62,11 +62,12 @@ def test_real_configs_name_no_verifier():
 
 
 def test_real_pipeline_configs_take_none_of_the_tiny_pipelines_stage_overrides():
-    """The stage sections' defaults are the tiny pipeline's (a seed set for SFT, cooler sampling): a real pipeline
+    """The stage sections' defaults are the tiny pipeline's (a seed set for SFT, cooler sampling, DPO's NLL weight and
+    rejected replies cut at their first difference, for word lists): a real pipeline
     config starts from its own SFT run and names its own stage configs and settings."""
-    from finetune.config import PipelineRejectionStage, PipelineSFTStage
+    from finetune.config import PipelineDPOStage, PipelineRejectionStage, PipelineSFTStage
 
-    tiny_only = {*PipelineSFTStage().overrides, *PipelineRejectionStage().overrides}
+    tiny_only = {*PipelineSFTStage().overrides, *PipelineRejectionStage().overrides, *PipelineDPOStage().overrides}
     for path in SHIPPED:
         if path.parent.name != "tiny" and stage_of(path) == "pipeline":
             cfg = load_yaml(config_class_for(path), path)
