@@ -738,8 +738,8 @@ class RejectionParams:
     """With ``selection: best``, keep a prompt's best sample only if it scores at least this (e.g. 1 with a verifier,
     so a wrong best answer is not trained on); ``null`` keeps every prompt's best."""
     preference_pairs: bool = True
-    """Also write ``pairs.jsonl``: each prompt's best against its worst sample (Llama 3 style), a preference
-    dataset for ``recipes/dpo.py``."""
+    """Also write ``pairs.jsonl``: each prompt's best against its worst sample (Llama 3 style; the worst of those whose
+    text differs from the best's beyond surrounding whitespace), a preference dataset for ``recipes/dpo.py``."""
     min_margin: float = 0.0
     """A pair is written only if best - worst exceeds this (prompts whose samples all score alike give none)."""
     keep_unverified: bool = False
