@@ -476,6 +476,8 @@ class RewardRunConfig(RunConfig):
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "label_smoothed", "orpo", "simpo")
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")
 """Losses of the DPO stage that score the policy alone: no reference adapter is built for them."""
+PER_TOKEN_MEAN_LOSSES = ("ipo", "orpo", "simpo")
+"""Losses of the DPO stage that score a reply by its per-token mean log-prob rather than the sum."""
 
 
 @dataclass
@@ -512,7 +514,9 @@ class DPOParams:
     and the eval pairs stay whole; the cut pairs are counted in ``train_data``. For pairs that share a prefix (the
     model's own samples of short checkable answers): on the tiny pipeline's it kept the test-set accuracy DPO
     otherwise lost (docs/results/pipeline.md). Free-form replies usually differ from their first token, which would
-    then be all DPO scores of the rejected one."""
+    then be all DPO scores of the rejected one. Only for losses that sum the log-probs (``sigmoid``, ``hinge``,
+    ``label_smoothed``): with a per-token mean the shared tokens do not cancel (ORPO and SimPO with it lost 0.5 and
+    1.5 points on the bundled pairs)."""
 
     def __post_init__(self):
         if self.nll_weight < 0:
@@ -531,6 +535,10 @@ class DPOParams:
             raise ConfigError(f"dpo.simpo_gamma applies only to dpo.loss=simpo (loss is {self.loss!r})")
         if self.loss in REFERENCE_FREE_LOSSES and self.precompute_ref_log_probs:
             raise ConfigError(f"dpo.precompute_ref_log_probs: dpo.loss={self.loss} has no reference model")
+        if self.rejected_to_first_difference and self.loss in PER_TOKEN_MEAN_LOSSES:
+            raise ConfigError(f"dpo.rejected_to_first_difference needs a loss that sums a reply's log-probs (sigmoid, "
+                              f"hinge, label_smoothed); dpo.loss={self.loss} averages them per token, so the tokens "
+                              "the replies share no longer cancel and a cut rejected reply scores like its prefix")
         if self.loss == "orpo" and self.nll_weight != 1.0:
             raise ConfigError("dpo.loss=orpo has its own SFT term of weight 1 (over the whole chosen sequence, as TRL's "
                               f"ORPOTrainer computes it): set dpo.nll_weight=1 (got {self.nll_weight})")
