@@ -255,8 +255,8 @@ def test_tokenize_pairs_counts_cuts_and_skips(tokenizer):
 def test_rejected_to_first_difference_cuts_the_training_pairs_after_the_error_and_counts_them(sft_run, tmp_path,
                                                                                             tokenizer):
     """On the llama3 template: "donkey planet turtle" against "donkey rose turtle" is scored only to " planet"
-    (no turn end after it), a run-on to its first extra token; a reply that is cut nowhere stays whole, and the
-    eval pairs are never cut (their figures stay comparable with a run without the option)."""
+    (no turn end after it), a run-on to its first extra token, a reply wrong from its first token to that token; the
+    chosen replies and the eval pairs are never cut (their figures stay comparable with a run without the option)."""
     from data_formats import PreferencePair, write
 
     user = [{"role": "user", "content": "Sort the words alphabetically: turtle rose donkey"}]
