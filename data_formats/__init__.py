@@ -10,7 +10,7 @@ or, with ``skip_invalid=True``, is skipped and counted in a :class:`LoadReport`.
 from .canonical import Conversation, DataFormatError, PreferencePair, UnpairedExample, unpair, validate_messages
 from .cli import convert
 from .loading import load_conversations, load_preferences, load_unpaired
-from .readers import CONVERSATION_FORMATS, FORMATS, PREFERENCE_FORMATS, UNPAIRED_FORMATS, detect_format
+from .readers import CONVERSATION_FORMATS, FORMATS, PREFERENCE_FORMATS, UNPAIRED_FORMATS, detect_format, same_reply
 from .report import LoadReport, write_rejects
 from .writers import write
 
@@ -26,6 +26,7 @@ __all__ = [
     "UnpairedExample",
     "convert",
     "detect_format",
+    "same_reply",
     "unpair",
     "load_conversations",
     "load_preferences",

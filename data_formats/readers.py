@@ -351,8 +351,14 @@ def _reply(messages, turns, name: str, where: Where) -> list[dict[str, str]]:
     return messages
 
 
+def same_reply(first: str, second: str) -> bool:
+    """Whether two reply texts are the same reply: equal but for surrounding whitespace. A preference pair of such
+    replies states no preference and is refused; rejection sampling never writes one."""
+    return first.strip() == second.strip()
+
+
 def _different(chosen, rejected, where: Where) -> None:
-    if chosen[0]["content"].strip() == rejected[0]["content"].strip():
+    if same_reply(chosen[0]["content"], rejected[0]["content"]):
         raise where.error("rejected", "a reply different from chosen", Found("the same text as chosen"))
 
 

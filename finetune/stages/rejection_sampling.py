@@ -35,6 +35,8 @@ from pathlib import Path
 
 import yaml
 
+from data_formats import same_reply
+
 from ..config import ConfigError, RejectionParams, RejectionSamplingRunConfig, SFTRunConfig, to_dict
 from ..data import load_conversations
 from ..generation import Decoding
@@ -108,8 +110,8 @@ def select(rows: list[dict], params: RejectionParams, verifier: str | None = Non
             continue
         best = max(candidates, key=lambda r: r["score"])  # max keeps the first of equal scores
         # A rejected reply that is the chosen one with other surrounding whitespace is no preference, and the
-        # preference reader (data_formats) refuses such a pair: DPO would stop on this stage's own pairs.jsonl.
-        rivals = [r for r in candidates if r["response"].strip() != best["response"].strip()]
+        # preference reader refuses such a pair: DPO would stop on this stage's own pairs.jsonl.
+        rivals = [r for r in candidates if not same_reply(r["response"], best["response"])]
         if params.selection == "best":
             chosen = [best] if params.min_score is None or best["score"] >= params.min_score else []
         else:
