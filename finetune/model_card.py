@@ -76,12 +76,16 @@ def stage_chain(run: RunDir, shown_path: str | Path | None = None) -> list[str]:
     return chain
 
 
-def averaged_runs(directory: str | Path) -> list[RunDir]:
-    """The runs a pipeline average (``average.json``) is the mean of, as far as they can still be read."""
+def read_average(directory: str | Path) -> dict:
+    """A pipeline average's ``average.json`` (the averaged ``directories``, the ``runs`` they are of, ``combination``
+    and ``rank``); ``{}`` for any other directory."""
     path = Path(directory) / AVERAGE_FILE
-    if not path.is_file():
-        return []
-    return [RunDir.read(run) for run in json.loads(path.read_text()).get("runs", []) if Path(run).is_dir()]
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def averaged_runs(directory: str | Path) -> list[RunDir]:
+    """The runs a pipeline average is the mean of, as far as they can still be read."""
+    return [RunDir.read(run) for run in read_average(directory).get("runs", []) if Path(run).is_dir()]
 
 
 def flat_figures(summary: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -147,7 +151,7 @@ def model_card(directory: str | Path, stop_tokens: list[str] | None = None, fina
         "| | |",
         "|---|---|",
         f"| base model | `{base}` |",
-        f"| what this is | {_what(kind, fmt, metadata, source.path)} |",
+        f"| what this is | {_what(kind, fmt, metadata, read_average(source.path))} |",
         f"| training data | `{data.get('train')}` (format {data.get('format', 'auto')}) |",
         f"| eval data | `{data.get('eval')}` |",
         f"| chat template | `{template}` |",
@@ -176,11 +180,10 @@ def model_card(directory: str | Path, stop_tokens: list[str] | None = None, fina
     return "\n".join(lines) + "\n"
 
 
-def _what(kind, fmt, metadata, source: Path) -> str:
+def _what(kind, fmt, metadata, average: dict) -> str:
     if fmt:
         return f"{fmt} export ({metadata.get('dtype')}) of `{metadata.get('run_dir')}`"
-    if (source / AVERAGE_FILE).is_file():
-        average = json.loads((source / AVERAGE_FILE).read_text())
+    if average:
         return (f"a LoRA adapter: the mean of {len(average.get('directories', []))} adapters' merged weight deltas "
                 f"(`{average.get('combination')}`, rank {average.get('rank')}) from "
                 + ", ".join(f"`{run}`" for run in average.get("runs", [])))
