@@ -5,7 +5,7 @@
     finetune serve exports/sft-gguf                      # a GGUF: llama.cpp's server (llama-cpp-python)
 
 No HTTP code of ours: a run or a merged export is served by transformers' own server (``transformers serve``:
-``transformers.cli.serve.Serve``, FastAPI + uvicorn), a GGUF by llama-cpp-python's (``llama_cpp.server``). Either
+run as a child process, FastAPI + uvicorn), a GGUF by llama-cpp-python's (``llama_cpp.server``). Either
 renders the conversation with the chat template the directory carries (the run's, which ``finetune`` saved into the
 tokenizer and the GGUF) and stops at the run's stop tokens (``generation_config.json``'s ``eos_token_id``; the GGUF's
 end-of-turn token), so a reply is what ``finetune chat`` answers, without the stop token's text.
@@ -91,19 +91,45 @@ def _wait_until_up(url: str, timeout: float, alive=lambda: True) -> None:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.2)
+    if not alive():
+        raise ServeError(f"the server stopped before it answered {url} (its error is above)")
     raise ServeError(f"the server did not answer {url} within {timeout:.0f} s")
 
 
 def _start_transformers(directory: Path, host: str, port: int, device: str, block: bool):
+    """``transformers serve DIRECTORY`` in a child process, and how to stop it.
+
+    The command line is the server's stable interface: ``transformers.cli.serve.Serve`` had a ``non_blocking`` mode
+    (a thread of ours) up to 5.24 and has none from 5.25, where the constructor serves until the server stops."""
+    import subprocess
+
     from transformers.utils.import_utils import is_serve_available
 
     if not is_serve_available():
         raise ServeError("transformers' server needs FastAPI, uvicorn and openai: pip install 'finetune[serve]'")
-    from transformers.cli.serve import Serve
+    # The positional model (force_model) preloads it and pins every request to it; the log level is the server's own.
+    command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(directory),
+               "--host", host, "--port", str(port), "--device", device]
+    if block:
+        try:
+            status = subprocess.run(command, check=False).returncode
+        except KeyboardInterrupt:  # the child got the same Ctrl+C and stops on its own
+            return None
+        if status != 0:
+            raise ServeError(f"transformers serve stopped with exit status {status} (its error is above)")
+        return None
+    child = subprocess.Popen(command)
 
-    # force_model preloads the model and pins every request to it; the log level is the server's own default.
-    server = Serve(force_model=str(directory), host=host, port=port, device=device, non_blocking=not block)
-    return None if block else server.kill_server  # blocking: the constructor returns once the server has stopped
+    def stop():
+        child.terminate()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+    stop.alive = lambda: child.poll() is None
+    return stop
 
 
 def _start_llama_cpp(gguf: Path, name: str, host: str, port: int, context: int, block: bool):
@@ -169,7 +195,7 @@ def start(path: str | Path, host: str = "127.0.0.1", port: int = 8000, device: s
             raise
     if not block:
         try:
-            _wait_until_up(f"{base_url}/models", timeout)
+            _wait_until_up(f"{base_url}/models", timeout, getattr(server._stop, "alive", lambda: True))
         except BaseException:
             server.stop()
             raise

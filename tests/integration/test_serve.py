@@ -50,6 +50,8 @@ def test_transformers_server_answers_as_finetune_chat_does_and_stops_at_the_stop
     finally:
         server.stop()
     assert not merged.exists()  # the temporary merged model goes with the server
+    with pytest.raises(openai.APIConnectionError):  # and the server's process with it
+        openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0).models.list()
     reply = plain.choices[0].message.content
     assert reply == streamed == greedy.text
     assert "<|eot_id|>" not in reply and "<|end_of_text|>" not in reply
@@ -83,3 +85,10 @@ def test_nothing_to_serve_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["serve", str(tmp_path / "empty")]) == 2
     assert "holds neither a PEFT adapter" in capsys.readouterr().err
+
+
+def test_a_server_that_stops_before_it_answers_is_a_one_line_error():
+    from finetune.serve import ServeError, _wait_until_up
+
+    with pytest.raises(ServeError, match="stopped before it answered"):
+        _wait_until_up(f"http://127.0.0.1:{free_port()}/v1/models", timeout=30, alive=lambda: False)
