@@ -62,17 +62,37 @@ def test_make_demo_is_the_first_command_and_writes_where_the_others_read():
         assert command in (ROOT / "recipes" / f"{stage}.py").read_text(), stage
 
 
+def tree_digest(directory: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 def test_quickstart_chain_runs_in_order_from_a_fresh_directory(tmp_path):
+    """``make demo``'s SFT first, then every stage that starts from it, two at a time on the two cores (each only
+    reads ``runs/sft``, and ``runs/sft`` is checked unchanged after them all, which running them one after another
+    would also have shown)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes", ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    for command in QUICKSTART:
+
+    def run(command: str) -> None:
         stage = stage_of(command)
         argv = [accelerate, *command.split()[1:], *BUDGET[stage]]
         result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, f"{command}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         out = tmp_path / OUTPUTS[stage]
         assert (out / "adapter_model.safetensors").is_file(), (command, sorted(p.name for p in out.parent.iterdir()))
+
+    run(QUICKSTART[0])
+    sft = tree_digest(tmp_path / "runs" / "sft")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for finished in [pool.submit(run, command) for command in QUICKSTART[1:]]:
+            finished.result()
+    assert tree_digest(tmp_path / "runs" / "sft") == sft, "a stage changed the SFT run it started from"
     for stage in ("ppo", "grpo", "rloo"):
         assert json.loads((tmp_path / "runs" / stage / "summary.json").read_text())["init"] == "runs/sft", stage
