@@ -160,6 +160,12 @@ def recipe(name: str, args: list[str], log: Path, reuse: bool = False) -> dict:
     return summary
 
 
+def shown(path: Path) -> str:
+    """``path`` as a results file records it: relative to the checkout when inside it (no machine's own prefix)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def stats(values: list[float]) -> dict:
     mean = sum(values) / len(values)
     return {"values": values, "mean": mean, "spread": max(values) - min(values), "min": min(values), "max": max(values)}
@@ -450,12 +456,12 @@ def main(argv: list[str] | None = None) -> None:
                     for row in summary["rounds"][1:]), flush=True)
     eval_prompts = SMOKE_EVAL_PROMPTS if args.smoke else EVAL_PROMPTS
     if pipelines:
-        result = pipeline_result(sft, str(sft_dir), args.seeds, eval_prompts, pipelines, llama2, dpo, sft_all)
+        result = pipeline_result(sft, shown(sft_dir), args.seeds, eval_prompts, pipelines, llama2, dpo, sft_all)
         text = pipeline_table(result)
         write_report(RESULTS / f"loop_accuracy_pipeline_cpu{'_smoke' if args.smoke else ''}.json", result, text)
         print(text)
         return
-    result = summarise(sft, str(sft_dir), args.seeds, eval_prompts, rs, ppo, dpo)
+    result = summarise(sft, shown(sft_dir), args.seeds, eval_prompts, rs, ppo, dpo)
     result["methods"] = args.methods
     text = table(result)
     write_report(RESULTS / f"loop_accuracy_cpu{'_smoke' if args.smoke else ''}.json", result, text)
