@@ -218,8 +218,15 @@ def load_adapter(model, run_dir: str | Path, adapter_name: str = "default", trai
 
     if isinstance(model, PeftModel):
         model.load_adapter(str(run_dir), adapter_name=adapter_name, is_trainable=trainable)
-        return model
-    return PeftModel.from_pretrained(model, str(run_dir), adapter_name=adapter_name, is_trainable=trainable)
+    else:
+        model = PeftModel.from_pretrained(model, str(run_dir), adapter_name=adapter_name, is_trainable=trainable)
+    # The saved config names the base as the user did (``tiny``: ``model_card.record_base_model``). In memory it names
+    # the base as loaded, as a new adapter's does: on each save PEFT looks that name up for a config.json, and
+    # ``tiny`` would be a hub query (a warning offline) for a repository that is not ours.
+    loaded_from = getattr(model.get_base_model().config, "_name_or_path", None)
+    if loaded_from:
+        model.peft_config[adapter_name].base_model_name_or_path = loaded_from
+    return model
 
 
 def copy_adapter_weights(peft_model, run_dir: str | Path, adapter_name: str = "default") -> int:
