@@ -730,7 +730,7 @@ def run(cfg: PipelineRunConfig) -> dict:
     action = plan_output_dir(out, cfg.resume, cfg.overwrite, inputs,
                              has_progress=lambda path: (path / "round-0").exists())
     state.wait_for_everyone()
-    output = apply_output_dir(out, action, state.is_main_process)
+    output = apply_output_dir(out, action, state.is_main_process, report_checkpoint=False)
     state.wait_for_everyone()
     try:
         if state.is_main_process:

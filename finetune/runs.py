@@ -197,8 +197,11 @@ def plan_output_dir(output_dir: str | Path, resume: bool, overwrite: bool, input
     return "replace"
 
 
-def apply_output_dir(output_dir: str | Path, action: str, is_main_process: bool = True) -> OutputDir:
-    """Carry out :func:`plan_output_dir`'s ``action`` (the main process changes the file system)."""
+def apply_output_dir(output_dir: str | Path, action: str, is_main_process: bool = True,
+                     report_checkpoint: bool = True) -> OutputDir:
+    """Carry out :func:`plan_output_dir`'s ``action`` (the main process changes the file system). A resume says
+    when there is no checkpoint to continue from, unless ``report_checkpoint`` is off: a run whose progress is not
+    (only) its checkpoints, the pipeline's finished stages or rejection sampling's samples, says what it reuses."""
     path = Path(output_dir)
     prepared = OutputDir(path, action)
     if not is_main_process:
@@ -214,7 +217,7 @@ def apply_output_dir(output_dir: str | Path, action: str, is_main_process: bool 
         for removed in discard_incomplete_checkpoints(path):
             print(f"discarded incomplete checkpoint {removed}")
         latest = latest_complete_checkpoint(path)
-        if latest is None:
+        if latest is None and report_checkpoint:
             print(f"--resume: no complete checkpoint in {path}; starting from the beginning")
         rewind_metrics(path, checkpoint_step(latest) if latest else 0)
     path.mkdir(parents=True, exist_ok=True)

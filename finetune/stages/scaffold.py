@@ -130,7 +130,7 @@ def run_stage(cfg, stage: Stage) -> Trained:
     loaded = stage.load_data(cfg, tokenizer, template)
     action = plan_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, run_inputs(cfg), stage.has_progress)
     state.wait_for_everyone()  # every process has decided before the main process changes anything
-    output = apply_output_dir(cfg.output_dir, action, main)
+    output = apply_output_dir(cfg.output_dir, action, main, report_checkpoint=stage.has_progress is None)
     state.wait_for_everyone()
     try:
         if main:

@@ -88,6 +88,7 @@ def test_resume_after_finishing_runs_nothing_again(uninterrupted, tmp_path):
     seconds = read(out / "round-1" / "manifest.json")["seconds"]
     output = run_to_end(command(out, "--resume"), timeout=600)
     assert output.count("finished; skipped") == 1 + 2 * 3  # the SFT run, then per round RS and the two DPO runs
+    assert "starting from the beginning" not in output  # the pipeline has no checkpoints of its own; it skipped all
     after = read(out / "summary.json")
     assert after["rounds"] == before["rounds"]
     # A skipped step keeps the seconds its first run took (plus the moment it took to skip it).

@@ -226,7 +226,8 @@ def test_resume_reuses_complete_samples_and_redraws_incomplete_ones(tmp_path, ge
     marker = (out / rs.GENERATION_MARKER).read_bytes()
 
     assert run_recipe(argv) == 0
-    assert "reusing the complete samples" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "reusing the complete samples" in said and "starting from the beginning" not in said
     assert (out / "samples.jsonl").read_bytes() == samples and (out / rs.GENERATION_MARKER).read_bytes() == marker
 
     assert run_recipe([*argv, "--sampling.temperature=0.5"]) == 2
